@@ -1,0 +1,238 @@
+//! The command line: one clap struct per subcommand, every flag also an
+//! environment variable. Durations are humantime strings (`300ms`, `2s`).
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Piclumen's production API.
+pub const PRODUCTION_URL: &str = "https://api.piclumen.com";
+/// Port used when neither `--listen` nor `PORT` is given.
+pub const DEFAULT_PORT: u16 = 50051;
+
+/// gRPC service in front of Piclumen's image-generation API.
+#[derive(Debug, Parser)]
+#[command(name = "piclumen-grpc", version, about, long_about = None)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format: `text` for people, `json` for log pipelines.
+    #[arg(long, env = "PICLUMEN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// Log filter, e.g. `info` or `piclumen_grpc=debug` (RUST_LOG syntax).
+    #[arg(long, env = "PICLUMEN_LOG", default_value = "info", global = true)]
+    pub log: String,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gRPC server.
+    Serve(Box<ServeArgs>),
+    /// Run the Piclumen simulator as a standalone HTTP server.
+    Sim(SimArgs),
+    /// Start a generation (and with --wait, follow it to the images).
+    Generate(GenerateArgs),
+    /// Follow a job until it ends, showing progress.
+    Watch(JobArgs),
+    /// Show a job's current state once.
+    Check(JobArgs),
+}
+
+/// `serve` flags.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on. When unset: `0.0.0.0:$PORT` if PORT is set
+    /// (hosting platforms inject it), else `0.0.0.0:50051`.
+    #[arg(long, env = "PICLUMEN_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Base URL of the Piclumen API.
+    #[arg(long, env = "PICLUMEN_UPSTREAM_URL", default_value = PRODUCTION_URL)]
+    pub upstream_url: String,
+    /// Default Piclumen token, used for calls without `authorization` metadata.
+    #[arg(long, env = "PICLUMEN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Time between two polls of a watched job.
+    #[arg(long, env = "PICLUMEN_POLL_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub poll_interval: Duration,
+    /// Most mark ids in one batch-status call.
+    #[arg(long, env = "PICLUMEN_BATCH_MAX", default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub batch_max: u16,
+    /// Longest a WatchImage stream stays open (then DEADLINE_EXCEEDED).
+    #[arg(long, env = "PICLUMEN_MAX_WATCH", default_value = "30m", value_parser = humantime::parse_duration)]
+    pub max_watch: Duration,
+    /// Quiet time after which a watch resends its state as a heartbeat.
+    #[arg(long, env = "PICLUMEN_HEARTBEAT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub heartbeat: Duration,
+    /// Most WatchImage streams open at once (beyond: RESOURCE_EXHAUSTED).
+    #[arg(long, env = "PICLUMEN_MAX_WATCHES", default_value_t = 20_000)]
+    pub max_watches: usize,
+    /// How long upstream trouble is retried before watches end UNAVAILABLE.
+    #[arg(long, env = "PICLUMEN_FAILURE_BUDGET", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub failure_budget: Duration,
+    /// Bound on one upstream HTTP call.
+    #[arg(long, env = "PICLUMEN_UPSTREAM_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub upstream_timeout: Duration,
+    /// Bound on opening a connection to the upstream.
+    #[arg(long, env = "PICLUMEN_UPSTREAM_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub upstream_connect_timeout: Duration,
+    /// `user-agent` sent upstream (default: piclumen-grpc/VERSION).
+    #[arg(long, env = "PICLUMEN_USER_AGENT")]
+    pub user_agent: Option<String>,
+    /// `origin` header sent upstream, if any.
+    #[arg(long, env = "PICLUMEN_ORIGIN")]
+    pub origin: Option<String>,
+    /// `referer` header sent upstream, if any.
+    #[arg(long, env = "PICLUMEN_REFERER")]
+    pub referer: Option<String>,
+    /// How long a successful GenerateImage `request_id` is remembered.
+    #[arg(long, env = "PICLUMEN_IDEMPOTENCY_TTL", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub idempotency_ttl: Duration,
+    /// Smallest accepted width or height, in pixels.
+    #[arg(long, env = "PICLUMEN_MIN_DIMENSION", default_value_t = 64)]
+    pub min_dimension: i32,
+    /// Largest accepted width or height, in pixels.
+    #[arg(long, env = "PICLUMEN_MAX_DIMENSION", default_value_t = 4096)]
+    pub max_dimension: i32,
+    /// Longest accepted prompt, in characters.
+    #[arg(long, env = "PICLUMEN_MAX_PROMPT_CHARS", default_value_t = 4000)]
+    pub max_prompt_chars: usize,
+    /// On SIGTERM/SIGINT, how long in-flight calls may take before the
+    /// process exits anyway.
+    #[arg(long, env = "PICLUMEN_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+    /// Serve Prometheus metrics over HTTP on this address (off when unset).
+    #[arg(long, env = "PICLUMEN_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Start the built-in Piclumen simulator and use it as the upstream
+    /// (no real images; for trying the service out).
+    #[arg(long, env = "PICLUMEN_SIMULATE")]
+    pub simulate: bool,
+    /// With --simulate: time the simulated jobs take.
+    #[arg(long, env = "PICLUMEN_SIM_JOB_DURATION", default_value = "6s", value_parser = humantime::parse_duration)]
+    pub sim_job_duration: Duration,
+}
+
+impl ServeArgs {
+    /// `--listen`, else `0.0.0.0:$PORT`, else `0.0.0.0:50051`.
+    pub fn listen_addr(&self, port_env: Option<&str>) -> Result<SocketAddr, String> {
+        if let Some(addr) = self.listen {
+            return Ok(addr);
+        }
+        let port = match port_env {
+            Some(p) => p
+                .trim()
+                .parse::<u16>()
+                .map_err(|e| format!("PORT={p:?} is not a port number: {e}"))?,
+            None => DEFAULT_PORT,
+        };
+        Ok(SocketAddr::from(([0, 0, 0, 0], port)))
+    }
+}
+
+/// `sim` flags.
+#[derive(Debug, Args)]
+pub struct SimArgs {
+    /// Address to listen on.
+    #[arg(long, env = "PICLUMEN_SIM_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Time from create to a finished job (40% queued, then running).
+    #[arg(long, env = "PICLUMEN_SIM_JOB_DURATION", default_value = "6s", value_parser = humantime::parse_duration)]
+    pub job_duration: Duration,
+    /// Delay added to every API reply.
+    #[arg(long, env = "PICLUMEN_SIM_LATENCY", default_value = "0ms", value_parser = humantime::parse_duration)]
+    pub latency: Duration,
+    /// Share (0 to 1) of API requests answered with a random 5xx.
+    #[arg(long, env = "PICLUMEN_SIM_FAIL_5XX_RATE", default_value_t = 0.0, value_parser = rate)]
+    pub fail_5xx_rate: f64,
+    /// Share (0 to 1) of API requests answered 429 with `Retry-After: 1`.
+    #[arg(long, env = "PICLUMEN_SIM_FAIL_429_RATE", default_value_t = 0.0, value_parser = rate)]
+    pub fail_429_rate: f64,
+    /// Comma-separated accepted tokens; others get 401. Any non-empty token
+    /// is accepted when unset.
+    #[arg(
+        long,
+        env = "PICLUMEN_SIM_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub tokens: Vec<String>,
+}
+
+fn rate(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not between 0 and 1"))
+    }
+}
+
+/// Connection flags shared by the client subcommands.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// Server URL.
+    #[arg(
+        long,
+        env = "PICLUMEN_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub server: String,
+    /// Piclumen token to send (the server's default token is used when unset).
+    #[arg(long, env = "PICLUMEN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// `generate` flags.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Connection.
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The prompt.
+    pub prompt: String,
+    /// Negative prompt.
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// Model id (server default when unset).
+    #[arg(long, default_value = "")]
+    pub model_id: String,
+    /// Width in pixels (0: default).
+    #[arg(long, default_value_t = 0)]
+    pub width: i32,
+    /// Height in pixels (0: default).
+    #[arg(long, default_value_t = 0)]
+    pub height: i32,
+    /// Number of images, 1 to 4.
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: i32,
+    /// Seed (random when unset).
+    #[arg(long)]
+    pub seed: Option<i64>,
+    /// Idempotency key: retries with the same key start no second job.
+    #[arg(long, default_value = "")]
+    pub request_id: String,
+    /// Follow the job until its images are ready.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// `watch` / `check` flags.
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    /// Connection.
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The job's mark id.
+    pub mark_id: String,
+}

@@ -1,0 +1,33 @@
+//! piclumen-grpc: a gRPC service in front of Piclumen's image-generation API.
+//!
+//! # Layout
+//!
+//! - `config`: the command line (clap), every flag with an environment variable.
+//! - `pb`: code generated from `proto/`, and the descriptor set for reflection.
+//! - `server`: the tonic server: service, health, reflection, drain on shutdown.
+//! - `service`: `ImageService`: tokens, deadlines, validation, streams.
+//! - `convert`: proto <-> domain <-> upstream JSON, with Piclumen's defaults.
+//! - `error`: the one error enum and its mapping to `tonic::Status`.
+//! - `idempotency`: `request_id` dedupe for GenerateImage.
+//! - `hub`: shared, batched polling behind WatchImage.
+//! - `job`: domain types: jobs, states, the redacting `Token`.
+//! - `upstream`: the Piclumen HTTP/JSON client.
+//! - `sim`: the Piclumen simulator.
+//! - `cli`: the human client (`generate`, `watch`, `check`).
+//! - `telemetry`: logging and metrics setup.
+//!
+//! Data flows one way: service -> hub -> upstream.
+
+pub mod cli;
+pub mod config;
+pub mod convert;
+pub mod error;
+pub mod hub;
+pub mod idempotency;
+pub mod job;
+pub mod pb;
+pub mod server;
+pub mod service;
+pub mod sim;
+pub mod telemetry;
+pub mod upstream;

@@ -1,0 +1,158 @@
+//! The `piclumen-grpc` binary: parses the command line, sets up logging and
+//! runs the chosen subcommand.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use piclumen_grpc::{
+    cli,
+    config::{Cli, Command, ServeArgs, SimArgs},
+    convert::Limits,
+    hub::HubConfig,
+    job::Token,
+    server::{self, ServerConfig},
+    service::ServiceConfig,
+    sim::{self, SimConfig},
+    telemetry,
+    upstream::{Client, ClientConfig},
+};
+use tokio::net::TcpListener;
+use tracing::{error, info, warn};
+
+/// Default token of `serve --simulate` when none is given, so the quick
+/// start works without one. The simulator accepts any token.
+const SIMULATOR_TOKEN: &str = "simulator-demo-token";
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init_logging(cli.log_format, &cli.log);
+    let result = match cli.command {
+        Command::Serve(args) => serve(*args).await,
+        Command::Sim(args) => run_sim(args).await,
+        Command::Generate(args) => cli::generate(args).await.map_err(|e| e.to_string()),
+        Command::Watch(args) => cli::watch(args).await.map_err(|e| e.to_string()),
+        Command::Check(args) => cli::check(args).await.map_err(|e| e.to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), String> {
+    let listen = args.listen_addr(std::env::var("PORT").ok().as_deref())?;
+    let mut upstream_url = args.upstream_url.clone();
+    let mut default_token = args.token.as_deref().and_then(Token::new);
+    if args.simulate {
+        let sim_listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| format!("cannot start the simulator: {e}"))?;
+        let addr = sim_listener.local_addr().map_err(|e| e.to_string())?;
+        let config = SimConfig {
+            job_duration: args.sim_job_duration,
+            ..SimConfig::default()
+        };
+        tokio::spawn(async move {
+            if let Err(e) = sim::serve(sim_listener, config, std::future::pending()).await {
+                error!(error = %e, "simulator stopped");
+            }
+        });
+        upstream_url = format!("http://{addr}");
+        default_token = default_token.or_else(|| Token::new(SIMULATOR_TOKEN));
+        warn!(
+            upstream = %upstream_url,
+            "SIMULATION MODE: the upstream is the built-in Piclumen simulator, not Piclumen; images are not real"
+        );
+    }
+    if let Some(addr) = args.metrics_listen {
+        telemetry::init_metrics(addr)?;
+        info!("metrics on http://{addr}/metrics");
+    }
+    let client = Client::new(&ClientConfig {
+        base_url: upstream_url.clone(),
+        timeout: args.upstream_timeout,
+        connect_timeout: args.upstream_connect_timeout,
+        user_agent: args.user_agent.clone(),
+        origin: args.origin.clone(),
+        referer: args.referer.clone(),
+    })?;
+    let config = ServerConfig {
+        service: ServiceConfig {
+            default_token,
+            limits: Limits {
+                min_dimension: args.min_dimension,
+                max_dimension: args.max_dimension,
+                max_prompt_chars: args.max_prompt_chars,
+            },
+            max_watch: args.max_watch,
+            heartbeat: args.heartbeat,
+            max_watches: args.max_watches,
+            idempotency_ttl: args.idempotency_ttl,
+        },
+        hub: HubConfig {
+            poll_interval: args.poll_interval,
+            batch_max: args.batch_max.into(),
+            gather: std::time::Duration::from_millis(50),
+            failure_budget: args.failure_budget,
+        },
+        drain_timeout: args.drain_timeout,
+    };
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    info!(upstream = %upstream_url, "listening on {local}");
+    server::run(config, client, listener, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn run_sim(args: SimArgs) -> Result<(), String> {
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    info!("simulator listening on {local}");
+    let config = SimConfig {
+        job_duration: args.job_duration,
+        latency: args.latency,
+        fail_5xx_rate: args.fail_5xx_rate,
+        fail_429_rate: args.fail_429_rate,
+        tokens: args.tokens.into_iter().filter(|t| !t.is_empty()).collect(),
+    };
+    sim::serve(listener, config, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => info!("SIGINT received"),
+        () = term => info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,125 @@
+//! Wires the gRPC server: ImageService, health, reflection (v1 and v1alpha),
+//! HTTP/2 settings, and a shutdown that drains within a bound.
+
+use std::{future::Future, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tracing::{info, warn};
+
+use crate::{
+    hub::{Hub, HubConfig},
+    pb::{self, image_service_server::ImageServiceServer},
+    service::{ImageServiceImpl, ServiceConfig},
+    upstream::Client,
+};
+
+/// Largest request message accepted, in bytes.
+const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// Everything `run` needs besides the listener.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The service's own settings.
+    pub service: ServiceConfig,
+    /// Polling hub settings.
+    pub hub: HubConfig,
+    /// Longest wait for in-flight calls at shutdown.
+    pub drain_timeout: Duration,
+}
+
+/// Why the server stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The transport failed.
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Reflection could not load our descriptors (a build bug).
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Serves on `listener` until `shutdown` resolves, then drains: health turns
+/// NOT_SERVING, new calls are refused, open watches end with UNAVAILABLE,
+/// unary calls in flight finish, and after `drain_timeout` the remaining
+/// connections are dropped.
+pub async fn run(
+    config: ServerConfig,
+    client: Client,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let draining = CancellationToken::new();
+    let hub = Hub::new(config.hub.clone(), client.clone());
+    let service = ImageServiceImpl::new(config.service.clone(), client, hub, draining.clone());
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status("", ServingStatus::Serving).await;
+    health
+        .set_serving::<ImageServiceServer<ImageServiceImpl>>()
+        .await;
+
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+
+    let stop_accepting = CancellationToken::new();
+    let router = Server::builder()
+        .tcp_nodelay(true)
+        // Pings keep long WatchImage streams alive through proxies and find
+        // dead peers.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(ImageServiceServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES));
+    let serve = router.serve_with_incoming_shutdown(
+        TcpListenerStream::new(listener),
+        stop_accepting.clone().cancelled_owned(),
+    );
+    let mut server = tokio::spawn(serve);
+
+    tokio::select! {
+        result = &mut server => return flatten(result),
+        () = shutdown => {}
+    }
+    info!(drain_timeout = ?config.drain_timeout, "shutting down: draining");
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_not_serving::<ImageServiceServer<ImageServiceImpl>>()
+        .await;
+    draining.cancel();
+    stop_accepting.cancel();
+    match tokio::time::timeout(config.drain_timeout, &mut server).await {
+        Ok(result) => {
+            info!("drained");
+            flatten(result)
+        }
+        Err(_) => {
+            warn!("drain timeout reached; closing the remaining connections");
+            server.abort();
+            Ok(())
+        }
+    }
+}
+
+fn flatten(
+    result: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>,
+) -> Result<(), ServerError> {
+    match result {
+        Ok(inner) => Ok(inner?),
+        Err(e) if e.is_cancelled() => Ok(()),
+        // A panic in the server task is a bug: surface it.
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}

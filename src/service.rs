@@ -1,0 +1,346 @@
+//! `piclumen.v1.ImageService`: resolves the caller's token and deadline,
+//! validates and converts the request, calls Piclumen (or the hub), and turns
+//! every failure into a `Status` through `crate::error`.
+
+use std::{
+    hash::{Hash, Hasher},
+    pin::Pin,
+    sync::Arc,
+    time::Duration,
+};
+
+use futures_util::Stream;
+use prost::Message;
+use tokio::{
+    sync::Semaphore,
+    time::{Instant, sleep_until},
+};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, metadata::MetadataMap};
+use tracing::{info, warn};
+
+use crate::{
+    convert::{self, Limits},
+    error::Error,
+    hub::{Hub, Snapshot},
+    idempotency::{Created, IdempotencyStore},
+    job::{JobStatus, Token},
+    pb::{self, image_service_server::ImageService},
+    upstream::{Client, UpstreamError},
+};
+
+/// Settings of the service itself.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Token used when a call carries none.
+    pub default_token: Option<Token>,
+    /// Request bounds.
+    pub limits: Limits,
+    /// Longest a WatchImage stream stays open.
+    pub max_watch: Duration,
+    /// Quiet time after which a watch repeats its state.
+    pub heartbeat: Duration,
+    /// Most WatchImage streams open at once.
+    pub max_watches: usize,
+    /// How long a successful `request_id` is remembered.
+    pub idempotency_ttl: Duration,
+}
+
+/// The service; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ImageServiceImpl {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: ServiceConfig,
+    client: Client,
+    hub: Hub,
+    store: IdempotencyStore,
+    watch_slots: Arc<Semaphore>,
+    /// Cancelled when the server starts draining.
+    draining: CancellationToken,
+}
+
+/// The token a call runs with, and whether it is the server's own.
+#[derive(Debug, Clone)]
+struct CallToken {
+    token: Token,
+    is_default: bool,
+}
+
+impl CallToken {
+    fn upstream(&self, source: UpstreamError) -> Error {
+        Error::Upstream {
+            source,
+            default_token: self.is_default,
+        }
+    }
+
+    /// Marks errors the hub produced with this call's token kind.
+    fn adopt(&self, error: Error) -> Error {
+        match error {
+            Error::Upstream { source, .. } => self.upstream(source),
+            other => other,
+        }
+    }
+}
+
+impl ImageServiceImpl {
+    /// Builds the service; `draining` is cancelled at shutdown.
+    pub fn new(
+        config: ServiceConfig,
+        client: Client,
+        hub: Hub,
+        draining: CancellationToken,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store: IdempotencyStore::new(config.idempotency_ttl),
+                watch_slots: Arc::new(Semaphore::new(config.max_watches)),
+                config,
+                client,
+                hub,
+                draining,
+            }),
+        }
+    }
+
+    fn admit(&self, metadata: &MetadataMap) -> Result<CallToken, Error> {
+        if self.inner.draining.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        let Some(value) = metadata.get("authorization") else {
+            return self
+                .inner
+                .config
+                .default_token
+                .clone()
+                .map(|token| CallToken {
+                    token,
+                    is_default: true,
+                })
+                .ok_or(Error::MissingToken);
+        };
+        let raw = value.to_str().map_err(|_| Error::MalformedToken)?.trim();
+        let raw = match raw.split_once(' ') {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest,
+            _ => raw,
+        };
+        let token = Token::new(raw)
+            .filter(|t| t.expose().bytes().all(|b| b.is_ascii_graphic()))
+            .ok_or(Error::MalformedToken)?;
+        Ok(CallToken {
+            token,
+            is_default: false,
+        })
+    }
+}
+
+/// The caller's deadline (`grpc-timeout`), brought forward a little so our
+/// DEADLINE_EXCEEDED reaches the caller before tonic's own CANCELLED would.
+fn call_deadline(metadata: &MetadataMap) -> Option<Instant> {
+    let timeout = parse_grpc_timeout(metadata.get("grpc-timeout")?.to_str().ok()?)?;
+    let margin = (timeout / 10).min(Duration::from_millis(50));
+    Some(Instant::now() + timeout - margin)
+}
+
+/// Parses gRPC's `TimeoutValue TimeoutUnit` (at most 8 digits, unit H M S m u n).
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+fn fingerprint(req: &pb::GenerateImageRequest) -> u64 {
+    let mut params = req.clone();
+    params.request_id.clear();
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    params.encode_to_vec().hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Boxed stream of WatchImage responses.
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchImageResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ImageService for ImageServiceImpl {
+    async fn generate_image(
+        &self,
+        request: Request<pb::GenerateImageRequest>,
+    ) -> Result<Response<pb::GenerateImageResponse>, Status> {
+        let call = self.admit(request.metadata())?;
+        let deadline = call_deadline(request.metadata());
+        let req = request.into_inner();
+        let payload = convert::create_payload(&req, &self.inner.config.limits)?;
+        let client = self.inner.client.clone();
+        let token = call.clone();
+        let create = async move {
+            let seed = payload.seed;
+            metrics::counter!("piclumen_upstream_calls_total", "endpoint" => "create").increment(1);
+            client
+                .create(&token.token, &payload, deadline)
+                .await
+                .map(|mark_id| Created { mark_id, seed })
+                .map_err(|e| token.upstream(e))
+        };
+        let created = if req.request_id.is_empty() {
+            create.await
+        } else {
+            self.inner
+                .store
+                .run(&call.token, &req.request_id, fingerprint(&req), create)
+                .await
+        };
+        let created = created.inspect_err(|e| warn!(error = %e, "GenerateImage failed"))?;
+        info!(mark_id = %created.mark_id, seed = created.seed, "generation started");
+        Ok(Response::new(pb::GenerateImageResponse {
+            mark_id: created.mark_id,
+            seed: created.seed,
+        }))
+    }
+
+    async fn check_image(
+        &self,
+        request: Request<pb::CheckImageRequest>,
+    ) -> Result<Response<pb::CheckImageResponse>, Status> {
+        let call = self.admit(request.metadata())?;
+        let deadline = call_deadline(request.metadata());
+        let mark_id = convert::mark_id(&request.get_ref().mark_id)?;
+        let status = match self.inner.hub.fresh(&call.token, &mark_id) {
+            Some(status) => status,
+            None => self.check_upstream(&call, mark_id, deadline).await?,
+        };
+        Ok(Response::new(pb::CheckImageResponse {
+            job: Some(convert::to_proto_job(&status)),
+        }))
+    }
+
+    type WatchImageStream = WatchStream;
+
+    async fn watch_image(
+        &self,
+        request: Request<pb::WatchImageRequest>,
+    ) -> Result<Response<Self::WatchImageStream>, Status> {
+        let call = self.admit(request.metadata())?;
+        let caller_deadline = call_deadline(request.metadata());
+        let mark_id = convert::mark_id(&request.get_ref().mark_id)?;
+        let permit = Arc::clone(&self.inner.watch_slots)
+            .try_acquire_owned()
+            .map_err(|_| {
+                Error::ResourceExhausted(format!(
+                    "this server already holds its limit of {} watches; retry later or elsewhere",
+                    self.inner.config.max_watches
+                ))
+            })?;
+        let subscription = self.inner.hub.subscribe(&call.token, &mark_id);
+        let config = &self.inner.config;
+        let max_watch_end = Instant::now() + config.max_watch;
+        let (end_at, end_message) = match caller_deadline {
+            Some(d) if d < max_watch_end => (d, "the caller's deadline was reached".to_owned()),
+            _ => (
+                max_watch_end,
+                format!(
+                    "the server's maximum watch time of {} was reached; call WatchImage again",
+                    humantime::format_duration(config.max_watch)
+                ),
+            ),
+        };
+        let heartbeat = config.heartbeat;
+        let draining = self.inner.draining.clone();
+        let stream = async_stream::stream! {
+            let _permit = permit;
+            let mut rx = subscription.rx.clone();
+            let _subscription = subscription;
+            let mut last: Option<JobStatus> = None;
+            let mut heartbeat_at = Instant::now() + heartbeat;
+            loop {
+                let snapshot = rx.borrow_and_update().clone();
+                match snapshot {
+                    Snapshot::Waiting => {}
+                    Snapshot::Status(status) => {
+                        if last.as_ref() != Some(&status) {
+                            yield Ok(watch_response(&status, false));
+                            heartbeat_at = Instant::now() + heartbeat;
+                        }
+                        let done = status.state.is_terminal();
+                        last = Some(status);
+                        if done {
+                            break;
+                        }
+                    }
+                    Snapshot::Ended(error) => {
+                        yield Err(Status::from(call.adopt(error)));
+                        break;
+                    }
+                }
+                tokio::select! {
+                    biased;
+                    () = draining.cancelled() => {
+                        yield Err(Status::from(Error::ShuttingDown));
+                        break;
+                    }
+                    () = sleep_until(end_at) => {
+                        yield Err(Status::from(Error::DeadlineExceeded(end_message)));
+                        break;
+                    }
+                    changed = rx.changed() => {
+                        if changed.is_err() {
+                            yield Err(Status::from(Error::WatchInterrupted));
+                            break;
+                        }
+                    }
+                    () = sleep_until(heartbeat_at), if last.is_some() => {
+                        if let Some(status) = &last {
+                            yield Ok(watch_response(status, true));
+                        }
+                        heartbeat_at = Instant::now() + heartbeat;
+                    }
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+impl ImageServiceImpl {
+    async fn check_upstream(
+        &self,
+        call: &CallToken,
+        mark_id: String,
+        deadline: Option<Instant>,
+    ) -> Result<JobStatus, Error> {
+        metrics::counter!("piclumen_upstream_calls_total", "endpoint" => "status").increment(1);
+        let ids = [mark_id];
+        let statuses = self
+            .inner
+            .client
+            .batch_status(&call.token, &ids, deadline)
+            .await
+            .map_err(|e| call.upstream(e))?;
+        let [mark_id] = ids;
+        statuses
+            .into_iter()
+            .find(|s| s.mark_id == mark_id)
+            .ok_or(Error::NotFound { mark_id })
+    }
+}
+
+fn watch_response(status: &JobStatus, heartbeat: bool) -> pb::WatchImageResponse {
+    pb::WatchImageResponse {
+        job: Some(convert::to_proto_job(status)),
+        heartbeat,
+    }
+}

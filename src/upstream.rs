@@ -1,0 +1,445 @@
+//! The Piclumen HTTP/JSON client: one `reqwest::Client`, typed wire structs,
+//! tolerant decoding, and one error enum that keeps the raw reply text.
+//!
+//! It knows nothing of gRPC; `crate::error` maps its errors to status codes.
+
+use std::time::Duration;
+
+use reqwest::header::{self, HeaderMap, HeaderValue};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde_json::{Map, Value};
+use tokio::time::Instant;
+
+use crate::job::{Image, JobState, JobStatus, Token};
+
+/// Path of the create call.
+pub const CREATE_PATH: &str = "/api/gen/create";
+/// Path of the batch status call.
+pub const STATUS_PATH: &str = "/api/task/batch-process-task";
+/// How much of an unexpected reply body errors keep.
+const BODY_PREFIX: usize = 256;
+
+/// Everything that can go wrong talking to Piclumen.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum UpstreamError {
+    /// HTTP 401: the token is bad or expired.
+    #[error("Piclumen rejected the token (HTTP 401)")]
+    Unauthorized,
+    /// HTTP 403: the token may not do this.
+    #[error("Piclumen refused access (HTTP 403)")]
+    Forbidden,
+    /// HTTP 429.
+    #[error("Piclumen rate limit reached (HTTP 429)")]
+    RateLimited {
+        /// The delay from `Retry-After`, when given.
+        retry_after: Option<Duration>,
+    },
+    /// Any other non-2xx answer.
+    #[error("Piclumen answered HTTP {status}: {body}")]
+    Http {
+        /// HTTP status code.
+        status: u16,
+        /// The first bytes of the body.
+        body: String,
+    },
+    /// No connection, or it broke before the reply was complete.
+    #[error("cannot reach Piclumen: {0}")]
+    Connect(String),
+    /// No complete reply within the time allowed.
+    #[error("Piclumen did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The envelope's `status` was not 0.
+    #[error("Piclumen refused the request (status {code}): {message}")]
+    Rejected {
+        /// Envelope status.
+        code: i64,
+        /// Envelope message.
+        message: String,
+    },
+    /// The reply was not the JSON we know.
+    #[error("undecodable Piclumen reply ({error}): {body}")]
+    Decode {
+        /// What serde said.
+        error: String,
+        /// The first bytes of the body.
+        body: String,
+    },
+}
+
+impl UpstreamError {
+    /// Trouble that may pass by itself: worth retrying for an idempotent call.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::RateLimited { .. } | Self::Connect(_) | Self::Timeout(_) => true,
+            Self::Http { status, .. } => *status >= 500 || *status == 408,
+            _ => false,
+        }
+    }
+}
+
+/// Settings of the client, from the command line.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Base URL, e.g. `https://api.piclumen.com`.
+    pub base_url: String,
+    /// Bound on one whole call.
+    pub timeout: Duration,
+    /// Bound on establishing a connection.
+    pub connect_timeout: Duration,
+    /// Optional `user-agent`.
+    pub user_agent: Option<String>,
+    /// Optional `origin`.
+    pub origin: Option<String>,
+    /// Optional `referer`.
+    pub referer: Option<String>,
+}
+
+/// The Piclumen client. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base_url: String,
+    timeout: Duration,
+}
+
+impl Client {
+    /// Builds the client; fails only on a malformed header value.
+    pub fn new(config: &ClientConfig) -> Result<Self, String> {
+        let mut headers = HeaderMap::new();
+        headers.insert("platform", HeaderValue::from_static("Web"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json;charset=UTF-8"),
+        );
+        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        for (name, value) in [
+            (header::ORIGIN, &config.origin),
+            (header::REFERER, &config.referer),
+        ] {
+            if let Some(value) = value {
+                let value = HeaderValue::from_str(value).map_err(|e| format!("{name}: {e}"))?;
+                headers.insert(name, value);
+            }
+        }
+        let user_agent = config
+            .user_agent
+            .clone()
+            .unwrap_or_else(|| concat!("piclumen-grpc/", env!("CARGO_PKG_VERSION")).into());
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .user_agent(user_agent)
+            .connect_timeout(config.connect_timeout)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            http,
+            base_url: config.base_url.trim_end_matches('/').to_owned(),
+            timeout: config.timeout,
+        })
+    }
+
+    /// Starts a generation and returns its mark id. Never retried here: the
+    /// request may have reached Piclumen and cost credits.
+    pub async fn create(
+        &self,
+        token: &Token,
+        payload: &CreatePayload,
+        deadline: Option<Instant>,
+    ) -> Result<String, UpstreamError> {
+        let data: Option<CreateData> = self.post(CREATE_PATH, token, payload, deadline).await?;
+        data.and_then(|d| d.mark_id)
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| UpstreamError::Decode {
+                error: "reply has no data.markId".into(),
+                body: String::new(),
+            })
+    }
+
+    /// Asks for the state of several jobs at once; ids missing from the
+    /// answer are unknown to the token's account and simply absent.
+    pub async fn batch_status(
+        &self,
+        token: &Token,
+        mark_ids: &[String],
+        deadline: Option<Instant>,
+    ) -> Result<Vec<JobStatus>, UpstreamError> {
+        let data: Option<Vec<TaskWire>> = self.post(STATUS_PATH, token, mark_ids, deadline).await?;
+        Ok(data
+            .unwrap_or_default()
+            .into_iter()
+            .map(TaskWire::into_status)
+            .collect())
+    }
+
+    async fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        token: &Token,
+        body: &(impl Serialize + ?Sized),
+        deadline: Option<Instant>,
+    ) -> Result<Option<T>, UpstreamError> {
+        let timeout = match deadline {
+            Some(d) => self
+                .timeout
+                .min(d.saturating_duration_since(Instant::now())),
+            None => self.timeout,
+        };
+        if timeout.is_zero() {
+            return Err(UpstreamError::Timeout(timeout));
+        }
+        let body = serde_json::to_vec(body).map_err(|e| UpstreamError::Decode {
+            error: format!("cannot encode request: {e}"),
+            body: String::new(),
+        })?;
+        let url = format!("{}{}", self.base_url, path);
+        let request = self
+            .http
+            .post(url)
+            .header(header::AUTHORIZATION, token.expose())
+            .body(body)
+            .send();
+        // One bound on the whole exchange, headers and body alike.
+        let exchange = async {
+            let response = request.await.map_err(|e| transport_error(&e, timeout))?;
+            let status = response.status();
+            let retry_after = retry_after(response.headers());
+            let bytes = response
+                .bytes()
+                .await
+                .map_err(|e| transport_error(&e, timeout))?;
+            Ok::<_, UpstreamError>((status, retry_after, bytes))
+        };
+        let (status, retry_after, bytes) = tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| UpstreamError::Timeout(timeout))??;
+        match status.as_u16() {
+            200..=299 => decode_envelope(&bytes),
+            401 => Err(UpstreamError::Unauthorized),
+            403 => Err(UpstreamError::Forbidden),
+            429 => Err(UpstreamError::RateLimited { retry_after }),
+            code => Err(UpstreamError::Http {
+                status: code,
+                body: body_prefix(&bytes),
+            }),
+        }
+    }
+}
+
+fn transport_error(e: &reqwest::Error, timeout: Duration) -> UpstreamError {
+    if e.is_timeout() {
+        return UpstreamError::Timeout(timeout);
+    }
+    // The chain holds the useful part ("connection refused"); the token is
+    // only ever in a header, never in these messages.
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    UpstreamError::Connect(message)
+}
+
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?;
+    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// Decodes `{"status", "message", "data"}`; a non-zero status is a rejection.
+pub fn decode_envelope<T: DeserializeOwned>(bytes: &[u8]) -> Result<Option<T>, UpstreamError> {
+    let envelope: Envelope<T> =
+        serde_json::from_slice(bytes).map_err(|e| UpstreamError::Decode {
+            error: e.to_string(),
+            body: body_prefix(bytes),
+        })?;
+    if envelope.status != 0 {
+        return Err(UpstreamError::Rejected {
+            code: envelope.status,
+            message: envelope.message,
+        });
+    }
+    Ok(envelope.data)
+}
+
+/// The first bytes of a body as text, cut on a character boundary.
+pub fn body_prefix(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(BODY_PREFIX)]);
+    let mut text = text.into_owned();
+    if bytes.len() > BODY_PREFIX {
+        text.push('…');
+    }
+    text
+}
+
+#[derive(Debug, Deserialize)]
+struct Envelope<T> {
+    #[serde(default)]
+    status: i64,
+    #[serde(default)]
+    message: String,
+    #[serde(default = "Option::default")]
+    data: Option<T>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CreateData {
+    #[serde(rename = "markId", default)]
+    mark_id: Option<String>,
+}
+
+/// One entry of the batch status reply.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskWire {
+    /// The job id.
+    #[serde(rename = "markId")]
+    pub mark_id: String,
+    /// `pending`, `running`, `success`, `failed` or newer.
+    #[serde(default)]
+    pub status: String,
+    /// Queue position while pending.
+    #[serde(default)]
+    pub index: Option<i64>,
+    /// Prompt id, once known.
+    #[serde(rename = "promptId", default, skip_serializing_if = "Option::is_none")]
+    pub prompt_id: Option<String>,
+    /// Images, once done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub img_urls: Option<Vec<ImageWire>>,
+    /// Extra data Piclumen sends while pending.
+    #[serde(default)]
+    pub info: Option<Value>,
+}
+
+impl TaskWire {
+    fn into_status(self) -> JobStatus {
+        let state = JobState::from_upstream(&self.status);
+        let queue_position = if state == JobState::Pending {
+            clamp_i32(self.index.unwrap_or(0))
+        } else {
+            0
+        };
+        JobStatus {
+            mark_id: self.mark_id,
+            state,
+            queue_position,
+            images: self
+                .img_urls
+                .unwrap_or_default()
+                .into_iter()
+                .map(|i| Image {
+                    url: i.img_url.unwrap_or_default(),
+                    name: i.img_name.unwrap_or_default(),
+                    width: clamp_i32(i.real_width.unwrap_or(0)),
+                    height: clamp_i32(i.real_height.unwrap_or(0)),
+                    nsfw: i.sensitive.is_some_and(|s| s.eq_ignore_ascii_case("NSFW")),
+                })
+                .collect(),
+            upstream_status: self.status,
+            prompt_id: self.prompt_id.unwrap_or_default(),
+        }
+    }
+}
+
+fn clamp_i32(v: i64) -> i32 {
+    v.clamp(i32::MIN.into(), i32::MAX.into()) as i32
+}
+
+/// One image of a finished job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageWire {
+    /// Download URL.
+    #[serde(rename = "imgUrl", default)]
+    pub img_url: Option<String>,
+    /// File name.
+    #[serde(rename = "imgName", default)]
+    pub img_name: Option<String>,
+    /// Width.
+    #[serde(rename = "realWidth", default)]
+    pub real_width: Option<i64>,
+    /// Height.
+    #[serde(rename = "realHeight", default)]
+    pub real_height: Option<i64>,
+    /// `"NSFW"` when flagged.
+    #[serde(default)]
+    pub sensitive: Option<String>,
+}
+
+/// The create body, with the web app's field names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreatePayload {
+    /// Prompt text.
+    pub prompt: String,
+    /// Negative prompt.
+    pub negative_prompt: String,
+    /// Model id.
+    pub model_id: String,
+    /// Size and count.
+    pub resolution: ResolutionWire,
+    /// Seed.
+    pub seed: i64,
+    /// Steps.
+    pub steps: i64,
+    /// Guidance scale.
+    #[serde(serialize_with = "whole_as_integer")]
+    pub cfg: f64,
+    /// Sampler.
+    pub sampler_name: String,
+    /// Scheduler.
+    pub scheduler: String,
+    /// Denoise.
+    #[serde(serialize_with = "whole_as_integer")]
+    pub denoise: f64,
+    /// High-resolution fix denoise.
+    #[serde(serialize_with = "whole_as_integer")]
+    pub hires_fix_denoise: f64,
+    /// High-resolution scale.
+    #[serde(serialize_with = "whole_as_integer")]
+    pub hires_scale: f64,
+    /// `highPixels`.
+    #[serde(rename = "highPixels")]
+    pub high_pixels: bool,
+    /// Free-form model abilities.
+    pub model_ability: Map<String, Value>,
+    /// `ponyTags`.
+    #[serde(rename = "ponyTags")]
+    pub pony_tags: Map<String, Value>,
+    /// Image-to-image styles.
+    pub multi_img2img_info: StyleListWire,
+    /// Image-control styles.
+    pub img_control_info: StyleListWire,
+    /// `continueCreate`.
+    #[serde(rename = "continueCreate")]
+    pub continue_create: bool,
+}
+
+/// `resolution` of the create body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResolutionWire {
+    /// Width in pixels.
+    pub width: i64,
+    /// Height in pixels.
+    pub height: i64,
+    /// Number of images.
+    pub batch_size: i64,
+}
+
+/// `{"style_list": [...]}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StyleListWire {
+    /// Style objects.
+    #[serde(default)]
+    pub style_list: Vec<Map<String, Value>>,
+}
+
+/// The web app sends `"cfg": 1`, not `1.0`; whole numbers go out as integers
+/// so our payload matches it byte for byte.
+fn whole_as_integer<S: serde::Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+    const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+    if v.fract() == 0.0 && v.abs() < EXACT {
+        s.serialize_i64(*v as i64)
+    } else {
+        s.serialize_f64(*v)
+    }
+}
