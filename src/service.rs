@@ -126,6 +126,8 @@ impl ImageServiceImpl {
         let raw = value.to_str().map_err(|_| Error::MalformedToken)?.trim();
         let raw = match raw.split_once(' ') {
             Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest,
+            // `Bearer ` with its space trimmed away by the transport.
+            _ if raw.eq_ignore_ascii_case("bearer") => "",
             _ => raw,
         };
         let token = Token::new(raw)

@@ -1,0 +1,310 @@
+//! Test harness: a simulator and a server on loopback port 0, each with its
+//! own shutdown, plus helpers for clients, metadata and simulator stats.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::{net::SocketAddr, time::Duration};
+
+use piclumen_grpc::{
+    convert::Limits,
+    hub::HubConfig,
+    job::Token,
+    pb::{self, image_service_client::ImageServiceClient},
+    server::{self, ServerConfig},
+    service::ServiceConfig,
+    sim::{self, SimConfig},
+    upstream::{Client, ClientConfig},
+};
+use serde_json::Value;
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::{Code, Request, Status, transport::Channel};
+use tonic_types::StatusExt;
+
+/// Token every test uses unless it says otherwise.
+pub const TOKEN: &str = "token-a";
+/// A second account.
+pub const OTHER_TOKEN: &str = "token-b";
+
+/// Simulator settings fast enough for tests.
+pub fn sim_config() -> SimConfig {
+    SimConfig {
+        job_duration: Duration::from_millis(1200),
+        ..SimConfig::default()
+    }
+}
+
+/// Server settings fast enough for tests.
+pub fn server_config() -> ServerConfig {
+    ServerConfig {
+        service: ServiceConfig {
+            default_token: None,
+            limits: Limits::default(),
+            max_watch: Duration::from_secs(60),
+            heartbeat: Duration::from_secs(30),
+            max_watches: 20_000,
+            idempotency_ttl: Duration::from_secs(600),
+        },
+        hub: HubConfig {
+            poll_interval: Duration::from_millis(200),
+            batch_max: 50,
+            gather: Duration::from_millis(20),
+            failure_budget: Duration::from_secs(5),
+        },
+        drain_timeout: Duration::from_secs(5),
+    }
+}
+
+pub fn client_config(base_url: String) -> ClientConfig {
+    ClientConfig {
+        base_url,
+        timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(2),
+        user_agent: None,
+        origin: None,
+        referer: None,
+    }
+}
+
+/// A running simulator.
+pub struct Sim {
+    pub addr: SocketAddr,
+    pub http: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Sim {
+    pub async fn start(config: SimConfig) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind sim");
+        let addr = listener.local_addr().expect("sim addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            sim::serve(listener, config, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("sim serve");
+        });
+        Self {
+            addr,
+            http: reqwest::Client::new(),
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn stats(&self) -> Value {
+        self.get("/_sim/stats").await
+    }
+
+    pub async fn stat(&self, name: &str) -> u64 {
+        self.stats().await[name].as_u64().expect("numeric stat")
+    }
+
+    pub async fn creates(&self) -> Value {
+        self.get("/_sim/creates").await
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        self.http
+            .get(format!("{}{path}", self.url()))
+            .send()
+            .await
+            .expect("sim get")
+            .bytes()
+            .await
+            .map(|b| serde_json::from_slice(&b).expect("sim json"))
+            .expect("sim body")
+    }
+
+    /// Scripts the simulator's next replies (see `sim::Fault`).
+    pub async fn script(&self, faults: Value) {
+        let status = self
+            .http
+            .post(format!("{}/_sim/faults", self.url()))
+            .header("content-type", "application/json")
+            .body(faults.to_string())
+            .send()
+            .await
+            .expect("script faults")
+            .status();
+        assert!(status.is_success(), "scripting faults failed: {status}");
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.abort();
+    }
+}
+
+/// A running gRPC server.
+pub struct Server {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    pub task: JoinHandle<Result<(), server::ServerError>>,
+}
+
+impl Server {
+    pub async fn start(config: ServerConfig, upstream_url: String) -> Self {
+        let client = Client::new(&client_config(upstream_url)).expect("client");
+        Self::start_with_client(config, client).await
+    }
+
+    pub async fn start_with_client(config: ServerConfig, client: Client) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind server");
+        let addr = listener.local_addr().expect("server addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(config, client, listener, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub async fn client(&self) -> ImageServiceClient<Channel> {
+        ImageServiceClient::new(self.channel().await)
+    }
+
+    /// Starts the drain, as SIGTERM does.
+    pub fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown();
+        self.task.abort();
+    }
+}
+
+/// A simulator and a server pointed at it.
+pub struct Harness {
+    pub sim: Sim,
+    pub server: Server,
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        Self::with(sim_config(), server_config()).await
+    }
+
+    pub async fn with(sim: SimConfig, config: ServerConfig) -> Self {
+        let sim = Sim::start(sim).await;
+        let server = Server::start(config, sim.url()).await;
+        Self { sim, server }
+    }
+
+    pub async fn client(&self) -> ImageServiceClient<Channel> {
+        self.server.client().await
+    }
+}
+
+/// A request carrying `authorization: Bearer <token>`.
+pub fn authed<T>(token: &str, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii token"),
+    );
+    request
+}
+
+pub fn generate(prompt: &str) -> pb::GenerateImageRequest {
+    pb::GenerateImageRequest {
+        prompt: prompt.into(),
+        ..Default::default()
+    }
+}
+
+/// Starts one job and returns its mark id.
+pub async fn start_job(client: &mut ImageServiceClient<Channel>, token: &str, prompt: &str) -> String {
+    client
+        .generate_image(authed(token, generate(prompt)))
+        .await
+        .expect("generate")
+        .into_inner()
+        .mark_id
+}
+
+/// Follows a watch to its end: every message, then how the stream ended.
+pub async fn collect_watch(
+    client: &mut ImageServiceClient<Channel>,
+    token: &str,
+    mark_id: &str,
+) -> (Vec<pb::WatchImageResponse>, Result<(), Status>) {
+    let request = authed(
+        token,
+        pb::WatchImageRequest {
+            mark_id: mark_id.into(),
+        },
+    );
+    let mut stream = match client.watch_image(request).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => return (Vec::new(), Err(status)),
+    };
+    let mut messages = Vec::new();
+    loop {
+        match stream.message().await {
+            Ok(Some(m)) => messages.push(m),
+            Ok(None) => return (messages, Ok(())),
+            Err(status) => return (messages, Err(status)),
+        }
+    }
+}
+
+pub fn states(messages: &[pb::WatchImageResponse]) -> Vec<pb::JobState> {
+    messages
+        .iter()
+        .map(|m| m.job.as_ref().expect("job").state())
+        .collect()
+}
+
+/// Asserts a status's code and its `ErrorInfo.reason`.
+pub fn assert_status(status: &Status, code: Code, reason: &str) {
+    assert_eq!(status.code(), code, "unexpected status: {status:?}");
+    let details = status.get_error_details();
+    let info = details.error_info().expect("ErrorInfo detail");
+    assert_eq!(info.reason, reason, "unexpected reason in {status:?}");
+    assert_eq!(info.domain, "piclumen-grpc");
+}
+
+pub fn token(raw: &str) -> Token {
+    Token::new(raw).expect("token")
+}
+
+/// Polls `check` every 20 ms until it holds, for at most `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < end {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    check().await
+}
