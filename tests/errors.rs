@@ -19,21 +19,91 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
-    let c = |fault: Value, code, reason, message_has| Case { fault, code, reason, message_has };
+    let c = |fault: Value, code, reason, message_has| Case {
+        fault,
+        code,
+        reason,
+        message_has,
+    };
     vec![
-        c(json!({"http_status": 400, "body": "bad field"}), Code::InvalidArgument, "UPSTREAM_BAD_REQUEST", "bad field"),
-        c(json!({"http_status": 401, "body": "{}"}), Code::Unauthenticated, "TOKEN_REJECTED", "401"),
-        c(json!({"http_status": 403, "body": "{}"}), Code::PermissionDenied, "PERMISSION_DENIED", "403"),
-        c(json!({"http_status": 404, "body": "nope"}), Code::Internal, "UPSTREAM_HTTP_ERROR", "404"),
-        c(json!({"http_status": 429, "body": "{}"}), Code::ResourceExhausted, "UPSTREAM_RATE_LIMITED", "429"),
-        c(json!({"http_status": 500, "body": "oops"}), Code::Unavailable, "UPSTREAM_UNAVAILABLE", "500"),
-        c(json!({"http_status": 502, "body": "oops"}), Code::Unavailable, "UPSTREAM_UNAVAILABLE", "502"),
-        c(json!({"http_status": 503, "body": "oops"}), Code::Unavailable, "UPSTREAM_UNAVAILABLE", "503"),
-        c(json!({"http_status": 504, "body": "oops"}), Code::Unavailable, "UPSTREAM_UNAVAILABLE", "504"),
-        c(json!({"http_status": 200, "body": "<html>maintenance</html>"}), Code::Internal, "UPSTREAM_BAD_REPLY", "<html>maintenance</html>"),
-        c(json!({"http_status": 200, "body": "{\"status\": 0, \"data\": {\"markId\": 5}}"}), Code::Internal, "UPSTREAM_BAD_REPLY", "markId"),
-        c(json!({"http_status": 200, "body": "{\"status\": 1001, \"message\": \"insufficient credits\"}"}), Code::FailedPrecondition, "UPSTREAM_REJECTED", "insufficient credits"),
-        c(json!({"reset": true, "http_status": 200, "body": "{\"status\":"}), Code::Unavailable, "UPSTREAM_UNAVAILABLE", "Piclumen"),
+        c(
+            json!({"http_status": 400, "body": "bad field"}),
+            Code::InvalidArgument,
+            "UPSTREAM_BAD_REQUEST",
+            "bad field",
+        ),
+        c(
+            json!({"http_status": 401, "body": "{}"}),
+            Code::Unauthenticated,
+            "TOKEN_REJECTED",
+            "401",
+        ),
+        c(
+            json!({"http_status": 403, "body": "{}"}),
+            Code::PermissionDenied,
+            "PERMISSION_DENIED",
+            "403",
+        ),
+        c(
+            json!({"http_status": 404, "body": "nope"}),
+            Code::Internal,
+            "UPSTREAM_HTTP_ERROR",
+            "404",
+        ),
+        c(
+            json!({"http_status": 429, "body": "{}"}),
+            Code::ResourceExhausted,
+            "UPSTREAM_RATE_LIMITED",
+            "429",
+        ),
+        c(
+            json!({"http_status": 500, "body": "oops"}),
+            Code::Unavailable,
+            "UPSTREAM_UNAVAILABLE",
+            "500",
+        ),
+        c(
+            json!({"http_status": 502, "body": "oops"}),
+            Code::Unavailable,
+            "UPSTREAM_UNAVAILABLE",
+            "502",
+        ),
+        c(
+            json!({"http_status": 503, "body": "oops"}),
+            Code::Unavailable,
+            "UPSTREAM_UNAVAILABLE",
+            "503",
+        ),
+        c(
+            json!({"http_status": 504, "body": "oops"}),
+            Code::Unavailable,
+            "UPSTREAM_UNAVAILABLE",
+            "504",
+        ),
+        c(
+            json!({"http_status": 200, "body": "<html>maintenance</html>"}),
+            Code::Internal,
+            "UPSTREAM_BAD_REPLY",
+            "<html>maintenance</html>",
+        ),
+        c(
+            json!({"http_status": 200, "body": "{\"status\": 0, \"data\": {\"markId\": 5}}"}),
+            Code::Internal,
+            "UPSTREAM_BAD_REPLY",
+            "markId",
+        ),
+        c(
+            json!({"http_status": 200, "body": "{\"status\": 1001, \"message\": \"insufficient credits\"}"}),
+            Code::FailedPrecondition,
+            "UPSTREAM_REJECTED",
+            "insufficient credits",
+        ),
+        c(
+            json!({"reset": true, "http_status": 200, "body": "{\"status\":"}),
+            Code::Unavailable,
+            "UPSTREAM_UNAVAILABLE",
+            "Piclumen",
+        ),
     ]
 }
 
@@ -45,10 +115,18 @@ async fn check_all(endpoint: &str) {
         fault["endpoint"] = json!(endpoint);
         h.sim.script(json!([fault])).await;
         let status: Status = if endpoint == "create" {
-            client.generate_image(authed(TOKEN, generate("p"))).await.expect_err("fault")
+            client
+                .generate_image(authed(TOKEN, generate("p")))
+                .await
+                .expect_err("fault")
         } else {
             client
-                .check_image(authed(TOKEN, pb::CheckImageRequest { mark_id: "m1".into() }))
+                .check_image(authed(
+                    TOKEN,
+                    pb::CheckImageRequest {
+                        mark_id: "m1".into(),
+                    },
+                ))
                 .await
                 .expect_err("fault")
         };
@@ -78,10 +156,16 @@ async fn rate_limit_carries_retry_info() {
     let h = Harness::start().await;
     h.sim.script(json!([{"endpoint": "create", "http_status": 429, "body": "{}", "headers": {"Retry-After": "7"}}])).await;
     let mut client = h.client().await;
-    let status = client.generate_image(authed(TOKEN, generate("p"))).await.expect_err("429");
+    let status = client
+        .generate_image(authed(TOKEN, generate("p")))
+        .await
+        .expect_err("429");
     assert_status(&status, Code::ResourceExhausted, "UPSTREAM_RATE_LIMITED");
     let details = status.get_error_details();
-    assert_eq!(details.retry_info().expect("RetryInfo").retry_delay, Some(Duration::from_secs(7)));
+    assert_eq!(
+        details.retry_info().expect("RetryInfo").retry_delay,
+        Some(Duration::from_secs(7))
+    );
 }
 
 #[tokio::test]
@@ -89,7 +173,10 @@ async fn unknown_job_and_empty_data_are_not_found() {
     let h = Harness::start().await;
     let mut client = h.client().await;
     let check = |id: &str| authed(TOKEN, pb::CheckImageRequest { mark_id: id.into() });
-    let status = client.check_image(check("no-such-job")).await.expect_err("unknown");
+    let status = client
+        .check_image(check("no-such-job"))
+        .await
+        .expect_err("unknown");
     assert_status(&status, Code::NotFound, "JOB_NOT_FOUND");
     h.sim.script(json!([{"endpoint": "status", "http_status": 200, "body": "{\"status\":0,\"message\":\"success\",\"data\":null}"}])).await;
     let status = client.check_image(check("x")).await.expect_err("null data");
@@ -102,10 +189,17 @@ async fn unknown_job_and_empty_data_are_not_found() {
 async fn unknown_upstream_state_is_shown_not_hidden() {
     let h = Harness::start().await;
     let mut client = h.client().await;
-    h.sim.script(json!([{"endpoint": "status", "http_status": 200,
-        "body": "{\"status\":0,\"data\":[{\"markId\":\"m1\",\"status\":\"exploded\"}]}"}])).await;
+    h.sim
+        .script(json!([{"endpoint": "status", "http_status": 200,
+        "body": "{\"status\":0,\"data\":[{\"markId\":\"m1\",\"status\":\"exploded\"}]}"}]))
+        .await;
     let job = client
-        .check_image(authed(TOKEN, pb::CheckImageRequest { mark_id: "m1".into() }))
+        .check_image(authed(
+            TOKEN,
+            pb::CheckImageRequest {
+                mark_id: "m1".into(),
+            },
+        ))
         .await
         .expect("check")
         .into_inner()
@@ -124,7 +218,10 @@ async fn connect_refused_is_unavailable() {
     };
     let server = Server::start(server_config(), format!("http://127.0.0.1:{port}")).await;
     let mut client = server.client().await;
-    let status = client.generate_image(authed(TOKEN, generate("p"))).await.expect_err("refused");
+    let status = client
+        .generate_image(authed(TOKEN, generate("p")))
+        .await
+        .expect_err("refused");
     assert_status(&status, Code::Unavailable, "UPSTREAM_UNAVAILABLE");
 }
 
@@ -135,28 +232,42 @@ async fn upstream_slower_than_its_timeout_is_deadline_exceeded() {
     config.timeout = Duration::from_millis(200);
     let client = piclumen_grpc::upstream::Client::new(&config).expect("client");
     let server = Server::start_with_client(server_config(), client).await;
-    sim.script(json!([{"endpoint": "create", "delay_ms": 1000}])).await;
+    sim.script(json!([{"endpoint": "create", "delay_ms": 1000}]))
+        .await;
     let mut grpc = server.client().await;
-    let status = grpc.generate_image(authed(TOKEN, generate("p"))).await.expect_err("slow");
+    let status = grpc
+        .generate_image(authed(TOKEN, generate("p")))
+        .await
+        .expect_err("slow");
     assert_status(&status, Code::DeadlineExceeded, "UPSTREAM_TIMEOUT");
 }
 
 #[tokio::test]
 async fn caller_deadline_bounds_the_upstream_call() {
     let h = Harness::start().await;
-    h.sim.script(json!([
-        {"endpoint": "create", "delay_ms": 3000},
-        {"endpoint": "status", "delay_ms": 3000}
-    ])).await;
+    h.sim
+        .script(json!([
+            {"endpoint": "create", "delay_ms": 3000},
+            {"endpoint": "status", "delay_ms": 3000}
+        ]))
+        .await;
     let mut client = h.client().await;
     let mut request = authed(TOKEN, generate("p"));
     request.set_timeout(Duration::from_millis(400));
     let started = std::time::Instant::now();
     let status = client.generate_image(request).await.expect_err("deadline");
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-    assert!(started.elapsed() < Duration::from_secs(2), "answered at the deadline, not after the upstream");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "answered at the deadline, not after the upstream"
+    );
 
-    let mut request = authed(TOKEN, pb::CheckImageRequest { mark_id: "m".into() });
+    let mut request = authed(
+        TOKEN,
+        pb::CheckImageRequest {
+            mark_id: "m".into(),
+        },
+    );
     request.set_timeout(Duration::from_millis(400));
     let status = client.check_image(request).await.expect_err("deadline");
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
@@ -171,11 +282,20 @@ async fn rejected_default_token_is_internal_for_the_caller() {
     config.service.default_token = Token::new("expired-server-token");
     let server = Server::start(config, sim.url()).await;
     let mut client = server.client().await;
-    let status = client.generate_image(generate("p")).await.expect_err("default token rejected");
+    let status = client
+        .generate_image(generate("p"))
+        .await
+        .expect_err("default token rejected");
     assert_status(&status, Code::Internal, "DEFAULT_TOKEN_REJECTED");
     assert!(!status.message().contains("expired-server-token"));
     // The caller's own bad token is the caller's to fix.
-    let status = client.generate_image(authed("wrong", generate("p"))).await.expect_err("caller token rejected");
+    let status = client
+        .generate_image(authed("wrong", generate("p")))
+        .await
+        .expect_err("caller token rejected");
     assert_status(&status, Code::Unauthenticated, "TOKEN_REJECTED");
-    client.generate_image(authed(TOKEN, generate("p"))).await.expect("accepted token");
+    client
+        .generate_image(authed(TOKEN, generate("p")))
+        .await
+        .expect("accepted token");
 }

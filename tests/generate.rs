@@ -41,9 +41,24 @@ async fn defaults_reach_upstream_exactly() {
 
 fn style(url: &str, weight: f64) -> Struct {
     let mut s = Struct::default();
-    s.fields.insert("img_url".into(), PValue { kind: Some(Kind::StringValue(url.into())) });
-    s.fields.insert("style".into(), PValue { kind: Some(Kind::StringValue("characterRefer".into())) });
-    s.fields.insert("weight".into(), PValue { kind: Some(Kind::NumberValue(weight)) });
+    s.fields.insert(
+        "img_url".into(),
+        PValue {
+            kind: Some(Kind::StringValue(url.into())),
+        },
+    );
+    s.fields.insert(
+        "style".into(),
+        PValue {
+            kind: Some(Kind::StringValue("characterRefer".into())),
+        },
+    );
+    s.fields.insert(
+        "weight".into(),
+        PValue {
+            kind: Some(Kind::NumberValue(weight)),
+        },
+    );
     s
 }
 
@@ -52,12 +67,21 @@ async fn every_field_maps_to_its_upstream_name() {
     let h = Harness::start().await;
     let mut client = h.client().await;
     let mut ability = Struct::default();
-    ability.fields.insert("anime".into(), PValue { kind: Some(Kind::BoolValue(true)) });
+    ability.fields.insert(
+        "anime".into(),
+        PValue {
+            kind: Some(Kind::BoolValue(true)),
+        },
+    );
     let request = pb::GenerateImageRequest {
         prompt: "été ☀ 雪".into(),
         negative_prompt: "blurry".into(),
         model_id: "34ec1b5a-8962-4a93-b047-68cec9691dc2".into(),
-        resolution: Some(pb::Resolution { width: 1024, height: 1024, batch_size: 4 }),
+        resolution: Some(pb::Resolution {
+            width: 1024,
+            height: 1024,
+            batch_size: 4,
+        }),
         seed: Some(98_969_239_490),
         steps: Some(25),
         cfg: Some(4.5),
@@ -69,12 +93,18 @@ async fn every_field_maps_to_its_upstream_name() {
         high_pixels: Some(true),
         model_ability: Some(ability),
         pony_tags: None,
-        multi_img2img_info: Some(pb::StyleInfo { style_list: vec![style("https://x/a.png", 0.9)] }),
+        multi_img2img_info: Some(pb::StyleInfo {
+            style_list: vec![style("https://x/a.png", 0.9)],
+        }),
         img_control_info: None,
         continue_create: Some(true),
         request_id: String::new(),
     };
-    let created = client.generate_image(authed(TOKEN, request)).await.expect("generate").into_inner();
+    let created = client
+        .generate_image(authed(TOKEN, request))
+        .await
+        .expect("generate")
+        .into_inner();
     assert_eq!(created.seed, 98_969_239_490);
     let body = &h.sim.creates().await[0]["body"];
     assert_eq!(
@@ -100,11 +130,21 @@ async fn unset_seeds_are_fresh_and_random() {
     let mut client = h.client().await;
     let mut seeds = Vec::new();
     for _ in 0..5 {
-        let r = client.generate_image(authed(TOKEN, generate("same"))).await.expect("generate");
+        let r = client
+            .generate_image(authed(TOKEN, generate("same")))
+            .await
+            .expect("generate");
         seeds.push(r.into_inner().seed);
     }
-    let sent: Vec<i64> = h.sim.creates().await.as_array().expect("array").iter()
-        .map(|c| c["body"]["seed"].as_i64().expect("seed")).collect();
+    let sent: Vec<i64> = h
+        .sim
+        .creates()
+        .await
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|c| c["body"]["seed"].as_i64().expect("seed"))
+        .collect();
     assert_eq!(sent, seeds, "the returned seed is the one sent");
     seeds.sort_unstable();
     seeds.dedup();
@@ -115,26 +155,99 @@ async fn unset_seeds_are_fresh_and_random() {
 async fn invalid_requests_name_the_field_and_send_nothing() {
     let h = Harness::start().await;
     let mut client = h.client().await;
-    let res = |w, hgt, b| Some(pb::Resolution { width: w, height: hgt, batch_size: b });
+    let res = |w, hgt, b| {
+        Some(pb::Resolution {
+            width: w,
+            height: hgt,
+            batch_size: b,
+        })
+    };
     let cases: Vec<(pb::GenerateImageRequest, &str)> = vec![
         (generate(""), "prompt"),
         (generate("   "), "prompt"),
         (generate(&"x".repeat(4001)), "prompt"),
-        (pb::GenerateImageRequest { resolution: res(0, 0, 5), ..generate("p") }, "resolution.batch_size"),
-        (pb::GenerateImageRequest { resolution: res(0, 0, -1), ..generate("p") }, "resolution.batch_size"),
-        (pb::GenerateImageRequest { resolution: res(-5, 0, 0), ..generate("p") }, "resolution.width"),
-        (pb::GenerateImageRequest { resolution: res(0, 5000, 0), ..generate("p") }, "resolution.height"),
-        (pb::GenerateImageRequest { resolution: res(10, 0, 0), ..generate("p") }, "resolution.width"),
-        (pb::GenerateImageRequest { steps: Some(0), ..generate("p") }, "steps"),
-        (pb::GenerateImageRequest { cfg: Some(f64::NAN), ..generate("p") }, "cfg"),
-        (pb::GenerateImageRequest { denoise: Some(1.5), ..generate("p") }, "denoise"),
-        (pb::GenerateImageRequest { seed: Some(-1), ..generate("p") }, "seed"),
-        (pb::GenerateImageRequest { request_id: "r".repeat(129), ..generate("p") }, "request_id"),
+        (
+            pb::GenerateImageRequest {
+                resolution: res(0, 0, 5),
+                ..generate("p")
+            },
+            "resolution.batch_size",
+        ),
+        (
+            pb::GenerateImageRequest {
+                resolution: res(0, 0, -1),
+                ..generate("p")
+            },
+            "resolution.batch_size",
+        ),
+        (
+            pb::GenerateImageRequest {
+                resolution: res(-5, 0, 0),
+                ..generate("p")
+            },
+            "resolution.width",
+        ),
+        (
+            pb::GenerateImageRequest {
+                resolution: res(0, 5000, 0),
+                ..generate("p")
+            },
+            "resolution.height",
+        ),
+        (
+            pb::GenerateImageRequest {
+                resolution: res(10, 0, 0),
+                ..generate("p")
+            },
+            "resolution.width",
+        ),
+        (
+            pb::GenerateImageRequest {
+                steps: Some(0),
+                ..generate("p")
+            },
+            "steps",
+        ),
+        (
+            pb::GenerateImageRequest {
+                cfg: Some(f64::NAN),
+                ..generate("p")
+            },
+            "cfg",
+        ),
+        (
+            pb::GenerateImageRequest {
+                denoise: Some(1.5),
+                ..generate("p")
+            },
+            "denoise",
+        ),
+        (
+            pb::GenerateImageRequest {
+                seed: Some(-1),
+                ..generate("p")
+            },
+            "seed",
+        ),
+        (
+            pb::GenerateImageRequest {
+                request_id: "r".repeat(129),
+                ..generate("p")
+            },
+            "request_id",
+        ),
     ];
     for (request, field) in cases {
-        let status = client.generate_image(authed(TOKEN, request)).await.expect_err("invalid");
+        let status = client
+            .generate_image(authed(TOKEN, request))
+            .await
+            .expect_err("invalid");
         assert_status(&status, Code::InvalidArgument, "INVALID_REQUEST");
-        assert!(status.message().starts_with(field), "{field}: {}", status.message());
+        assert!(
+            status.message().starts_with(field),
+            "{field}: {}",
+            status.message()
+        );
         let details = status.get_error_details();
         let violations = &details.bad_request().expect("BadRequest").field_violations;
         assert_eq!(violations[0].field, field);
@@ -147,22 +260,36 @@ async fn resolution_zero_fields_take_defaults_individually() {
     let h = Harness::start().await;
     let mut client = h.client().await;
     let request = pb::GenerateImageRequest {
-        resolution: Some(pb::Resolution { width: 512, height: 0, batch_size: 0 }),
+        resolution: Some(pb::Resolution {
+            width: 512,
+            height: 0,
+            batch_size: 0,
+        }),
         ..generate("p")
     };
-    client.generate_image(authed(TOKEN, request)).await.expect("generate");
+    client
+        .generate_image(authed(TOKEN, request))
+        .await
+        .expect("generate");
     let body = &h.sim.creates().await[0]["body"];
-    assert_eq!(body["resolution"], json!({"width": 512, "height": 768, "batch_size": 1}));
+    assert_eq!(
+        body["resolution"],
+        json!({"width": 512, "height": 768, "batch_size": 1})
+    );
 }
 
 #[tokio::test]
 async fn missing_token_is_unauthenticated_before_any_upstream_call() {
     let h = Harness::start().await;
     let mut client = h.client().await;
-    let status = client.generate_image(generate("p")).await.expect_err("no token");
+    let status = client
+        .generate_image(generate("p"))
+        .await
+        .expect_err("no token");
     assert_status(&status, Code::Unauthenticated, "TOKEN_MISSING");
     let mut bad = authed("x", generate("p"));
-    bad.metadata_mut().insert("authorization", "Bearer ".parse().expect("ascii"));
+    bad.metadata_mut()
+        .insert("authorization", "Bearer ".parse().expect("ascii"));
     let status = client.generate_image(bad).await.expect_err("empty token");
     assert_status(&status, Code::Unauthenticated, "TOKEN_MALFORMED");
     assert_eq!(h.sim.stat("create_calls").await, 0);
@@ -176,11 +303,22 @@ async fn bare_token_and_default_token_are_used() {
     let server = Server::start(config, sim.url()).await;
     let mut client = server.client().await;
     // No metadata: the default token creates the job...
-    let mark_id = client.generate_image(generate("p")).await.expect("default token").into_inner().mark_id;
+    let mark_id = client
+        .generate_image(generate("p"))
+        .await
+        .expect("default token")
+        .into_inner()
+        .mark_id;
     // ...so the same account sees it with the bare token, another does not.
-    let mut bare = tonic::Request::new(pb::CheckImageRequest { mark_id: mark_id.clone() });
-    bare.metadata_mut().insert("authorization", "server-default".parse().expect("ascii"));
-    client.check_image(bare).await.expect("bare token sees its job");
+    let mut bare = tonic::Request::new(pb::CheckImageRequest {
+        mark_id: mark_id.clone(),
+    });
+    bare.metadata_mut()
+        .insert("authorization", "server-default".parse().expect("ascii"));
+    client
+        .check_image(bare)
+        .await
+        .expect("bare token sees its job");
     let status = client
         .check_image(authed(OTHER_TOKEN, pb::CheckImageRequest { mark_id }))
         .await
@@ -189,20 +327,38 @@ async fn bare_token_and_default_token_are_used() {
 }
 
 fn with_id(prompt: &str, id: &str) -> pb::GenerateImageRequest {
-    pb::GenerateImageRequest { request_id: id.into(), ..generate(prompt) }
+    pb::GenerateImageRequest {
+        request_id: id.into(),
+        ..generate(prompt)
+    }
 }
 
 #[tokio::test]
 async fn request_id_dedupes_per_token() {
     let h = Harness::start().await;
     let mut client = h.client().await;
-    let first = client.generate_image(authed(TOKEN, with_id("p", "req-1"))).await.expect("first").into_inner();
-    let retry = client.generate_image(authed(TOKEN, with_id("p", "req-1"))).await.expect("retry").into_inner();
-    assert_eq!(first, retry, "a retry returns the first call's mark id and seed");
+    let first = client
+        .generate_image(authed(TOKEN, with_id("p", "req-1")))
+        .await
+        .expect("first")
+        .into_inner();
+    let retry = client
+        .generate_image(authed(TOKEN, with_id("p", "req-1")))
+        .await
+        .expect("retry")
+        .into_inner();
+    assert_eq!(
+        first, retry,
+        "a retry returns the first call's mark id and seed"
+    );
     assert_eq!(h.sim.stat("create_calls").await, 1);
 
     // Another account with the same request_id is another generation.
-    let other = client.generate_image(authed(OTHER_TOKEN, with_id("p", "req-1"))).await.expect("other").into_inner();
+    let other = client
+        .generate_image(authed(OTHER_TOKEN, with_id("p", "req-1")))
+        .await
+        .expect("other")
+        .into_inner();
     assert_ne!(other.mark_id, first.mark_id);
     assert_eq!(h.sim.stat("create_calls").await, 2);
 
@@ -224,11 +380,21 @@ async fn concurrent_calls_with_one_request_id_share_one_create() {
     let client = h.client().await;
     let calls = (0..10).map(|_| {
         let mut client = client.clone();
-        tokio::spawn(async move { client.generate_image(authed(TOKEN, with_id("p", "same"))).await })
+        tokio::spawn(async move {
+            client
+                .generate_image(authed(TOKEN, with_id("p", "same")))
+                .await
+        })
     });
     let mut ids = Vec::new();
     for call in calls {
-        ids.push(call.await.expect("join").expect("generate").into_inner().mark_id);
+        ids.push(
+            call.await
+                .expect("join")
+                .expect("generate")
+                .into_inner()
+                .mark_id,
+        );
     }
     ids.dedup();
     assert_eq!(ids.len(), 1, "all callers share the first outcome");
@@ -238,11 +404,19 @@ async fn concurrent_calls_with_one_request_id_share_one_create() {
 #[tokio::test]
 async fn a_failed_create_is_not_remembered() {
     let h = Harness::start().await;
-    h.sim.script(json!([{"endpoint": "create", "http_status": 503, "body": "busy"}])).await;
+    h.sim
+        .script(json!([{"endpoint": "create", "http_status": 503, "body": "busy"}]))
+        .await;
     let mut client = h.client().await;
-    let status = client.generate_image(authed(TOKEN, with_id("p", "r"))).await.expect_err("503");
+    let status = client
+        .generate_image(authed(TOKEN, with_id("p", "r")))
+        .await
+        .expect_err("503");
     assert_eq!(status.code(), Code::Unavailable);
-    let created = client.generate_image(authed(TOKEN, with_id("p", "r"))).await.expect("retry creates");
+    let created = client
+        .generate_image(authed(TOKEN, with_id("p", "r")))
+        .await
+        .expect("retry creates");
     assert!(!created.into_inner().mark_id.is_empty());
     assert_eq!(h.sim.stat("create_calls").await, 2);
 }
@@ -250,9 +424,14 @@ async fn a_failed_create_is_not_remembered() {
 #[tokio::test]
 async fn generate_is_never_retried_upstream() {
     let h = Harness::start().await;
-    h.sim.script(json!([{"endpoint": "create", "http_status": 502, "body": "bad gateway"}])).await;
+    h.sim
+        .script(json!([{"endpoint": "create", "http_status": 502, "body": "bad gateway"}]))
+        .await;
     let mut client = h.client().await;
-    let status = client.generate_image(authed(TOKEN, generate("p"))).await.expect_err("502");
+    let status = client
+        .generate_image(authed(TOKEN, generate("p")))
+        .await
+        .expect_err("502");
     assert_status(&status, Code::Unavailable, "UPSTREAM_UNAVAILABLE");
     assert_eq!(h.sim.stat("create_calls").await, 1);
 }

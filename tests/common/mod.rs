@@ -238,7 +238,11 @@ pub fn generate(prompt: &str) -> pb::GenerateImageRequest {
 }
 
 /// Starts one job and returns its mark id.
-pub async fn start_job(client: &mut ImageServiceClient<Channel>, token: &str, prompt: &str) -> String {
+pub async fn start_job(
+    client: &mut ImageServiceClient<Channel>,
+    token: &str,
+    prompt: &str,
+) -> String {
     client
         .generate_image(authed(token, generate(prompt)))
         .await

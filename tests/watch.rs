@@ -1,0 +1,277 @@
+//! WatchImage end to end: the stream's shape, terminal states, deadlines,
+//! heartbeats, retries through upstream trouble, and token isolation.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use piclumen_grpc::pb::{self, JobState};
+use serde_json::json;
+use tonic::Code;
+
+#[tokio::test]
+async fn watch_streams_each_change_and_ends_ok_on_success() {
+    let h = Harness::start().await;
+    let mut client = h.client().await;
+    let request = pb::GenerateImageRequest {
+        resolution: Some(pb::Resolution {
+            width: 0,
+            height: 0,
+            batch_size: 3,
+        }),
+        ..generate("a magical landscape [sim:nsfw]")
+    };
+    let mark_id = client
+        .generate_image(authed(TOKEN, request))
+        .await
+        .expect("generate")
+        .into_inner()
+        .mark_id;
+    let (messages, end) = collect_watch(&mut client, TOKEN, &mark_id).await;
+    end.expect("stream ends OK");
+    let states = states(&messages);
+    assert_eq!(states.first(), Some(&JobState::Pending), "{states:?}");
+    assert_eq!(states.last(), Some(&JobState::Succeeded), "{states:?}");
+    assert!(states.contains(&JobState::Running), "{states:?}");
+    // Only changes are sent: no two messages alike, none a heartbeat.
+    for pair in messages.windows(2) {
+        assert_ne!(pair[0].job, pair[1].job);
+    }
+    assert!(messages.iter().all(|m| !m.heartbeat));
+    let pending: Vec<i32> = messages
+        .iter()
+        .filter_map(|m| m.job.as_ref())
+        .filter(|j| j.state() == JobState::Pending)
+        .map(|j| j.queue_position)
+        .collect();
+    assert!(
+        pending.windows(2).all(|w| w[0] > w[1]),
+        "queue falls: {pending:?}"
+    );
+    let last = messages.last().and_then(|m| m.job.clone()).expect("job");
+    assert_eq!(last.mark_id, mark_id);
+    assert_eq!(last.upstream_status, "success");
+    assert_eq!(last.images.len(), 3);
+    for image in &last.images {
+        assert!(image.url.starts_with("https://") && image.url.contains(&mark_id));
+        assert_eq!((image.width, image.height), (1344, 768));
+        assert!(image.nsfw);
+    }
+}
+
+#[tokio::test]
+async fn watch_ends_ok_on_failure() {
+    let h = Harness::start().await;
+    let mut client = h.client().await;
+    let mark_id = start_job(&mut client, TOKEN, "doomed [sim:fail]").await;
+    let (messages, end) = collect_watch(&mut client, TOKEN, &mark_id).await;
+    end.expect("a failed job still ends the stream OK");
+    let last = messages.last().and_then(|m| m.job.clone()).expect("job");
+    assert_eq!(last.state(), JobState::Failed);
+    assert_eq!(last.upstream_status, "failed");
+    assert!(last.images.is_empty());
+}
+
+#[tokio::test]
+async fn check_image_follows_the_job() {
+    let h = Harness::start().await;
+    let mut client = h.client().await;
+    let mark_id = start_job(&mut client, TOKEN, "p").await;
+    let check = |id: &str| authed(TOKEN, pb::CheckImageRequest { mark_id: id.into() });
+    let job = client
+        .check_image(check(&mark_id))
+        .await
+        .expect("check")
+        .into_inner()
+        .job
+        .expect("job");
+    assert_eq!(job.state(), JobState::Pending);
+    assert!(job.queue_position > 0);
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let job = client
+        .check_image(check(&mark_id))
+        .await
+        .expect("check")
+        .into_inner()
+        .job
+        .expect("job");
+    assert_eq!(job.state(), JobState::Succeeded);
+    assert_eq!(job.images.len(), 1);
+}
+
+#[tokio::test]
+async fn tokens_never_see_each_others_jobs() {
+    let h = Harness::start().await;
+    let mut client = h.client().await;
+    let mark_id = start_job(&mut client, TOKEN, "private").await;
+    let (messages, end) = collect_watch(&mut client, OTHER_TOKEN, &mark_id).await;
+    assert!(messages.is_empty(), "nothing of A's job reaches B");
+    assert_status(
+        &end.expect_err("B cannot watch A's job"),
+        Code::NotFound,
+        "JOB_NOT_FOUND",
+    );
+    let (messages, end) = collect_watch(&mut client, TOKEN, &mark_id).await;
+    end.expect("A watches its own job");
+    assert_eq!(states(&messages).last(), Some(&JobState::Succeeded));
+}
+
+#[tokio::test]
+async fn cancelling_a_watch_stops_its_polling() {
+    let mut sim = sim_config();
+    sim.job_duration = Duration::from_secs(30);
+    let h = Harness::with(sim, server_config()).await;
+    let mut client = h.client().await;
+    let mark_id = start_job(&mut client, TOKEN, "long").await;
+    let mut stream = client
+        .watch_image(authed(TOKEN, pb::WatchImageRequest { mark_id }))
+        .await
+        .expect("watch")
+        .into_inner();
+    stream.message().await.expect("first").expect("message");
+    // Polled every 200 ms while watched...
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(h.sim.stat("status_calls").await >= 3);
+    drop(stream);
+    // ...and not at all once the caller is gone (one round to notice).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after_cancel = h.sim.stat("status_calls").await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        h.sim.stat("status_calls").await,
+        after_cancel,
+        "polling stopped"
+    );
+}
+
+#[tokio::test]
+async fn max_watch_time_ends_with_deadline_exceeded() {
+    let mut sim = sim_config();
+    sim.job_duration = Duration::from_secs(30);
+    let mut config = server_config();
+    config.service.max_watch = Duration::from_millis(600);
+    let h = Harness::with(sim, config).await;
+    let mut client = h.client().await;
+    let mark_id = start_job(&mut client, TOKEN, "long").await;
+    let (messages, end) = collect_watch(&mut client, TOKEN, &mark_id).await;
+    assert!(!messages.is_empty());
+    let status = end.expect_err("max watch");
+    assert_status(&status, Code::DeadlineExceeded, "DEADLINE_EXCEEDED");
+    assert!(status.message().contains("maximum watch time"));
+}
+
+#[tokio::test]
+async fn caller_deadline_ends_a_watch_with_deadline_exceeded() {
+    let mut sim = sim_config();
+    sim.job_duration = Duration::from_secs(30);
+    let h = Harness::with(sim, server_config()).await;
+    let mut client = h.client().await;
+    let mark_id = start_job(&mut client, TOKEN, "long").await;
+    let mut request = authed(TOKEN, pb::WatchImageRequest { mark_id });
+    request.set_timeout(Duration::from_millis(700));
+    let started = std::time::Instant::now();
+    let mut stream = client
+        .watch_image(request)
+        .await
+        .expect("watch")
+        .into_inner();
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("stream ended OK before the job did"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn quiet_watches_get_heartbeats() {
+    let mut sim = sim_config();
+    sim.job_duration = Duration::from_secs(30);
+    let mut config = server_config();
+    config.service.heartbeat = Duration::from_millis(300);
+    let h = Harness::with(sim, config).await;
+    let mut client = h.client().await;
+    let mark_id = start_job(&mut client, TOKEN, "long").await;
+    let mut stream = client
+        .watch_image(authed(TOKEN, pb::WatchImageRequest { mark_id }))
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = stream.message().await.expect("first").expect("message");
+    assert!(!first.heartbeat, "the first message is the state itself");
+    // The queue index changes over 12 s; within ~1 s we see heartbeats that
+    // repeat the current state.
+    let mut heartbeats = 0;
+    let mut last = first.job.clone();
+    for _ in 0..4 {
+        let m = stream.message().await.expect("next").expect("message");
+        if m.heartbeat {
+            heartbeats += 1;
+            assert_eq!(m.job, last, "a heartbeat repeats the latest state");
+        }
+        last = m.job.clone();
+    }
+    assert!(heartbeats >= 3, "got {heartbeats} heartbeats");
+}
+
+#[tokio::test]
+async fn watch_rides_out_transient_upstream_trouble() {
+    let sim = Sim::start(sim_config()).await;
+    let mut upstream = client_config(sim.url());
+    upstream.timeout = Duration::from_millis(300);
+    let upstream = piclumen_grpc::upstream::Client::new(&upstream).expect("client");
+    let server = Server::start_with_client(server_config(), upstream).await;
+    let mut client = server.client().await;
+    let mark_id = start_job(&mut client, TOKEN, "p").await;
+    sim.script(json!([
+        {"endpoint": "status", "http_status": 503, "body": "busy", "times": 2},
+        {"endpoint": "status", "http_status": 429, "body": "{}", "headers": {"Retry-After": "1"}},
+        {"endpoint": "status", "delay_ms": 1000},
+        {"endpoint": "status", "reset": true, "http_status": 200, "body": "{"}
+    ]))
+    .await;
+    let (messages, end) = collect_watch(&mut client, TOKEN, &mark_id).await;
+    end.expect("the watch recovers and ends OK");
+    assert_eq!(states(&messages).last(), Some(&JobState::Succeeded));
+    assert_eq!(
+        sim.stat("scripted_faults").await,
+        5,
+        "every fault was met and retried"
+    );
+}
+
+#[tokio::test]
+async fn a_long_outage_ends_watches_with_unavailable() {
+    let mut sim = sim_config();
+    sim.job_duration = Duration::from_secs(30);
+    let mut config = server_config();
+    config.hub.failure_budget = Duration::from_millis(800);
+    let h = Harness::with(sim, config).await;
+    let mut client = h.client().await;
+    let mark_id = start_job(&mut client, TOKEN, "p").await;
+    h.sim
+        .script(json!([{"endpoint": "status", "http_status": 502, "body": "down", "times": 1000}]))
+        .await;
+    let (_, end) = collect_watch(&mut client, TOKEN, &mark_id).await;
+    let status = end.expect_err("outage");
+    assert_status(&status, Code::Unavailable, "UPSTREAM_UNAVAILABLE");
+    assert!(status.message().contains("502"), "{}", status.message());
+}
+
+#[tokio::test]
+async fn watch_of_a_rejected_token_is_unauthenticated() {
+    let mut sim = sim_config();
+    sim.tokens = vec![TOKEN.into()];
+    let h = Harness::with(sim, server_config()).await;
+    let mut client = h.client().await;
+    let (_, end) = collect_watch(&mut client, "intruder", "any-id").await;
+    assert_status(
+        &end.expect_err("rejected"),
+        Code::Unauthenticated,
+        "TOKEN_REJECTED",
+    );
+}
