@@ -145,6 +145,8 @@ struct Slot {
     polled_at: Option<Instant>,
     /// A call asking for it is under way.
     in_flight: bool,
+    /// Polled as a newcomer: the round right after may skip it.
+    newcomer: bool,
 }
 
 impl Slot {
@@ -153,6 +155,7 @@ impl Slot {
             tx,
             polled_at: None,
             in_flight: false,
+            newcomer: false,
         }
     }
 
@@ -210,7 +213,12 @@ impl Poller {
                     }
                     // Let newcomers arriving together share one call.
                     tokio::time::sleep(config.gather).await;
-                    for batch in self.take_batches(config, |slot| slot.polled_at.is_none()) {
+                    let newcomers = self.take_batches(config, |slot| {
+                        let new = slot.polled_at.is_none();
+                        slot.newcomer |= new;
+                        new
+                    });
+                    for batch in newcomers {
                         self.send(&hub, &mut calls, batch);
                     }
                 }
@@ -220,12 +228,15 @@ impl Poller {
                         self.send(&hub, &mut calls, batch);
                         next_send += spacing;
                     } else {
-                        // A new round: every watched job not asked for
-                        // within half an interval (newcomers just were).
+                        // A new round: every watched job, but newcomers
+                        // polled within the last half interval.
                         let half = config.poll_interval / 2;
                         round = self
                             .take_batches(config, |slot| {
-                                slot.polled_at.is_none_or(|at| at.elapsed() >= half)
+                                let skip = slot.newcomer
+                                    && slot.polled_at.is_some_and(|at| at.elapsed() < half);
+                                slot.newcomer = false;
+                                !skip
                             })
                             .into();
                         let n = round.len().max(1) as u32;
@@ -252,7 +263,11 @@ impl Poller {
 
     /// Drops unwatched jobs, then splits the wanted ones into even batches
     /// of at most `batch_max` ids, marking them in flight.
-    fn take_batches(&self, config: &HubConfig, want: impl Fn(&Slot) -> bool) -> Vec<Vec<String>> {
+    fn take_batches(
+        &self,
+        config: &HubConfig,
+        mut want: impl FnMut(&mut Slot) -> bool,
+    ) -> Vec<Vec<String>> {
         let mut jobs = lock(&self.jobs);
         forget_unwatched(&mut jobs);
         let mut ids: Vec<String> = Vec::new();

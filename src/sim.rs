@@ -214,7 +214,7 @@ async fn gate(sim: &Sim, endpoint: &str, headers: &HeaderMap) -> Result<String, 
         return Err((code, "upstream trouble (simulated)").into_response());
     }
     let allowed = !token.is_empty()
-        && (sim.config.tokens.is_empty() || sim.config.tokens.iter().any(|t| *t == token));
+        && (sim.config.tokens.is_empty() || sim.config.tokens.contains(&token));
     if !allowed {
         sim.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
         return Err(reject(StatusCode::UNAUTHORIZED, "Unauthorized"));
