@@ -111,6 +111,13 @@ pub struct ServeArgs {
     /// process exits anyway.
     #[arg(long, env = "PICLUMEN_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// Most concurrent calls (HTTP/2 streams) on one client connection.
+    #[arg(
+        long,
+        env = "PICLUMEN_MAX_STREAMS_PER_CONNECTION",
+        default_value_t = 1024
+    )]
+    pub max_streams_per_connection: u32,
     /// Serve Prometheus metrics over HTTP on this address (off when unset).
     #[arg(long, env = "PICLUMEN_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,

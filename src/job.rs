@@ -97,3 +97,23 @@ pub struct JobStatus {
     /// Piclumen's prompt id, when known.
     pub prompt_id: String,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_never_prints() {
+        let token = Token::new("  secret-value ").expect("token");
+        assert_eq!(token.expose(), "secret-value");
+        assert!(!format!("{token:?} {token}").contains("secret"));
+        assert!(Token::new("   ").is_none());
+    }
+
+    #[test]
+    fn states_map_and_unknown_is_kept_apart() {
+        assert_eq!(JobState::from_upstream("success"), JobState::Succeeded);
+        assert_eq!(JobState::from_upstream("exploded"), JobState::Unknown);
+        assert!(JobState::Failed.is_terminal() && !JobState::Unknown.is_terminal());
+    }
+}

@@ -100,6 +100,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             failure_budget: args.failure_budget,
         },
         drain_timeout: args.drain_timeout,
+        max_streams_per_connection: args.max_streams_per_connection,
     };
     let listener = TcpListener::bind(listen)
         .await

@@ -29,6 +29,8 @@ pub struct ServerConfig {
     pub hub: HubConfig,
     /// Longest wait for in-flight calls at shutdown.
     pub drain_timeout: Duration,
+    /// Most concurrent streams (calls) one HTTP/2 connection may open.
+    pub max_streams_per_connection: u32,
 }
 
 /// Why the server stopped abnormally.
@@ -75,6 +77,7 @@ pub async fn run(
     let stop_accepting = CancellationToken::new();
     let router = Server::builder()
         .tcp_nodelay(true)
+        .max_concurrent_streams(Some(config.max_streams_per_connection))
         // Pings keep long WatchImage streams alive through proxies and find
         // dead peers.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))

@@ -71,6 +71,19 @@ struct CallToken {
 }
 
 impl CallToken {
+    /// An upstream failure as this call's error: a timeout cut short by the
+    /// caller's own deadline is reported as such.
+    fn upstream_at(&self, source: UpstreamError, deadline: Option<Instant>) -> Error {
+        match source {
+            UpstreamError::Timeout(_) if deadline.is_some_and(|d| Instant::now() >= d) => {
+                Error::DeadlineExceeded(
+                    "the caller's deadline ran out before Piclumen answered".into(),
+                )
+            }
+            source => self.upstream(source),
+        }
+    }
+
     fn upstream(&self, source: UpstreamError) -> Error {
         Error::Upstream {
             source,
@@ -196,7 +209,7 @@ impl ImageService for ImageServiceImpl {
                 .create(&token.token, &payload, deadline)
                 .await
                 .map(|mark_id| Created { mark_id, seed })
-                .map_err(|e| token.upstream(e))
+                .map_err(|e| token.upstream_at(e, deadline))
         };
         let created = if req.request_id.is_empty() {
             create.await
@@ -331,7 +344,7 @@ impl ImageServiceImpl {
             .client
             .batch_status(&call.token, &ids, deadline)
             .await
-            .map_err(|e| call.upstream(e))?;
+            .map_err(|e| call.upstream_at(e, deadline))?;
         let [mark_id] = ids;
         statuses
             .into_iter()
@@ -344,5 +357,23 @@ fn watch_response(status: &JobStatus, heartbeat: bool) -> pb::WatchImageResponse
     pb::WatchImageResponse {
         job: Some(convert::to_proto_job(status)),
         heartbeat,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_every_unit() {
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_grpc_timeout("100u"), Some(Duration::from_micros(100)));
+        assert_eq!(parse_grpc_timeout("1n"), Some(Duration::from_nanos(1)));
+        assert_eq!(parse_grpc_timeout("3M"), Some(Duration::from_secs(180)));
+        for bad in ["", "S", "5", "5x", "123456789S", "-1S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
     }
 }

@@ -213,8 +213,8 @@ async fn gate(sim: &Sim, endpoint: &str, headers: &HeaderMap) -> Result<String, 
         let code = codes[rand::random_range(0..codes.len())];
         return Err((code, "upstream trouble (simulated)").into_response());
     }
-    let allowed = !token.is_empty()
-        && (sim.config.tokens.is_empty() || sim.config.tokens.contains(&token));
+    let allowed =
+        !token.is_empty() && (sim.config.tokens.is_empty() || sim.config.tokens.contains(&token));
     if !allowed {
         sim.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
         return Err(reject(StatusCode::UNAUTHORIZED, "Unauthorized"));

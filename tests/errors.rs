@@ -256,7 +256,7 @@ async fn caller_deadline_bounds_the_upstream_call() {
     request.set_timeout(Duration::from_millis(400));
     let started = std::time::Instant::now();
     let status = client.generate_image(request).await.expect_err("deadline");
-    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert_status(&status, Code::DeadlineExceeded, "DEADLINE_EXCEEDED");
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "answered at the deadline, not after the upstream"
@@ -270,7 +270,7 @@ async fn caller_deadline_bounds_the_upstream_call() {
     );
     request.set_timeout(Duration::from_millis(400));
     let status = client.check_image(request).await.expect_err("deadline");
-    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert_status(&status, Code::DeadlineExceeded, "DEADLINE_EXCEEDED");
 }
 
 #[tokio::test]

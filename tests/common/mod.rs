@@ -50,6 +50,7 @@ pub fn server_config() -> ServerConfig {
             failure_budget: Duration::from_secs(5),
         },
         drain_timeout: Duration::from_secs(5),
+        max_streams_per_connection: 1024,
     }
 }
 

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Generates the client stubs of every language from proto/, with pinned tools:
+#   Go      buf generate with local protoc-gen-go / protoc-gen-go-grpc -> clients/go/gen
+#   Python  grpcio-tools                                               -> clients/python/gen
+#   Java    protobuf-maven-plugin (protoc and grpc-java from Maven)    -> clients/java/target
+#   Node    nothing: @grpc/proto-loader reads proto/ at run time
+# Usage: clients/generate.sh   (installs the tools into .tools/ first)
+set -euo pipefail
+source "$(dirname "$0")/../scripts/tools.sh"
+install_tools
+
+cd "$ROOT/clients/go"
+rm -rf gen
+buf generate "$ROOT/proto" --template buf.gen.yaml
+
+cd "$ROOT/clients/python"
+rm -rf gen && mkdir gen
+"$TOOLS/venv/bin/python" -m grpc_tools.protoc -I "$ROOT/proto" \
+  --python_out=gen --grpc_python_out=gen --pyi_out=gen \
+  "$ROOT/proto/piclumen/v1/image_service.proto"
+
+cd "$ROOT/clients/java"
+mvn -q -B generate-sources
+
+echo "stubs generated"

@@ -1,0 +1,113 @@
+// Command client runs the piclumen.v1 scenario from Go: GenerateImage,
+// WatchImage (printing each state), CheckImage, and a rejected token.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"time"
+
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	piclumenv1 "piclumen-client/gen/piclumen/v1"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "FAIL:", err)
+		os.Exit(1)
+	}
+	fmt.Println("go client: OK")
+}
+
+func run() error {
+	addr := envOr("PICLUMEN_ADDR", "localhost:50051")
+	token := envOr("PICLUMEN_TOKEN", "demo-token")
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	client := piclumenv1.NewImageServiceClient(conn)
+
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	authed := metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+token)
+
+	created, err := client.GenerateImage(authed, &piclumenv1.GenerateImageRequest{
+		Prompt:     "a lighthouse at dawn",
+		Resolution: &piclumenv1.Resolution{BatchSize: 2},
+	})
+	if err != nil {
+		return fmt.Errorf("GenerateImage: %w", err)
+	}
+	fmt.Printf("mark_id=%s seed=%d\n", created.GetMarkId(), created.GetSeed())
+
+	stream, err := client.WatchImage(authed, &piclumenv1.WatchImageRequest{MarkId: created.GetMarkId()})
+	if err != nil {
+		return fmt.Errorf("WatchImage: %w", err)
+	}
+	var last *piclumenv1.ImageJob
+	for {
+		update, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return fmt.Errorf("WatchImage stream: %w", err)
+		}
+		last = update.GetJob()
+		fmt.Printf("state=%s queue=%d\n", last.GetState(), last.GetQueuePosition())
+	}
+	if last.GetState() != piclumenv1.JobState_JOB_STATE_SUCCEEDED {
+		return fmt.Errorf("watch ended in %s", last.GetState())
+	}
+
+	checked, err := client.CheckImage(authed, &piclumenv1.CheckImageRequest{MarkId: created.GetMarkId()})
+	if err != nil {
+		return fmt.Errorf("CheckImage: %w", err)
+	}
+	images := checked.GetJob().GetImages()
+	if checked.GetJob().GetState() != piclumenv1.JobState_JOB_STATE_SUCCEEDED || len(images) != 2 {
+		return fmt.Errorf("CheckImage: want SUCCEEDED with 2 images, got %v", checked.GetJob())
+	}
+	for _, image := range images {
+		if image.GetUrl() == "" {
+			return errors.New("CheckImage: image without URL")
+		}
+		fmt.Println("image:", image.GetUrl())
+	}
+
+	badCtx := metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer not-a-valid-token")
+	_, err = client.GenerateImage(badCtx, &piclumenv1.GenerateImageRequest{Prompt: "x"})
+	st := status.Convert(err)
+	if st.Code() != codes.Unauthenticated {
+		return fmt.Errorf("bad token: want UNAUTHENTICATED, got %v", err)
+	}
+	reason := ""
+	for _, detail := range st.Details() {
+		if info, ok := detail.(*errdetails.ErrorInfo); ok {
+			reason = info.GetReason()
+		}
+	}
+	if reason != "TOKEN_REJECTED" {
+		return fmt.Errorf("bad token: want ErrorInfo reason TOKEN_REJECTED, got %q", reason)
+	}
+	fmt.Printf("bad token: %s reason=%s\n", st.Code(), reason)
+	return nil
+}
+
+func envOr(name, fallback string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return fallback
+}

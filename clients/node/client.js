@@ -1,0 +1,118 @@
+// The piclumen.v1 scenario from Node.js: GenerateImage, WatchImage (printing
+// each state), CheckImage, and a rejected token with its ErrorInfo reason.
+'use strict';
+
+const path = require('node:path');
+const assert = require('node:assert/strict');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+const protobuf = require('protobufjs');
+
+const PROTO_ROOT = path.resolve(__dirname, '../../proto');
+const definition = protoLoader.loadSync('piclumen/v1/image_service.proto', {
+  includeDirs: [PROTO_ROOT],
+  keepCase: true,
+  longs: String,
+  enums: String,
+  defaults: true,
+});
+const { ImageService } = grpc.loadPackageDefinition(definition).piclumen.v1;
+
+// google.rpc.Status and ErrorInfo, enough to read the error details that
+// arrive in the `grpc-status-details-bin` trailer.
+const rpc = protobuf.Root.fromJSON({
+  nested: {
+    google: {
+      nested: {
+        rpc: {
+          nested: {
+            Status: {
+              fields: {
+                code: { type: 'int32', id: 1 },
+                message: { type: 'string', id: 2 },
+                details: { rule: 'repeated', type: 'Any', id: 3 },
+              },
+            },
+            Any: { fields: { type_url: { type: 'string', id: 1 }, value: { type: 'bytes', id: 2 } } },
+            ErrorInfo: {
+              fields: {
+                reason: { type: 'string', id: 1 },
+                domain: { type: 'string', id: 2 },
+                metadata: { keyType: 'string', type: 'string', id: 3 },
+              },
+            },
+          },
+        },
+      },
+    },
+  },
+});
+
+function errorInfoReason(error) {
+  const [raw] = error.metadata.get('grpc-status-details-bin');
+  const status = rpc.lookupType('google.rpc.Status').decode(raw);
+  const info = status.details.find((d) => d.type_url.endsWith('/google.rpc.ErrorInfo'));
+  return info && rpc.lookupType('google.rpc.ErrorInfo').decode(info.value).reason;
+}
+
+function call(client, method, request, metadata) {
+  return new Promise((resolve, reject) => {
+    client[method](request, metadata, { deadline: Date.now() + 30_000 }, (err, reply) =>
+      err ? reject(err) : resolve(reply),
+    );
+  });
+}
+
+function watch(client, request, metadata) {
+  return new Promise((resolve, reject) => {
+    let last;
+    const stream = client.WatchImage(request, metadata, { deadline: Date.now() + 60_000 });
+    stream.on('data', (update) => {
+      last = update.job;
+      console.log(`state=${last.state} queue=${last.queue_position}`);
+    });
+    stream.on('error', reject);
+    stream.on('end', () => resolve(last));
+  });
+}
+
+async function main() {
+  const addr = process.env.PICLUMEN_ADDR || 'localhost:50051';
+  const token = process.env.PICLUMEN_TOKEN || 'demo-token';
+  const client = new ImageService(addr, grpc.credentials.createInsecure());
+  const auth = new grpc.Metadata();
+  auth.set('authorization', `Bearer ${token}`);
+
+  const created = await call(client, 'GenerateImage', {
+    prompt: 'a lighthouse at dawn',
+    resolution: { batch_size: 2 },
+  }, auth);
+  console.log(`mark_id=${created.mark_id} seed=${created.seed}`);
+
+  const last = await watch(client, { mark_id: created.mark_id }, auth);
+  assert.equal(last.state, 'JOB_STATE_SUCCEEDED');
+
+  const { job } = await call(client, 'CheckImage', { mark_id: created.mark_id }, auth);
+  assert.equal(job.state, 'JOB_STATE_SUCCEEDED');
+  assert.equal(job.images.length, 2);
+  for (const image of job.images) {
+    assert.ok(image.url);
+    console.log(`image: ${image.url}`);
+  }
+
+  const bad = new grpc.Metadata();
+  bad.set('authorization', 'Bearer not-a-valid-token');
+  await assert.rejects(call(client, 'GenerateImage', { prompt: 'x' }, bad), (error) => {
+    assert.equal(error.code, grpc.status.UNAUTHENTICATED);
+    assert.equal(errorInfoReason(error), 'TOKEN_REJECTED');
+    console.log(`bad token: UNAUTHENTICATED reason=${errorInfoReason(error)}`);
+    return true;
+  });
+  client.close();
+  console.log('node client: OK');
+}
+
+main().catch((error) => {
+  console.error('FAIL:', error);
+  process.exit(1);
+});
