@@ -21,6 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     fs::write(out.join("piclumen_descriptor.bin"), fds.encode_to_vec())?;
 
     tonic_prost_build::configure()
+        .codec_path("crate::codec::LeanCodec")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

@@ -156,6 +156,9 @@ pub struct SimArgs {
     /// Time from create to a finished job (40% queued, then running).
     #[arg(long, env = "PICLUMEN_SIM_JOB_DURATION", default_value = "6s", value_parser = humantime::parse_duration)]
     pub job_duration: Duration,
+    /// Each job's duration varies randomly by up to this fraction (0 to 1).
+    #[arg(long, env = "PICLUMEN_SIM_JOB_JITTER", default_value_t = 0.0, value_parser = rate)]
+    pub job_jitter: f64,
     /// Delay added to every API reply.
     #[arg(long, env = "PICLUMEN_SIM_LATENCY", default_value = "0ms", value_parser = humantime::parse_duration)]
     pub latency: Duration,

@@ -143,8 +143,8 @@ struct Slot {
     tx: watch::Sender<Snapshot>,
     /// When the last answer for it arrived.
     polled_at: Option<Instant>,
-    /// A call asking for it is under way.
-    in_flight: bool,
+    /// When a call last asked for it.
+    sent_at: Option<Instant>,
     /// Polled as a newcomer: the round right after may skip it.
     newcomer: bool,
 }
@@ -154,7 +154,7 @@ impl Slot {
         Self {
             tx,
             polled_at: None,
-            in_flight: false,
+            sent_at: None,
             newcomer: false,
         }
     }
@@ -190,18 +190,26 @@ impl Poller {
     async fn run(self: Arc<Self>, hub: Arc<Inner>) {
         let config = &hub.config;
         let mut calls: JoinSet<CallResult> = JoinSet::new();
-        // The current round's batches, sent one every `spacing`.
-        let mut round: VecDeque<Vec<String>> = VecDeque::new();
+        // The current round's batches, oldest first, sent one every
+        // `spacing`, or earlier when a batch's oldest job falls due: when
+        // finished jobs leave, the later batches move up rather than wait
+        // longer than an interval.
+        let mut round: VecDeque<Batch> = VecDeque::new();
         let mut spacing = Duration::ZERO;
-        let mut next_send = Instant::now();
+        let mut round_start = Instant::now();
+        let mut sent_in_round: u32 = 0;
         let mut next_round = Instant::now() + config.poll_interval;
         let mut retry = Retry::new();
         loop {
             let resume = retry.paused_until.unwrap_or_else(Instant::now);
-            let next_event = if round.is_empty() {
-                next_round
-            } else {
-                next_send
+            let next_event = match round.front() {
+                None => next_round,
+                Some(batch) => {
+                    let by_position = round_start + spacing * sent_in_round;
+                    batch
+                        .due(config.poll_interval)
+                        .map_or(by_position, |due| due.min(by_position))
+                }
             }
             .max(resume);
             tokio::select! {
@@ -214,19 +222,18 @@ impl Poller {
                     // Let newcomers arriving together share one call.
                     tokio::time::sleep(config.gather).await;
                     let newcomers = self.take_batches(config, |slot| {
-                        let new = slot.polled_at.is_none();
+                        let new = slot.sent_at.is_none();
                         slot.newcomer |= new;
                         new
                     });
                     for batch in newcomers {
-                        self.send(&hub, &mut calls, batch);
+                        self.send(&hub, &mut calls, batch.ids);
                     }
                 }
                 () = sleep_until(next_event), if calls.len() < 64 => {
                     if let Some(batch) = round.pop_front() {
-                        let batch = self.still_watched(batch);
-                        self.send(&hub, &mut calls, batch);
-                        next_send += spacing;
+                        self.send(&hub, &mut calls, batch.ids);
+                        sent_in_round += 1;
                     } else {
                         // A new round: every watched job, but newcomers
                         // polled within the last half interval.
@@ -234,15 +241,16 @@ impl Poller {
                         round = self
                             .take_batches(config, |slot| {
                                 let skip = slot.newcomer
-                                    && slot.polled_at.is_some_and(|at| at.elapsed() < half);
+                                    && slot.sent_at.is_some_and(|at| at.elapsed() < half);
                                 slot.newcomer = false;
                                 !skip
                             })
                             .into();
                         let n = round.len().max(1) as u32;
                         spacing = config.poll_interval / n;
-                        next_send = Instant::now();
-                        next_round = next_send + config.poll_interval;
+                        round_start = Instant::now();
+                        sent_in_round = 0;
+                        next_round = round_start + config.poll_interval;
                         let jobs = lock(&self.jobs).len();
                         metrics::counter!("piclumen_hub_rounds_total").increment(1);
                         debug!(jobs, calls = round.len(), "poll round");
@@ -262,40 +270,52 @@ impl Poller {
     }
 
     /// Drops unwatched jobs, then splits the wanted ones into even batches
-    /// of at most `batch_max` ids, marking them in flight.
+    /// of at most `batch_max` ids, longest unasked first.
     fn take_batches(
         &self,
         config: &HubConfig,
         mut want: impl FnMut(&mut Slot) -> bool,
-    ) -> Vec<Vec<String>> {
+    ) -> Vec<Batch> {
         let mut jobs = lock(&self.jobs);
         forget_unwatched(&mut jobs);
-        let mut ids: Vec<String> = Vec::new();
-        for (id, slot) in jobs.iter_mut() {
-            if !slot.in_flight && want(slot) {
-                slot.in_flight = true;
-                ids.push(id.clone());
-            }
-        }
-        let calls = ids.len().div_ceil(config.batch_max.max(1));
+        let mut wanted: Vec<(Option<Instant>, String)> = jobs
+            .iter_mut()
+            .filter_map(|(id, slot)| want(slot).then(|| (slot.sent_at, id.clone())))
+            .collect();
+        // Oldest first keeps each job's place in the round from one round to
+        // the next, so it is asked for about once per interval, never early
+        // in one round and late in the next.
+        wanted.sort_unstable();
+        let calls = wanted.len().div_ceil(config.batch_max.max(1));
         if calls == 0 {
             return Vec::new();
         }
-        let per_call = ids.len().div_ceil(calls);
-        ids.chunks(per_call).map(<[String]>::to_vec).collect()
-    }
-
-    /// Keeps only ids someone still watches, at the moment of sending.
-    fn still_watched(&self, batch: Vec<String>) -> Vec<String> {
-        let mut jobs = lock(&self.jobs);
-        forget_unwatched(&mut jobs);
-        batch
-            .into_iter()
-            .filter(|id| jobs.contains_key(id))
+        let per_call = wanted.len().div_ceil(calls);
+        wanted
+            .chunks(per_call)
+            .map(|chunk| Batch {
+                oldest: chunk[0].0,
+                ids: chunk.iter().map(|(_, id)| id.clone()).collect(),
+            })
             .collect()
     }
 
-    fn send(&self, hub: &Arc<Inner>, calls: &mut JoinSet<CallResult>, batch: Vec<String>) {
+    /// Sends one batch-status call for the ids still watched, stamping them.
+    fn send(&self, hub: &Arc<Inner>, calls: &mut JoinSet<CallResult>, ids: Vec<String>) {
+        let batch: Vec<String> = {
+            let mut jobs = lock(&self.jobs);
+            forget_unwatched(&mut jobs);
+            let now = Instant::now();
+            ids.into_iter()
+                .filter(|id| match jobs.get_mut(id) {
+                    Some(slot) => {
+                        slot.sent_at = Some(now);
+                        true
+                    }
+                    None => false,
+                })
+                .collect()
+        };
         if batch.is_empty() {
             return;
         }
@@ -330,7 +350,6 @@ impl Poller {
                     let Some(slot) = jobs.get_mut(&id) else {
                         continue;
                     };
-                    slot.in_flight = false;
                     slot.polled_at = Some(now);
                     let (snapshot, done) = match by_id.remove(&id) {
                         Some(status) => {
@@ -373,11 +392,6 @@ impl Poller {
                 };
                 debug!(%error, ?delay, "transient upstream trouble; backing off");
                 retry.paused_until = Some(now + delay);
-                for id in &ids {
-                    if let Some(slot) = jobs.get_mut(id) {
-                        slot.in_flight = false;
-                    }
-                }
             }
             Err(error) => {
                 warn!(%error, "upstream refused a status call; ending its watches");
@@ -411,6 +425,20 @@ impl Poller {
             tokens.remove(&self.token);
         }
         true
+    }
+}
+
+/// Ids for one call, with when the longest-waiting of them was last asked.
+#[derive(Debug)]
+struct Batch {
+    ids: Vec<String>,
+    oldest: Option<Instant>,
+}
+
+impl Batch {
+    /// When the oldest job is due again; `None` if it was never asked.
+    fn due(&self, interval: Duration) -> Option<Instant> {
+        self.oldest.map(|at| at + interval)
     }
 }
 

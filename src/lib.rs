@@ -3,6 +3,7 @@
 //! # Layout
 //!
 //! - `config`: the command line (clap), every flag with an environment variable.
+//! - `codec`: the prost codec with small per-call buffers.
 //! - `pb`: code generated from `proto/`, and the descriptor set for reflection.
 //! - `server`: the tonic server: service, health, reflection, drain on shutdown.
 //! - `service`: `ImageService`: tokens, deadlines, validation, streams.
@@ -19,6 +20,7 @@
 //! Data flows one way: service -> hub -> upstream.
 
 pub mod cli;
+pub mod codec;
 pub mod config;
 pub mod convert;
 pub mod error;

@@ -120,6 +120,7 @@ async fn run_sim(args: SimArgs) -> Result<(), String> {
     info!("simulator listening on {local}");
     let config = SimConfig {
         job_duration: args.job_duration,
+        job_jitter: args.job_jitter,
         latency: args.latency,
         fail_5xx_rate: args.fail_5xx_rate,
         fail_429_rate: args.fail_429_rate,

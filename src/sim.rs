@@ -6,7 +6,8 @@
 //! `success` with `batch_size` images (or `failed` for prompts containing
 //! `[sim:fail]`). `GET /_sim/stats` counts every request, injected faults
 //! included; `POST /_sim/faults` scripts the next replies; `GET
-//! /_sim/creates` shows the create bodies received.
+//! /_sim/creates` shows the create bodies received; `GET /_sim/jobs` gives
+//! each job's creation time and duration.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -37,6 +38,8 @@ use crate::upstream::{CREATE_PATH, ImageWire, STATUS_PATH, TaskWire};
 pub struct SimConfig {
     /// Time from create to a finished job.
     pub job_duration: Duration,
+    /// Each job's duration varies by up to this fraction either way (0 to 1).
+    pub job_jitter: f64,
     /// Delay added to every API reply.
     pub latency: Duration,
     /// Share of API requests answered with a random 5xx.
@@ -51,6 +54,7 @@ impl Default for SimConfig {
     fn default() -> Self {
         Self {
             job_duration: Duration::from_secs(6),
+            job_jitter: 0.0,
             latency: Duration::ZERO,
             fail_5xx_rate: 0.0,
             fail_429_rate: 0.0,
@@ -102,12 +106,15 @@ struct Stats {
 struct Job {
     token: String,
     created: Instant,
+    duration: Duration,
     batch_size: i64,
     width: i64,
     height: i64,
     fail: bool,
     nsfw: bool,
     prompt_id: String,
+    /// Wall-clock creation time, for measurements across processes.
+    created_unix_ms: u128,
 }
 
 #[derive(Debug, Default)]
@@ -145,6 +152,7 @@ pub fn router(config: SimConfig) -> Router {
         .route("/_sim/stats", get(stats))
         .route("/_sim/faults", post(add_faults))
         .route("/_sim/creates", get(creates))
+        .route("/_sim/jobs", get(jobs))
         .with_state(sim)
 }
 
@@ -289,12 +297,17 @@ async fn create(State(sim): State<Sim>, headers: HeaderMap, body: Bytes) -> Resp
     let job = Job {
         token,
         created: Instant::now(),
+        duration: jittered(sim.config.job_duration, sim.config.job_jitter),
         batch_size: resolution["batch_size"].as_i64().unwrap_or(1).clamp(1, 4),
         width: resolution["width"].as_i64().unwrap_or(1344),
         height: resolution["height"].as_i64().unwrap_or(768),
         fail: prompt.contains("[sim:fail]"),
         nsfw: prompt.contains("[sim:nsfw]"),
         prompt_id: format!("{:016x}", rand::random::<u64>()),
+        created_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis(),
     };
     let mark_id = format!("{:032x}", rand::random::<u128>());
     let mut world = sim.world();
@@ -335,21 +348,28 @@ async fn status(State(sim): State<Sim>, headers: HeaderMap, body: Bytes) -> Resp
     let Ok(ids) = ids else {
         return reject(StatusCode::BAD_REQUEST, "Bad Request");
     };
-    let duration = sim.config.job_duration;
     let world = sim.world();
     let data: Vec<TaskWire> = ids
         .iter()
         .filter_map(|id| {
             let job = world.jobs.get(id).filter(|j| j.token == token)?;
-            Some(task(id, job, duration))
+            Some(task(id, job))
         })
         .collect();
     envelope(json!(data))
 }
 
-fn task(mark_id: &str, job: &Job, duration: Duration) -> TaskWire {
+fn jittered(duration: Duration, jitter: f64) -> Duration {
+    if jitter <= 0.0 {
+        return duration;
+    }
+    let jitter = jitter.min(1.0);
+    duration.mul_f64(1.0 + rand::random_range(-jitter..=jitter))
+}
+
+fn task(mark_id: &str, job: &Job) -> TaskWire {
     let elapsed = job.created.elapsed().as_secs_f64();
-    let total = duration.as_secs_f64();
+    let total = job.duration.as_secs_f64();
     let queued = total * 0.4;
     let mut wire = TaskWire {
         mark_id: mark_id.to_owned(),
@@ -409,6 +429,26 @@ async fn stats(State(sim): State<Sim>) -> Json<Value> {
 async fn add_faults(State(sim): State<Sim>, Json(faults): Json<Vec<Fault>>) -> StatusCode {
     sim.world().faults.extend(faults);
     StatusCode::NO_CONTENT
+}
+
+/// Every job's creation time (Unix milliseconds) and duration, by mark id:
+/// lets a benchmark tell when the simulator changed a job's state (running
+/// at 40% of the duration, finished at 100%).
+async fn jobs(State(sim): State<Sim>) -> Json<Value> {
+    let world = sim.world();
+    Json(Value::Object(
+        world
+            .jobs
+            .iter()
+            .map(|(id, job)| {
+                let times = json!({
+                    "created_unix_ms": job.created_unix_ms,
+                    "duration_ms": job.duration.as_millis(),
+                });
+                (id.clone(), times)
+            })
+            .collect(),
+    ))
 }
 
 async fn creates(State(sim): State<Sim>) -> Json<Value> {

@@ -1,0 +1,323 @@
+//! WatchImage at scale: N concurrent watches through a real `piclumen-grpc
+//! serve` against a real `piclumen-grpc sim`, both child processes on
+//! loopback. Reports upstream calls per round, ids per call, change-to-
+//! delivery latency (p50/p99), the server's peak RSS and CPU per round.
+//!
+//! `cargo bench --bench watch_scale -- --watches 10000` (see BENCHMARKS.md).
+//! A measurement, not a test: it asserts nothing about timing.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use clap::Parser;
+use piclumen_grpc::pb::{self, JobState, image_service_client::ImageServiceClient};
+use tonic::{Request, transport::Channel};
+
+const BIN: &str = env!("CARGO_BIN_EXE_piclumen-grpc");
+const TOKEN: &str = "bench-token";
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Concurrent watches (one job each).
+    #[arg(long, default_value_t = 1000)]
+    watches: usize,
+    /// Server poll interval.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    poll_interval: Duration,
+    /// Server batch size.
+    #[arg(long, default_value_t = 50)]
+    batch_max: usize,
+    /// Simulated job duration; long enough for every watch to be open at once.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    job_duration: Duration,
+    /// Client connections the watches are spread over.
+    #[arg(long, default_value_t = 20)]
+    connections: usize,
+    /// Ignored (cargo bench passes --bench).
+    #[arg(long)]
+    bench: bool,
+}
+
+struct Proc(Child, String);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(args: &[&str]) -> Proc {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("PICLUMEN_LOG", "warn,piclumen_grpc=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines.next().expect("process exited").expect("read");
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.split_whitespace().next().expect("addr").to_owned();
+        }
+    };
+    // Keep draining stderr so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Proc(child, addr)
+}
+
+/// A `/proc/PID/status` figure in KiB (`VmRSS`, `VmHWM`).
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// (peak RSS in KiB, CPU seconds) of a process, from /proc.
+fn usage(pid: u32) -> (u64, f64) {
+    let hwm = status_kib(pid, "VmHWM:");
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
+        f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
+    });
+    (hwm, ticks / 100.0) // USER_HZ is 100 on Linux
+}
+
+async fn sim_stats(http: &reqwest::Client, sim: &str) -> (u64, u64) {
+    let body = http
+        .get(format!("http://{sim}/_sim/stats"))
+        .send()
+        .await
+        .expect("stats")
+        .text()
+        .await
+        .expect("stats body");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    (
+        v["status_calls"].as_u64().unwrap_or(0),
+        v["status_ids"].as_u64().unwrap_or(0),
+    )
+}
+
+fn authed<T>(message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {TOKEN}").parse().expect("ascii"),
+    );
+    request
+}
+
+fn unix_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let job = humantime::format_duration(args.job_duration).to_string();
+    let sim = spawn(&[
+        "sim",
+        "--listen",
+        "127.0.0.1:0",
+        "--job-duration",
+        &job,
+        "--job-jitter",
+        "0.2",
+    ]);
+    let interval = humantime::format_duration(args.poll_interval).to_string();
+    let batch = args.batch_max.to_string();
+    let max_watches = (args.watches + 100).to_string();
+    let server = spawn(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream-url",
+        &format!("http://{}", sim.1),
+        "--poll-interval",
+        &interval,
+        "--batch-max",
+        &batch,
+        "--max-watches",
+        &max_watches,
+    ]);
+    let server_pid = server.0.id();
+    let (_, cpu_idle) = usage(server_pid);
+    println!(
+        "watches={} poll_interval={interval} batch_max={} job_duration={job}",
+        args.watches, args.batch_max
+    );
+
+    let mut clients = Vec::new();
+    for _ in 0..args.connections {
+        let channel = Channel::from_shared(format!("http://{}", server.1))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        clients.push(ImageServiceClient::new(channel));
+    }
+
+    // Start every job and its watch; each task reports when its job reached
+    // RUNNING and SUCCEEDED, relative to when the simulator switched it.
+    let started = Instant::now();
+    let (first_tx, mut first_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    // Callers start jobs a few hundred at a time, as a fleet of services
+    // would; the watches then all stay open together.
+    let creating = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
+    let mut tasks = Vec::new();
+    for i in 0..args.watches {
+        let mut client = clients[i % clients.len()].clone();
+        let first_tx = first_tx.clone();
+        let creating = creating.clone();
+        tasks.push(tokio::spawn(async move {
+            let permit = creating.acquire_owned().await.expect("semaphore");
+            let created = client
+                .generate_image(authed(pb::GenerateImageRequest {
+                    prompt: format!("bench {i}"),
+                    ..Default::default()
+                }))
+                .await
+                .expect("generate")
+                .into_inner();
+            drop(permit);
+            let mut stream = client
+                .watch_image(authed(pb::WatchImageRequest {
+                    mark_id: created.mark_id.clone(),
+                }))
+                .await
+                .expect("watch")
+                .into_inner();
+            let mut first = true;
+            let mut seen = Vec::new();
+            while let Some(update) = stream.message().await.expect("stream") {
+                if first {
+                    let _ = first_tx.send(());
+                    first = false;
+                }
+                let state = update.job.expect("job").state();
+                // The simulator switches to running at 40% of the job's
+                // duration and to success at 100%, from its creation.
+                let change = match state {
+                    JobState::Running => Some(0.4),
+                    JobState::Succeeded => Some(1.0),
+                    _ => None,
+                };
+                if let Some(change) = change {
+                    seen.push((created.mark_id.clone(), change, unix_ms()));
+                }
+            }
+            seen
+        }));
+    }
+    drop(first_tx);
+    let mut opened = 0;
+    while opened < args.watches && first_rx.recv().await.is_some() {
+        opened += 1;
+    }
+    let all_open = started.elapsed();
+    println!(
+        "all {} watches open with a first state after {:.1}s",
+        args.watches,
+        all_open.as_secs_f64()
+    );
+
+    // Steady state: every watch open, no job finished yet. The first round
+    // after the newcomers' own polls starts one interval in.
+    tokio::time::sleep(args.poll_interval).await;
+    let http = reqwest::Client::new();
+    let window = args.poll_interval * 5;
+    let (c0, i0) = sim_stats(&http, &sim.1).await;
+    let (_, cpu0) = usage(server_pid);
+    tokio::time::sleep(window).await;
+    let (c1, i1) = sim_stats(&http, &sim.1).await;
+    let (_, cpu1) = usage(server_pid);
+    let holding = status_kib(server_pid, "VmRSS:");
+    let rounds = window.as_secs_f64() / args.poll_interval.as_secs_f64();
+    let calls_per_round = (c1 - c0) as f64 / rounds;
+    let ideal = args.watches.div_ceil(args.batch_max);
+    println!(
+        "steady state over {rounds:.0} rounds: {calls_per_round:.1} status calls/round (ceil(N/batch_max) = {ideal}), {:.1} ids/call, {:.0} ids/round",
+        (i1 - i0) as f64 / (c1 - c0).max(1) as f64,
+        (i1 - i0) as f64 / rounds
+    );
+    println!(
+        "server CPU: {:.1} ms per round in steady state ({:.2}s before any load)",
+        (cpu1 - cpu0) * 1000.0 / rounds,
+        cpu_idle
+    );
+
+    let mut seen = Vec::new();
+    for t in tasks {
+        seen.extend(t.await.expect("watch task"));
+    }
+    let body = http
+        .get(format!("http://{}/_sim/jobs", sim.1))
+        .send()
+        .await
+        .expect("jobs")
+        .text()
+        .await
+        .expect("jobs body");
+    let created: serde_json::Value = serde_json::from_str(&body).expect("jobs json");
+    let lag_of = |(id, share, received): &(String, f64, f64)| {
+        let job = &created[id];
+        let at = job["created_unix_ms"].as_f64()? + job["duration_ms"].as_f64()? * share;
+        Some((received - at) / 1000.0)
+    };
+    let mut lags: Vec<f64> = seen.iter().filter_map(lag_of).collect();
+    lags.sort_by(f64::total_cmp);
+    for (name, share) in [("running", 0.4), ("succeeded", 1.0)] {
+        let mut some: Vec<f64> = seen
+            .iter()
+            .filter(|s| s.1 == share)
+            .filter_map(lag_of)
+            .collect();
+        some.sort_by(f64::total_cmp);
+        println!(
+            "  {name}: p50 {:.0} ms, p99 {:.0} ms",
+            percentile(&some, 0.5) * 1000.0,
+            percentile(&some, 0.99) * 1000.0
+        );
+    }
+    let (rss, _) = usage(server_pid);
+    println!(
+        "change-to-delivery over {} changes: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (target p99 < poll interval + 100 ms = {:.0} ms)",
+        lags.len(),
+        percentile(&lags, 0.5) * 1000.0,
+        percentile(&lags, 0.99) * 1000.0,
+        lags.last().copied().unwrap_or(f64::NAN) * 1000.0,
+        args.poll_interval.as_secs_f64() * 1000.0 + 100.0
+    );
+    println!(
+        "server RSS holding all {} watches: {:.1} MiB; peak RSS over the run: {:.1} MiB",
+        args.watches,
+        holding as f64 / 1024.0,
+        rss as f64 / 1024.0
+    );
+    println!("total time {:.1}s", started.elapsed().as_secs_f64());
+}
