@@ -4,9 +4,8 @@
 use std::{future::Future, time::Duration};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
+use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
@@ -76,7 +75,6 @@ pub async fn run(
 
     let stop_accepting = CancellationToken::new();
     let router = Server::builder()
-        .tcp_nodelay(true)
         .max_concurrent_streams(Some(config.max_streams_per_connection))
         // Pings keep long WatchImage streams alive through proxies and find
         // dead peers.
@@ -86,10 +84,13 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(ImageServiceServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES));
-    let serve = router.serve_with_incoming_shutdown(
-        TcpListenerStream::new(listener),
-        stop_accepting.clone().cancelled_owned(),
-    );
+    // Our own listener means the builder's tcp_nodelay does not apply:
+    // set it here, or small replies wait on delayed ACKs (~40 ms).
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)));
+    let serve =
+        router.serve_with_incoming_shutdown(incoming, stop_accepting.clone().cancelled_owned());
     let mut server = tokio::spawn(serve);
 
     tokio::select! {
