@@ -14,6 +14,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_piclumen-grpc");
 struct Running {
     child: Child,
     addr: String,
+    /// Every stderr line seen so far.
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Drop for Running {
@@ -25,32 +27,46 @@ impl Drop for Running {
 
 /// Starts the binary and waits for its `listening on ADDR` log line.
 fn start(args: &[&str]) -> Running {
+    start_with_env(args, &[])
+}
+
+fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Running {
     let mut child = Command::new(BIN)
         .args(args)
         .env_remove("PICLUMEN_TOKEN")
         .env_remove("PORT")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
     let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = mpsc::channel();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = log.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Some(rest) = line.split("listening on ").nth(1) {
                 let addr = rest
-                    .split_whitespace()
+                    .split(|c: char| c.is_whitespace() || c == '"')
                     .next()
                     .unwrap_or_default()
                     .to_owned();
                 let _ = tx.send(addr);
             }
+            sink.lock().expect("log lock").push(line);
         }
     });
     let addr = rx
         .recv_timeout(Duration::from_secs(20))
         .expect("listening line");
-    Running { child, addr }
+    Running { child, addr, log }
+}
+
+impl Running {
+    fn log(&self) -> Vec<String> {
+        self.log.lock().expect("log lock").clone()
+    }
 }
 
 #[test]
@@ -202,5 +218,122 @@ trait JsonValue {
 impl JsonValue for reqwest::Response {
     async fn json_value(self) -> serde_json::Value {
         serde_json::from_str(&self.text().await.expect("text")).expect("json")
+    }
+}
+
+#[test]
+fn sigterm_drains_and_exits_zero() {
+    let mut server = start(&[
+        "serve",
+        "--simulate",
+        "--listen",
+        "127.0.0.1:0",
+        "--drain-timeout",
+        "3s",
+    ]);
+    let status = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let started = std::time::Instant::now();
+    let exit = loop {
+        if let Some(exit) = server.child.try_wait().expect("wait") {
+            break exit;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "exit status {exit:?}");
+    std::thread::sleep(Duration::from_millis(100));
+    let log = server.log().join("\n");
+    assert!(
+        log.contains("SIGTERM received") && log.contains("drained"),
+        "{log}"
+    );
+}
+
+#[test]
+fn simulate_mode_says_so_and_logs_json_on_request() {
+    let server = start(&[
+        "--log-format",
+        "json",
+        "serve",
+        "--simulate",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    let log = server.log();
+    let lines: Vec<serde_json::Value> = log
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("SIMULATION MODE"))),
+        "{log:?}"
+    );
+}
+
+#[test]
+fn port_env_sets_the_listen_address_and_metrics_are_served() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let metrics = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let port_text = port.to_string();
+    let metrics_text = metrics.to_string();
+    let server = start_with_env(
+        &[
+            "serve",
+            "--simulate",
+            "--poll-interval",
+            "200ms",
+            "--sim-job-duration",
+            "500ms",
+            "--metrics-listen",
+            &metrics_text,
+        ],
+        &[("PORT", &port_text)],
+    );
+    assert_eq!(
+        server.addr,
+        format!("0.0.0.0:{port}"),
+        "PORT is honoured when --listen is absent"
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    let output = Command::new(BIN)
+        .args(["generate", "--server", &url, "p", "--wait"])
+        .output()
+        .expect("generate");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let text = runtime.block_on(async {
+        reqwest::get(format!("http://{metrics}/metrics"))
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("body")
+    });
+    for name in [
+        "piclumen_upstream_calls_total",
+        "piclumen_hub_ids_per_call",
+        "piclumen_hub_jobs",
+        "piclumen_hub_watchers",
+    ] {
+        assert!(text.contains(name), "{name} missing from:\n{text}");
     }
 }
