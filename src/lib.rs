@@ -5,6 +5,7 @@
 //! - `config`: the command line (clap), every flag with an environment variable.
 //! - `codec`: the prost codec with small per-call buffers.
 //! - `pb`: code generated from `proto/`, and the descriptor set for reflection.
+//! - `request_id`: `x-request-id` on every call, its responses and log lines.
 //! - `server`: the tonic server: service, health, reflection, drain on shutdown.
 //! - `service`: `ImageService`: tokens, deadlines, validation, streams.
 //! - `convert`: proto <-> domain <-> upstream JSON, with Piclumen's defaults.
@@ -28,6 +29,7 @@ pub mod hub;
 pub mod idempotency;
 pub mod job;
 pub mod pb;
+pub mod request_id;
 pub mod server;
 pub mod service;
 pub mod sim;

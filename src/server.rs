@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use crate::{
     hub::{Hub, HubConfig},
     pb::{self, image_service_server::ImageServiceServer},
+    request_id::RequestIdLayer,
     service::{ImageServiceImpl, ServiceConfig},
     upstream::Client,
 };
@@ -75,6 +76,7 @@ pub async fn run(
 
     let stop_accepting = CancellationToken::new();
     let router = Server::builder()
+        .layer(RequestIdLayer)
         .max_concurrent_streams(Some(config.max_streams_per_connection))
         // Pings keep long WatchImage streams alive through proxies and find
         // dead peers.

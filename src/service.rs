@@ -26,6 +26,7 @@ use crate::{
     idempotency::{Created, IdempotencyStore},
     job::{JobStatus, Token},
     pb::{self, image_service_server::ImageService},
+    request_id::InSpan,
     upstream::{Client, UpstreamError},
 };
 
@@ -293,11 +294,14 @@ impl ImageService for ImageServiceImpl {
                         let done = status.state.is_terminal();
                         last = Some(status);
                         if done {
+                            info!(state = ?last.as_ref().map(|s| s.state), "watch finished");
                             break;
                         }
                     }
                     Snapshot::Ended(error) => {
-                        yield Err(Status::from(call.adopt(error)));
+                        let error = call.adopt(error);
+                        warn!(%error, "watch ended with an error");
+                        yield Err(Status::from(error));
                         break;
                     }
                 }
@@ -326,7 +330,7 @@ impl ImageService for ImageServiceImpl {
                 }
             }
         };
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(InSpan::current(stream))))
     }
 }
 

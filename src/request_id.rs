@@ -1,0 +1,118 @@
+//! `x-request-id`: taken from the caller (or generated when absent or
+//! unusable), echoed in the response headers of unary calls and streams
+//! alike, and recorded on the call's tracing span so every log line of the
+//! call carries it.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use futures_util::Stream;
+use tonic::codegen::http::{HeaderValue, Request, Response};
+use tower::{Layer, Service};
+use tracing::{Instrument, Span, debug, info_span};
+
+/// The metadata key.
+pub const HEADER: &str = "x-request-id";
+/// Longest caller-chosen id kept; longer ones are replaced.
+const MAX_LEN: usize = 128;
+
+/// Adds [`RequestId`] around every service of the server.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestIdLayer;
+
+impl<S> Layer<S> for RequestIdLayer {
+    type Service = RequestId<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RequestId { inner }
+    }
+}
+
+/// See the module docs.
+#[derive(Debug, Clone)]
+pub struct RequestId<S> {
+    inner: S,
+}
+
+impl<S, B, RB> Service<Request<B>> for RequestId<S>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<RB>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<RB>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        let id = request
+            .headers()
+            .get(HEADER)
+            .filter(|v| usable(v.as_bytes()))
+            .cloned()
+            .unwrap_or_else(generate);
+        request.headers_mut().insert(HEADER, id.clone());
+        let span = info_span!(
+            "call",
+            request_id = id.to_str().unwrap_or_default(),
+            method = request.uri().path()
+        );
+        let response = span.in_scope(|| self.inner.call(request));
+        Box::pin(
+            async move {
+                let started = std::time::Instant::now();
+                let mut response = response.await?;
+                response.headers_mut().insert(HEADER, id);
+                debug!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "call answered"
+                );
+                Ok(response)
+            }
+            .instrument(span),
+        )
+    }
+}
+
+fn usable(id: &[u8]) -> bool {
+    !id.is_empty() && id.len() <= MAX_LEN && id.iter().all(u8::is_ascii_graphic)
+}
+
+fn generate() -> HeaderValue {
+    HeaderValue::from_str(&format!("{:032x}", rand::random::<u128>()))
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+/// A stream polled inside a span, so the lines a WatchImage stream logs
+/// long after its handler returned still carry the call's request id.
+#[derive(Debug)]
+pub struct InSpan<S> {
+    span: Span,
+    inner: Pin<Box<S>>,
+}
+
+impl<S> InSpan<S> {
+    /// Polls `inner` within the current span.
+    pub fn current(inner: S) -> Self {
+        Self {
+            span: Span::current(),
+            inner: Box::pin(inner),
+        }
+    }
+}
+
+impl<S: Stream> Stream for InSpan<S> {
+    type Item = S::Item;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        let _entered = this.span.enter();
+        this.inner.as_mut().poll_next(cx)
+    }
+}
