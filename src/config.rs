@@ -111,6 +111,19 @@ pub struct ServeArgs {
     /// process exits anyway.
     #[arg(long, env = "PICLUMEN_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// Most GenerateImage calls in flight per token (beyond: RESOURCE_EXHAUSTED).
+    #[arg(long, env = "PICLUMEN_MAX_GENERATES_PER_TOKEN", default_value_t = 16)]
+    pub max_generates_per_token: usize,
+    /// Largest request message accepted, in bytes.
+    #[arg(long, env = "PICLUMEN_MAX_REQUEST_BYTES", default_value_t = 1024 * 1024)]
+    pub max_request_bytes: usize,
+    /// HTTP/2 ping interval on idle connections (keeps long watches alive
+    /// through load balancers, finds dead peers).
+    #[arg(long, env = "PICLUMEN_HTTP2_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub http2_keepalive_interval: Duration,
+    /// How long a ping may go unanswered before the connection is closed.
+    #[arg(long, env = "PICLUMEN_HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub http2_keepalive_timeout: Duration,
     /// Most concurrent calls (HTTP/2 streams) on one client connection.
     #[arg(
         long,

@@ -91,6 +91,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             max_watch: args.max_watch,
             heartbeat: args.heartbeat,
             max_watches: args.max_watches,
+            max_generates_per_token: args.max_generates_per_token,
             idempotency_ttl: args.idempotency_ttl,
         },
         hub: HubConfig {
@@ -101,6 +102,9 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         },
         drain_timeout: args.drain_timeout,
         max_streams_per_connection: args.max_streams_per_connection,
+        max_request_bytes: args.max_request_bytes,
+        http2_keepalive_interval: args.http2_keepalive_interval,
+        http2_keepalive_timeout: args.http2_keepalive_timeout,
     };
     let listener = TcpListener::bind(listen)
         .await

@@ -17,9 +17,6 @@ use crate::{
     upstream::Client,
 };
 
-/// Largest request message accepted, in bytes.
-const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
-
 /// Everything `run` needs besides the listener.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -31,6 +28,12 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// Most concurrent streams (calls) one HTTP/2 connection may open.
     pub max_streams_per_connection: u32,
+    /// Largest request message, in bytes.
+    pub max_request_bytes: usize,
+    /// HTTP/2 ping interval.
+    pub http2_keepalive_interval: Duration,
+    /// HTTP/2 ping timeout.
+    pub http2_keepalive_timeout: Duration,
 }
 
 /// Why the server stopped abnormally.
@@ -80,12 +83,14 @@ pub async fn run(
         .max_concurrent_streams(Some(config.max_streams_per_connection))
         // Pings keep long WatchImage streams alive through proxies and find
         // dead peers.
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .http2_keepalive_interval(Some(config.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(ImageServiceServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES));
+        .add_service(
+            ImageServiceServer::new(service).max_decoding_message_size(config.max_request_bytes),
+        );
     // Our own listener means the builder's tcp_nodelay does not apply:
     // set it here, or small replies wait on delayed ACKs (~40 ms).
     let incoming = TcpIncoming::from(listener)

@@ -3,9 +3,10 @@
 //! every failure into a `Status` through `crate::error`.
 
 use std::{
+    collections::HashMap,
     hash::{Hash, Hasher},
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -43,6 +44,8 @@ pub struct ServiceConfig {
     pub heartbeat: Duration,
     /// Most WatchImage streams open at once.
     pub max_watches: usize,
+    /// Most GenerateImage calls in flight per token.
+    pub max_generates_per_token: usize,
     /// How long a successful `request_id` is remembered.
     pub idempotency_ttl: Duration,
 }
@@ -60,6 +63,8 @@ struct Inner {
     hub: Hub,
     store: IdempotencyStore,
     watch_slots: Arc<Semaphore>,
+    /// GenerateImage calls in flight, per token.
+    generating: Arc<Mutex<HashMap<Token, usize>>>,
     /// Cancelled when the server starts draining.
     draining: CancellationToken,
 }
@@ -113,6 +118,7 @@ impl ImageServiceImpl {
             inner: Arc::new(Inner {
                 store: IdempotencyStore::new(config.idempotency_ttl),
                 watch_slots: Arc::new(Semaphore::new(config.max_watches)),
+                generating: Arc::default(),
                 config,
                 client,
                 hub,
@@ -199,6 +205,7 @@ impl ImageService for ImageServiceImpl {
     ) -> Result<Response<pb::GenerateImageResponse>, Status> {
         let call = self.admit(request.metadata())?;
         let deadline = call_deadline(request.metadata());
+        let _slot = self.generate_slot(&call.token)?;
         let req = request.into_inner();
         let payload = convert::create_payload(&req, &self.inner.config.limits)?;
         let client = self.inner.client.clone();
@@ -334,7 +341,48 @@ impl ImageService for ImageServiceImpl {
     }
 }
 
+/// One GenerateImage call in flight for a token; frees its place on drop.
+#[derive(Debug)]
+struct GenerateSlot {
+    token: Token,
+    generating: Arc<Mutex<HashMap<Token, usize>>>,
+}
+
+impl Drop for GenerateSlot {
+    fn drop(&mut self) {
+        let mut generating = lock(&self.generating);
+        if let Some(n) = generating.get_mut(&self.token) {
+            *n -= 1;
+            if *n == 0 {
+                generating.remove(&self.token);
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl ImageServiceImpl {
+    /// Takes one of the token's GenerateImage places, so one caller cannot
+    /// flood Piclumen (and spend the account) with parallel generations.
+    fn generate_slot(&self, token: &Token) -> Result<GenerateSlot, Error> {
+        let limit = self.inner.config.max_generates_per_token;
+        let mut generating = lock(&self.inner.generating);
+        let n = generating.entry(token.clone()).or_insert(0);
+        if *n >= limit {
+            return Err(Error::ResourceExhausted(format!(
+                "this token already has {limit} GenerateImage calls in flight; retry when one ends"
+            )));
+        }
+        *n += 1;
+        Ok(GenerateSlot {
+            token: token.clone(),
+            generating: Arc::clone(&self.inner.generating),
+        })
+    }
+
     async fn check_upstream(
         &self,
         call: &CallToken,

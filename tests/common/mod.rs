@@ -41,6 +41,7 @@ pub fn server_config() -> ServerConfig {
             max_watch: Duration::from_secs(60),
             heartbeat: Duration::from_secs(30),
             max_watches: 20_000,
+            max_generates_per_token: 16,
             idempotency_ttl: Duration::from_secs(600),
         },
         hub: HubConfig {
@@ -51,6 +52,9 @@ pub fn server_config() -> ServerConfig {
         },
         drain_timeout: Duration::from_secs(5),
         max_streams_per_connection: 1024,
+        max_request_bytes: 1024 * 1024,
+        http2_keepalive_interval: Duration::from_secs(30),
+        http2_keepalive_timeout: Duration::from_secs(10),
     }
 }
 

@@ -1,0 +1,170 @@
+//! Server limits hold, answer RESOURCE_EXHAUSTED (or the transport's own
+//! refusal), and the server stays healthy past them.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use piclumen_grpc::pb::{self, image_service_client::ImageServiceClient};
+use tonic::Code;
+
+async fn still_healthy(client: &mut ImageServiceClient<tonic::transport::Channel>) {
+    let mark_id = start_job(client, TOKEN, "still fine").await;
+    let (_, end) = collect_watch(client, TOKEN, &mark_id).await;
+    end.expect("the server keeps serving past the limit");
+}
+
+#[tokio::test]
+async fn total_watches_are_capped() {
+    let mut sim = sim_config();
+    sim.job_duration = Duration::from_secs(30);
+    let mut config = server_config();
+    config.service.max_watches = 3;
+    let h = Harness::with(sim, config).await;
+    let mut client = h.client().await;
+    let mark_id = start_job(&mut client, TOKEN, "long").await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let request = authed(
+            TOKEN,
+            pb::WatchImageRequest {
+                mark_id: mark_id.clone(),
+            },
+        );
+        open.push(
+            client
+                .watch_image(request)
+                .await
+                .expect("within the limit")
+                .into_inner(),
+        );
+    }
+    let (_, end) = collect_watch(&mut client, TOKEN, &mark_id).await;
+    let status = end.expect_err("over the limit");
+    assert_status(&status, Code::ResourceExhausted, "SERVER_LIMIT");
+    open.pop();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let request = authed(TOKEN, pb::WatchImageRequest { mark_id });
+    client
+        .watch_image(request)
+        .await
+        .expect("a freed place is reusable");
+}
+
+#[tokio::test]
+async fn generate_calls_in_flight_are_capped_per_token() {
+    let mut sim = sim_config();
+    sim.latency = Duration::from_millis(400);
+    let mut config = server_config();
+    config.service.max_generates_per_token = 2;
+    let h = Harness::with(sim, config).await;
+    let client = h.client().await;
+    let calls: Vec<_> = (0..5)
+        .map(|_| {
+            let mut client = client.clone();
+            tokio::spawn(async move { client.generate_image(authed(TOKEN, generate("p"))).await })
+        })
+        .collect();
+    // Another token is not affected by the first one's limit.
+    let mut other = client.clone();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    other
+        .generate_image(authed(OTHER_TOKEN, generate("p")))
+        .await
+        .expect("other token");
+    let mut ok = 0;
+    for call in calls {
+        match call.await.expect("join") {
+            Ok(_) => ok += 1,
+            Err(status) => assert_status(&status, Code::ResourceExhausted, "SERVER_LIMIT"),
+        }
+    }
+    assert_eq!(ok, 2, "exactly the limit went through");
+    let mut client = client;
+    client
+        .generate_image(authed(TOKEN, generate("p")))
+        .await
+        .expect("places are freed");
+}
+
+#[tokio::test]
+async fn oversized_requests_are_refused() {
+    let mut config = server_config();
+    config.max_request_bytes = 1024;
+    let h = Harness::with(sim_config(), config).await;
+    let mut client = h.client().await;
+    let status = client
+        .generate_image(authed(TOKEN, generate(&"x".repeat(2000))))
+        .await
+        .expect_err("too large");
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(
+        status.message().contains("too large"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(h.sim.stat("create_calls").await, 0);
+    still_healthy(&mut client).await;
+}
+
+#[tokio::test]
+async fn streams_per_connection_are_capped() {
+    let mut sim = sim_config();
+    sim.job_duration = Duration::from_secs(30);
+    let mut config = server_config();
+    config.max_streams_per_connection = 2;
+    let h = Harness::with(sim, config).await;
+    let mut client = h.client().await;
+    let mark_id = start_job(&mut client, TOKEN, "long").await;
+    let watch = |client: &mut ImageServiceClient<_>, timeout: Option<Duration>| {
+        let mut request = authed(
+            TOKEN,
+            pb::WatchImageRequest {
+                mark_id: mark_id.clone(),
+            },
+        );
+        if let Some(timeout) = timeout {
+            request.set_timeout(timeout);
+        }
+        let mut client = client.clone();
+        async move { client.watch_image(request).await }
+    };
+    let mut first = watch(&mut client, None)
+        .await
+        .expect("first stream")
+        .into_inner();
+    let second = watch(&mut client, None)
+        .await
+        .expect("second stream")
+        .into_inner();
+    first.message().await.expect("first").expect("message");
+    // A third stream on the same connection waits for a free place, here
+    // until its deadline...
+    let third = watch(&mut client, Some(Duration::from_millis(500))).await;
+    let code = match third {
+        Err(status) => status.code(),
+        Ok(response) => response
+            .into_inner()
+            .message()
+            .await
+            .err()
+            .map_or(Code::Ok, |s| s.code()),
+    };
+    assert!(
+        matches!(code, Code::DeadlineExceeded | Code::Cancelled),
+        "{code:?}"
+    );
+    // ...while another connection is served at once.
+    let mut fresh = h.client().await;
+    fresh
+        .check_image(authed(
+            TOKEN,
+            pb::CheckImageRequest {
+                mark_id: mark_id.clone(),
+            },
+        ))
+        .await
+        .expect("other connection");
+    drop((first, second));
+}
