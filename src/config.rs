@@ -1,7 +1,7 @@
 //! The command line: one clap struct per subcommand, every flag also an
 //! environment variable. Durations are humantime strings (`300ms`, `2s`).
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -131,6 +131,24 @@ pub struct ServeArgs {
         default_value_t = 1024
     )]
     pub max_streams_per_connection: u32,
+    /// PEM certificate (chain) of the server; turns TLS on, with --tls-key.
+    #[arg(long, env = "PICLUMEN_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of the server certificate.
+    #[arg(long, env = "PICLUMEN_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate: callers must present a certificate it signed
+    /// (mutual TLS). Needs --tls-cert and --tls-key.
+    #[arg(long, env = "PICLUMEN_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// File of accepted caller API keys, one per line (`#` comments allowed);
+    /// callers send one as metadata `x-api-key`.
+    #[arg(long, env = "PICLUMEN_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// Allow a default --token on a non-loopback address without caller
+    /// authentication (anyone reaching the port spends the account's credits).
+    #[arg(long, env = "PICLUMEN_ALLOW_UNAUTHENTICATED")]
+    pub allow_unauthenticated: bool,
     /// Serve Prometheus metrics over HTTP on this address (off when unset).
     #[arg(long, env = "PICLUMEN_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -157,6 +175,29 @@ impl ServeArgs {
             None => DEFAULT_PORT,
         };
         Ok(SocketAddr::from(([0, 0, 0, 0], port)))
+    }
+}
+
+impl ServeArgs {
+    /// Refuses a setup where anyone who reaches the port spends the
+    /// account's credits: a default token on a non-loopback address with no
+    /// caller authentication, unless the operator says so explicitly. The
+    /// simulator's demo token costs nothing and is exempt.
+    pub fn check_exposure(&self, listen: SocketAddr) -> Result<(), String> {
+        let caller_auth = self.api_keys_file.is_some() || self.tls_client_ca.is_some();
+        if self.token.is_some()
+            && !self.simulate
+            && !listen.ip().is_loopback()
+            && !caller_auth
+            && !self.allow_unauthenticated
+        {
+            return Err(format!(
+                "refusing to start: a default --token on {listen} lets anyone who reaches the port \
+                 spend the account's credits; turn on caller authentication (--api-keys-file or \
+                 --tls-client-ca), listen on loopback, or pass --allow-unauthenticated"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -258,4 +299,80 @@ pub struct JobArgs {
     pub client: ClientArgs,
     /// The job's mark id.
     pub mark_id: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(args: &[&str]) -> ServeArgs {
+        let cli = Cli::try_parse_from([&["piclumen-grpc", "serve"], args].concat()).expect("parse");
+        match cli.command {
+            Command::Serve(args) => *args,
+            other => panic!("not serve: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn listen_address_prefers_flag_then_port_then_default() {
+        let explicit = serve(&["--listen", "127.0.0.1:7000"]);
+        assert_eq!(
+            explicit.listen_addr(Some("9000")),
+            Ok("127.0.0.1:7000".parse().expect("addr"))
+        );
+        let none = ServeArgs {
+            listen: None,
+            ..serve(&[])
+        };
+        assert_eq!(
+            none.listen_addr(Some("9000")),
+            Ok("0.0.0.0:9000".parse().expect("addr"))
+        );
+        assert_eq!(
+            none.listen_addr(None),
+            Ok("0.0.0.0:50051".parse().expect("addr"))
+        );
+        assert!(none.listen_addr(Some("http")).is_err());
+    }
+
+    #[test]
+    fn a_default_token_on_an_open_port_needs_caller_auth() {
+        let public: SocketAddr = "0.0.0.0:50051".parse().expect("addr");
+        let loopback: SocketAddr = "127.0.0.1:50051".parse().expect("addr");
+        assert!(serve(&["--token", "t"]).check_exposure(public).is_err());
+        assert!(serve(&["--token", "t"]).check_exposure(loopback).is_ok());
+        assert!(serve(&[]).check_exposure(public).is_ok());
+        assert!(
+            serve(&["--token", "t", "--allow-unauthenticated"])
+                .check_exposure(public)
+                .is_ok()
+        );
+        assert!(
+            serve(&["--token", "t", "--api-keys-file", "k"])
+                .check_exposure(public)
+                .is_ok()
+        );
+        let mtls = [
+            "--token",
+            "t",
+            "--tls-cert",
+            "c",
+            "--tls-key",
+            "k",
+            "--tls-client-ca",
+            "ca",
+        ];
+        assert!(serve(&mtls).check_exposure(public).is_ok());
+        assert!(
+            serve(&["--token", "t", "--simulate"])
+                .check_exposure(public)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn tls_flags_come_in_pairs() {
+        assert!(Cli::try_parse_from(["piclumen-grpc", "serve", "--tls-cert", "c"]).is_err());
+        assert!(Cli::try_parse_from(["piclumen-grpc", "serve", "--tls-client-ca", "ca"]).is_err());
+    }
 }

@@ -27,6 +27,12 @@ pub enum Error {
         "no Piclumen token: send metadata `authorization: Bearer <token>` (the server has no default token)"
     )]
     MissingToken,
+    /// Caller authentication is on and the call has no `x-api-key`.
+    #[error("this server requires an API key: send metadata `x-api-key`")]
+    ApiKeyMissing,
+    /// The `x-api-key` is not one of the server's keys.
+    #[error("the API key in `x-api-key` is not valid")]
+    ApiKeyInvalid,
     /// The `authorization` metadata is not a usable token.
     #[error("malformed `authorization` metadata: expected `Bearer <token>` or the bare token")]
     MalformedToken,
@@ -77,6 +83,8 @@ impl From<Error> for Status {
                 (Code::InvalidArgument, "INVALID_REQUEST")
             }
             Error::MissingToken => (Code::Unauthenticated, "TOKEN_MISSING"),
+            Error::ApiKeyMissing => (Code::Unauthenticated, "API_KEY_MISSING"),
+            Error::ApiKeyInvalid => (Code::Unauthenticated, "API_KEY_INVALID"),
             Error::MalformedToken => (Code::Unauthenticated, "TOKEN_MALFORMED"),
             Error::NotFound { mark_id } => {
                 details.set_resource_info("piclumen.v1.ImageJob", mark_id.clone(), "", "");

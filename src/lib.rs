@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //!
+//! - `auth`: caller authentication (API keys) and TLS settings.
 //! - `config`: the command line (clap), every flag with an environment variable.
 //! - `codec`: the prost codec with small per-call buffers.
 //! - `pb`: code generated from `proto/`, and the descriptor set for reflection.
@@ -20,6 +21,7 @@
 //!
 //! Data flows one way: service -> hub -> upstream.
 
+pub mod auth;
 pub mod cli;
 pub mod codec;
 pub mod config;

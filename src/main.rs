@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use piclumen_grpc::{
+    auth::{self, ApiKeys},
     cli,
     config::{Cli, Command, ServeArgs, SimArgs},
     convert::Limits,
@@ -45,6 +46,18 @@ async fn main() -> ExitCode {
 
 async fn serve(args: ServeArgs) -> Result<(), String> {
     let listen = args.listen_addr(std::env::var("PORT").ok().as_deref())?;
+    args.check_exposure(listen)?;
+    let api_keys = args
+        .api_keys_file
+        .as_deref()
+        .map(ApiKeys::load)
+        .transpose()?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            Some(auth::server_tls(cert, key, args.tls_client_ca.as_deref())?)
+        }
+        _ => None,
+    };
     let mut upstream_url = args.upstream_url.clone();
     let mut default_token = args.token.as_deref().and_then(Token::new);
     if args.simulate {
@@ -83,6 +96,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let config = ServerConfig {
         service: ServiceConfig {
             default_token,
+            api_keys,
             limits: Limits {
                 min_dimension: args.min_dimension,
                 max_dimension: args.max_dimension,
@@ -105,12 +119,20 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         max_request_bytes: args.max_request_bytes,
         http2_keepalive_interval: args.http2_keepalive_interval,
         http2_keepalive_timeout: args.http2_keepalive_timeout,
+        tls,
     };
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
-    info!(upstream = %upstream_url, "listening on {local}");
+    info!(
+        upstream = %upstream_url,
+        tls = args.tls_cert.is_some(),
+        mutual_tls = args.tls_client_ca.is_some(),
+        api_keys = args.api_keys_file.is_some(),
+        default_token = config.service.default_token.is_some(),
+        "listening on {local}"
+    );
     server::run(config, client, listener, shutdown_signal())
         .await
         .map_err(|e| e.to_string())

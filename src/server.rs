@@ -5,7 +5,7 @@ use std::{future::Future, time::Duration};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::transport::{Server, ServerTlsConfig, server::TcpIncoming};
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
 
@@ -34,6 +34,8 @@ pub struct ServerConfig {
     pub http2_keepalive_interval: Duration,
     /// HTTP/2 ping timeout.
     pub http2_keepalive_timeout: Duration,
+    /// TLS (and mutual TLS) settings; plaintext when `None`.
+    pub tls: Option<ServerTlsConfig>,
 }
 
 /// Why the server stopped abnormally.
@@ -78,7 +80,11 @@ pub async fn run(
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let stop_accepting = CancellationToken::new();
-    let router = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = config.tls.clone() {
+        builder = builder.tls_config(tls)?;
+    }
+    let router = builder
         .layer(RequestIdLayer)
         .max_concurrent_streams(Some(config.max_streams_per_connection))
         // Pings keep long WatchImage streams alive through proxies and find

@@ -21,6 +21,7 @@ use tonic::{Request, Response, Status, metadata::MetadataMap};
 use tracing::{info, warn};
 
 use crate::{
+    auth::{API_KEY_HEADER, ApiKeys},
     convert::{self, Limits},
     error::Error,
     hub::{Hub, Snapshot},
@@ -36,6 +37,8 @@ use crate::{
 pub struct ServiceConfig {
     /// Token used when a call carries none.
     pub default_token: Option<Token>,
+    /// When set, every call must carry one of these in `x-api-key`.
+    pub api_keys: Option<ApiKeys>,
     /// Request bounds.
     pub limits: Limits,
     /// Longest a WatchImage stream stays open.
@@ -130,6 +133,9 @@ impl ImageServiceImpl {
     fn admit(&self, metadata: &MetadataMap) -> Result<CallToken, Error> {
         if self.inner.draining.is_cancelled() {
             return Err(Error::ShuttingDown);
+        }
+        if let Some(keys) = &self.inner.config.api_keys {
+            keys.check(metadata.get(API_KEY_HEADER).map(|v| v.as_bytes()))?;
         }
         let Some(value) = metadata.get("authorization") else {
             return self

@@ -37,6 +37,7 @@ pub fn server_config() -> ServerConfig {
     ServerConfig {
         service: ServiceConfig {
             default_token: None,
+            api_keys: None,
             limits: Limits::default(),
             max_watch: Duration::from_secs(60),
             heartbeat: Duration::from_secs(30),
@@ -55,6 +56,7 @@ pub fn server_config() -> ServerConfig {
         max_request_bytes: 1024 * 1024,
         http2_keepalive_interval: Duration::from_secs(30),
         http2_keepalive_timeout: Duration::from_secs(10),
+        tls: None,
     }
 }
 
