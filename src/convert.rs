@@ -328,5 +328,12 @@ pub fn mark_id(value: &str) -> Result<String, Error> {
             format!("longer than {MAX_NAME_CHARS} bytes"),
         ));
     }
+    if id.chars().any(char::is_control) {
+        // Echoed as sent: the caller sees exactly which id was refused.
+        return Err(invalid(
+            "mark_id",
+            format!("contains control characters: {id}"),
+        ));
+    }
     Ok(id.to_owned())
 }

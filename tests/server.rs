@@ -175,6 +175,61 @@ async fn shutdown_drains_unary_calls_ends_watches_and_flips_health() {
         .expect("watch")
         .into_inner();
     watch.message().await.expect("first").expect("message");
+    // 200 more watches over other connections, each waiting for its end.
+    let mut others = Vec::new();
+    for i in 0..200 {
+        if i % 50 == 0 {
+            others.push(h.client().await);
+        }
+    }
+    let mut ending = Vec::new();
+    for i in 0..200 {
+        let mut c = others[i % others.len()].clone();
+        let id = start_job(&mut c, TOKEN, "long").await;
+        let mut stream = c
+            .watch_image(authed(TOKEN, pb::WatchImageRequest { mark_id: id }))
+            .await
+            .expect("watch")
+            .into_inner();
+        stream.message().await.expect("first").expect("message");
+        ending.push(tokio::spawn(async move {
+            loop {
+                match stream.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return None,
+                    Err(status) => return Some(status),
+                }
+            }
+        }));
+    }
+    // A bounded unary load running through the drain.
+    let load: Vec<_> = others
+        .iter()
+        .map(|c| {
+            let mut c = c.clone();
+            tokio::spawn(async move {
+                let mut codes = Vec::new();
+                for _ in 0..200 {
+                    let request = authed(
+                        TOKEN,
+                        pb::CheckImageRequest {
+                            mark_id: "x".into(),
+                        },
+                    );
+                    let code = c
+                        .check_image(request)
+                        .await
+                        .map_or_else(|s| s.code(), |_| Code::Ok);
+                    codes.push(code);
+                    if code == Code::Unavailable {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                codes
+            })
+        })
+        .collect();
 
     // A unary call in flight when the drain starts still completes.
     h.sim
@@ -198,6 +253,22 @@ async fn shutdown_drains_unary_calls_ends_watches_and_flips_health() {
         }
     };
     assert_status(&status, Code::Unavailable, "SHUTTING_DOWN");
+    for ended in ending {
+        let status = ended
+            .await
+            .expect("join")
+            .expect("each watch gets a final status");
+        assert_status(&status, Code::Unavailable, "SHUTTING_DOWN");
+    }
+    for codes in load {
+        // NOT_FOUND is the load's normal answer; then UNAVAILABLE once refused.
+        for code in codes.await.expect("join") {
+            assert!(
+                matches!(code, Code::NotFound | Code::Unavailable),
+                "{code:?}"
+            );
+        }
+    }
     assert_eq!(
         health_watch
             .message()

@@ -1,0 +1,298 @@
+//! Upstream faults as WatchImage meets them: transient trouble is ridden
+//! out, anything else ends the watch with the same code a unary call gets;
+//! plus chaos (20% random 5xx/429) and protocol edge cases.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use piclumen_grpc::pb::{self, JobState};
+use serde_json::{Value, json};
+use tonic::Code;
+
+enum Outcome {
+    /// The watch recovers and ends OK with SUCCEEDED.
+    Recovers,
+    /// The watch ends with this code and reason.
+    Ends(Code, &'static str),
+}
+
+fn watch_cases() -> Vec<(&'static str, Value, Outcome)> {
+    use Outcome::*;
+    let body = |b: &str| json!({"http_status": 200, "body": b});
+    vec![
+        (
+            "400",
+            json!({"http_status": 400, "body": "bad"}),
+            Ends(Code::InvalidArgument, "UPSTREAM_BAD_REQUEST"),
+        ),
+        (
+            "401",
+            json!({"http_status": 401, "body": "{}"}),
+            Ends(Code::Unauthenticated, "TOKEN_REJECTED"),
+        ),
+        (
+            "403",
+            json!({"http_status": 403, "body": "{}"}),
+            Ends(Code::PermissionDenied, "PERMISSION_DENIED"),
+        ),
+        (
+            "404",
+            json!({"http_status": 404, "body": "gone"}),
+            Ends(Code::Internal, "UPSTREAM_HTTP_ERROR"),
+        ),
+        (
+            "429 Retry-After",
+            json!({"http_status": 429, "body": "{}", "headers": {"Retry-After": "1"}, "times": 2}),
+            Recovers,
+        ),
+        (
+            "429 bare",
+            json!({"http_status": 429, "body": "{}", "times": 2}),
+            Recovers,
+        ),
+        (
+            "500",
+            json!({"http_status": 500, "body": "x", "times": 2}),
+            Recovers,
+        ),
+        (
+            "502",
+            json!({"http_status": 502, "body": "x", "times": 2}),
+            Recovers,
+        ),
+        (
+            "503",
+            json!({"http_status": 503, "body": "x", "times": 2}),
+            Recovers,
+        ),
+        (
+            "504",
+            json!({"http_status": 504, "body": "x", "times": 2}),
+            Recovers,
+        ),
+        (
+            "reset mid-body",
+            json!({"reset": true, "http_status": 200, "body": "{\"st", "times": 2}),
+            Recovers,
+        ),
+        (
+            "slower than the upstream timeout",
+            json!({"delay_ms": 1500}),
+            Recovers,
+        ),
+        (
+            "non-JSON",
+            body("<html>oops</html>"),
+            Ends(Code::Internal, "UPSTREAM_BAD_REPLY"),
+        ),
+        (
+            "wrong shape",
+            body("{\"status\":0,\"data\":{\"markId\":1}}"),
+            Ends(Code::Internal, "UPSTREAM_BAD_REPLY"),
+        ),
+        (
+            "envelope status",
+            body("{\"status\":500,\"message\":\"maintenance\"}"),
+            Ends(Code::FailedPrecondition, "UPSTREAM_REJECTED"),
+        ),
+        (
+            "empty data",
+            body("{\"status\":0,\"data\":[]}"),
+            Ends(Code::NotFound, "JOB_NOT_FOUND"),
+        ),
+        (
+            "null data",
+            body("{\"status\":0,\"data\":null}"),
+            Ends(Code::NotFound, "JOB_NOT_FOUND"),
+        ),
+        (
+            "id missing",
+            body("{\"status\":0,\"data\":[{\"markId\":\"other\",\"status\":\"running\"}]}"),
+            Ends(Code::NotFound, "JOB_NOT_FOUND"),
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_meets_each_upstream_fault() {
+    let sim = Sim::start(sim_config()).await;
+    let mut upstream = client_config(sim.url());
+    upstream.timeout = Duration::from_millis(500);
+    let upstream = piclumen_grpc::upstream::Client::new(&upstream).expect("client");
+    let server = Server::start_with_client(server_config(), upstream).await;
+    let mut client = server.client().await;
+    for (name, fault, outcome) in watch_cases() {
+        let mark_id = start_job(&mut client, TOKEN, name).await;
+        let mut fault = fault;
+        fault["endpoint"] = json!("status");
+        sim.script(json!([fault])).await;
+        let (messages, end) = collect_watch(&mut client, TOKEN, &mark_id).await;
+        match outcome {
+            Outcome::Recovers => {
+                end.unwrap_or_else(|s| panic!("{name}: the watch should recover, got {s:?}"));
+                assert_eq!(
+                    states(&messages).last(),
+                    Some(&JobState::Succeeded),
+                    "{name}"
+                );
+            }
+            Outcome::Ends(code, reason) => {
+                let status = end.expect_err(name);
+                assert_eq!(status.code(), code, "{name}: {status:?}");
+                assert_status(&status, code, reason);
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn success_without_images_and_unknown_states_pass_through() {
+    let h = Harness::start().await;
+    let mut client = h.client().await;
+    let mark_id = start_job(&mut client, TOKEN, "p").await;
+    let entry = |status: &str| {
+        format!(
+            "{{\"status\":0,\"data\":[{{\"markId\":\"{mark_id}\",\"status\":\"{status}\",\"img_urls\":[]}}]}}"
+        )
+    };
+    h.sim
+        .script(json!([
+            {"endpoint": "status", "http_status": 200, "body": entry("upscaling")},
+            {"endpoint": "status", "http_status": 200, "body": entry("success"), "times": 100}
+        ]))
+        .await;
+    let (messages, end) = collect_watch(&mut client, TOKEN, &mark_id).await;
+    end.expect("ends OK");
+    let jobs: Vec<pb::ImageJob> = messages.into_iter().filter_map(|m| m.job).collect();
+    assert_eq!(jobs[0].state(), JobState::Unspecified);
+    assert_eq!(
+        jobs[0].upstream_status, "upscaling",
+        "the unknown state is shown, not hidden"
+    );
+    let last = jobs.last().expect("terminal");
+    assert_eq!(last.state(), JobState::Succeeded);
+    assert!(
+        last.images.is_empty(),
+        "an empty image list is reported as such"
+    );
+}
+
+#[tokio::test]
+async fn watch_against_a_refused_upstream_ends_unavailable_after_the_budget() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let mut config = server_config();
+    config.hub.failure_budget = Duration::from_millis(600);
+    let server = Server::start(config, format!("http://127.0.0.1:{port}")).await;
+    let mut client = server.client().await;
+    let (_, end) = collect_watch(&mut client, TOKEN, "m").await;
+    let status = end.expect_err("refused");
+    assert_status(&status, Code::Unavailable, "UPSTREAM_UNAVAILABLE");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_watches_finish_under_twenty_percent_faults() {
+    let mut sim = sim_config();
+    sim.job_duration = Duration::from_millis(1500);
+    sim.fail_5xx_rate = 0.1;
+    sim.fail_429_rate = 0.1;
+    let mut config = server_config();
+    config.hub.failure_budget = Duration::from_secs(30);
+    let h = Harness::with(sim, config).await;
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(h.client().await);
+    }
+    let tasks: Vec<_> = (0..500)
+        .map(|i| {
+            let mut client = clients[i % clients.len()].clone();
+            tokio::spawn(async move {
+                // Callers retry GenerateImage with a request_id, so a retry
+                // never starts a second job.
+                let request = pb::GenerateImageRequest {
+                    request_id: format!("chaos-{i}"),
+                    ..generate("chaos")
+                };
+                let mut mark_id = None;
+                for _ in 0..50 {
+                    match client.generate_image(authed(TOKEN, request.clone())).await {
+                        Ok(r) => {
+                            mark_id = Some(r.into_inner().mark_id);
+                            break;
+                        }
+                        Err(s) => {
+                            assert!(
+                                matches!(s.code(), Code::Unavailable | Code::ResourceExhausted),
+                                "{s:?}"
+                            );
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+                let mark_id = mark_id.expect("created within 50 tries");
+                collect_watch(&mut client, TOKEN, &mark_id).await
+            })
+        })
+        .collect();
+    for task in tasks {
+        let (messages, end) = task.await.expect("join");
+        end.expect("every watch ends OK");
+        let states = states(&messages);
+        let terminal = states
+            .iter()
+            .filter(|s| matches!(s, JobState::Succeeded | JobState::Failed))
+            .count();
+        assert_eq!(terminal, 1, "exactly one terminal message: {states:?}");
+        assert_eq!(states.last(), Some(&JobState::Succeeded));
+        for pair in messages.windows(2) {
+            assert_ne!(pair[0].job, pair[1].job, "no update reported twice");
+        }
+    }
+    let stats = h.sim.stats().await;
+    assert!(
+        stats["injected_5xx"].as_u64().expect("n") > 0
+            && stats["injected_429"].as_u64().expect("n") > 0
+    );
+    assert_eq!(stats["jobs"], 500, "retried creates made no extra jobs");
+}
+
+#[tokio::test]
+async fn unknown_methods_are_unimplemented() {
+    let h = Harness::start().await;
+    for path in [
+        "/piclumen.v1.ImageService/DeleteImage",
+        "/no.such.Service/Call",
+    ] {
+        let mut grpc = tonic::client::Grpc::new(h.server.channel().await);
+        grpc.ready().await.expect("ready");
+        let status = grpc
+            .unary(
+                tonic::Request::new(()),
+                path.parse().expect("path"),
+                tonic_prost::ProstCodec::<(), ()>::default(),
+            )
+            .await
+            .expect_err("unknown method");
+        assert_eq!(status.code(), Code::Unimplemented, "{path}: {status:?}");
+    }
+}
+
+#[tokio::test]
+async fn messages_with_non_ascii_and_control_characters_arrive_intact() {
+    let h = Harness::start().await;
+    let mut client = h.client().await;
+    let id = "été\u{7}☀\tжук";
+    let status = client
+        .check_image(authed(TOKEN, pb::CheckImageRequest { mark_id: id.into() }))
+        .await
+        .expect_err("control characters");
+    assert_status(&status, Code::InvalidArgument, "INVALID_REQUEST");
+    assert_eq!(
+        status.message(),
+        format!("mark_id: contains control characters: {id}")
+    );
+}
