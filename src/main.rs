@@ -121,6 +121,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         http2_keepalive_timeout: args.http2_keepalive_timeout,
         tls,
     };
+    let shutdown = shutdown_signal();
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
@@ -133,12 +134,13 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         default_token = config.service.default_token.is_some(),
         "listening on {local}"
     );
-    server::run(config, client, listener, shutdown_signal())
+    server::run(config, client, listener, shutdown)
         .await
         .map_err(|e| e.to_string())
 }
 
 async fn run_sim(args: SimArgs) -> Result<(), String> {
+    let shutdown = shutdown_signal();
     let listener = TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
@@ -152,35 +154,29 @@ async fn run_sim(args: SimArgs) -> Result<(), String> {
         fail_429_rate: args.fail_429_rate,
         tokens: args.tokens.into_iter().filter(|t| !t.is_empty()).collect(),
     };
-    sim::serve(listener, config, shutdown_signal())
+    sim::serve(listener, config, shutdown)
         .await
         .map_err(|e| e.to_string())
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            error!(error = %e, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is
+/// called, not when the future is first polled, so a signal arriving while
+/// the server starts is not lost (nor fatal).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        let (mut term, mut int) = match (term, int) {
+            (Ok(term), Ok(int)) => (term, int),
+            (Err(e), _) | (_, Err(e)) => {
+                error!(error = %e, "cannot listen for SIGTERM/SIGINT");
+                return std::future::pending().await;
             }
-            Err(e) => {
-                error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
+        };
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM received"),
+            _ = int.recv() => info!("SIGINT received"),
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => info!("SIGINT received"),
-        () = term => info!("SIGTERM received"),
     }
 }
