@@ -6,17 +6,16 @@
 //! `cargo bench --bench watch_scale -- --watches 10000` (see BENCHMARKS.md).
 //! A measurement, not a test: it asserts nothing about timing.
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{spawn, status_kib, usage};
 
 use clap::Parser;
 use piclumen_grpc::pb::{self, JobState, image_service_client::ImageServiceClient};
 use tonic::{Request, transport::Channel};
 
-const BIN: &str = env!("CARGO_BIN_EXE_piclumen-grpc");
 const TOKEN: &str = "bench-token";
 
 #[derive(Debug, Parser)]
@@ -39,63 +38,6 @@ struct Args {
     /// Ignored (cargo bench passes --bench).
     #[arg(long)]
     bench: bool,
-}
-
-struct Proc(Child, String);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(args: &[&str]) -> Proc {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("PICLUMEN_LOG", "warn,piclumen_grpc=info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let addr = loop {
-        let line = lines.next().expect("process exited").expect("read");
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest.split_whitespace().next().expect("addr").to_owned();
-        }
-    };
-    // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Proc(child, addr)
-}
-
-/// A `/proc/PID/status` figure in KiB (`VmRSS`, `VmHWM`).
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-/// (peak RSS in KiB, CPU seconds) of a process, from /proc.
-fn usage(pid: u32) -> (u64, f64) {
-    let hwm = status_kib(pid, "VmHWM:");
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
-        f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
-    });
-    (hwm, ticks / 100.0) // USER_HZ is 100 on Linux
 }
 
 async fn sim_stats(http: &reqwest::Client, sim: &str) -> (u64, u64) {

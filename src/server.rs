@@ -105,10 +105,14 @@ pub async fn run(
     let serve =
         router.serve_with_incoming_shutdown(incoming, stop_accepting.clone().cancelled_owned());
     let mut server = tokio::spawn(serve);
+    let gauges = tokio::spawn(runtime_gauges());
 
     tokio::select! {
-        result = &mut server => return flatten(result),
-        () = shutdown => {}
+        result = &mut server => {
+            gauges.abort();
+            return flatten(result);
+        }
+        () = shutdown => gauges.abort(),
     }
     info!(drain_timeout = ?config.drain_timeout, "shutting down: draining");
     health
@@ -129,6 +133,17 @@ pub async fn run(
             server.abort();
             Ok(())
         }
+    }
+}
+
+/// Publishes the runtime's live task count, so leaks show on a dashboard.
+async fn runtime_gauges() {
+    let handle = tokio::runtime::Handle::current();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        metrics::gauge!("piclumen_runtime_alive_tasks")
+            .set(handle.metrics().num_alive_tasks() as f64);
     }
 }
 

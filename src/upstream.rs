@@ -130,6 +130,10 @@ impl Client {
             .user_agent(user_agent)
             .connect_timeout(config.connect_timeout)
             .tcp_nodelay(true)
+            // A burst leaves many idle connections; close them after a
+            // while so sockets and their tasks return to baseline.
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(64)
             .build()
             .map_err(|e| e.to_string())?;
         Ok(Self {
@@ -147,13 +151,8 @@ impl Client {
         payload: &CreatePayload,
         deadline: Option<Instant>,
     ) -> Result<String, UpstreamError> {
-        let data: Option<CreateData> = self.post(CREATE_PATH, token, payload, deadline).await?;
-        data.and_then(|d| d.mark_id)
-            .filter(|id| !id.is_empty())
-            .ok_or_else(|| UpstreamError::Decode {
-                error: "reply has no data.markId".into(),
-                body: String::new(),
-            })
+        let body = self.post(CREATE_PATH, token, payload, deadline).await?;
+        decode_create_reply(&body)
     }
 
     /// Asks for the state of several jobs at once; ids missing from the
@@ -164,21 +163,18 @@ impl Client {
         mark_ids: &[String],
         deadline: Option<Instant>,
     ) -> Result<Vec<JobStatus>, UpstreamError> {
-        let data: Option<Vec<TaskWire>> = self.post(STATUS_PATH, token, mark_ids, deadline).await?;
-        Ok(data
-            .unwrap_or_default()
-            .into_iter()
-            .map(TaskWire::into_status)
-            .collect())
+        let body = self.post(STATUS_PATH, token, mark_ids, deadline).await?;
+        decode_status_reply(&body)
     }
 
-    async fn post<T: DeserializeOwned>(
+    /// One POST; returns the body of a 2xx reply.
+    async fn post(
         &self,
         path: &str,
         token: &Token,
         body: &(impl Serialize + ?Sized),
         deadline: Option<Instant>,
-    ) -> Result<Option<T>, UpstreamError> {
+    ) -> Result<bytes::Bytes, UpstreamError> {
         let timeout = match deadline {
             Some(d) => self
                 .timeout
@@ -214,7 +210,7 @@ impl Client {
             .await
             .map_err(|_| UpstreamError::Timeout(timeout))??;
         match status.as_u16() {
-            200..=299 => decode_envelope(&bytes),
+            200..=299 => Ok(bytes),
             401 => Err(UpstreamError::Unauthorized),
             403 => Err(UpstreamError::Forbidden),
             429 => Err(UpstreamError::RateLimited { retry_after }),
@@ -245,6 +241,27 @@ fn transport_error(e: &reqwest::Error, timeout: Duration) -> UpstreamError {
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?;
     value.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// Decodes a create reply to its mark id.
+pub fn decode_create_reply(bytes: &[u8]) -> Result<String, UpstreamError> {
+    let data: Option<CreateData> = decode_envelope(bytes)?;
+    data.and_then(|d| d.mark_id)
+        .filter(|id| !id.is_empty())
+        .ok_or_else(|| UpstreamError::Decode {
+            error: "reply has no data.markId".into(),
+            body: body_prefix(bytes),
+        })
+}
+
+/// Decodes a batch status reply to the jobs it reports.
+pub fn decode_status_reply(bytes: &[u8]) -> Result<Vec<JobStatus>, UpstreamError> {
+    let data: Option<Vec<TaskWire>> = decode_envelope(bytes)?;
+    Ok(data
+        .unwrap_or_default()
+        .into_iter()
+        .map(TaskWire::into_status)
+        .collect())
 }
 
 /// Decodes `{"status", "message", "data"}`; a non-zero status is a rejection.
