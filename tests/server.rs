@@ -305,3 +305,35 @@ async fn shutdown_drains_unary_calls_ends_watches_and_flips_health() {
         .expect("clean exit");
     assert!(started.elapsed() < Duration::from_secs(7));
 }
+
+#[tokio::test]
+async fn a_watch_reissued_on_another_instance_continues() {
+    let mut sim_settings = sim_config();
+    sim_settings.job_duration = Duration::from_millis(2500);
+    let sim = common::Sim::start(sim_settings).await;
+    let mut first = common::Server::start(server_config(), sim.url()).await;
+    let second = common::Server::start(server_config(), sim.url()).await;
+    let mut client = first.client().await;
+    let mark_id = start_job(&mut client, TOKEN, "moving").await;
+    let mut watch = client
+        .watch_image(authed(TOKEN, pb::WatchImageRequest { mark_id: mark_id.clone() }))
+        .await
+        .expect("watch")
+        .into_inner();
+    watch.message().await.expect("first").expect("message");
+    first.shutdown();
+    let status = loop {
+        match watch.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("ended OK during shutdown"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::Unavailable);
+    // The job lives at Piclumen, not in the server: another instance picks
+    // it up from its current state.
+    let mut other = second.client().await;
+    let (messages, end) = collect_watch(&mut other, TOKEN, &mark_id).await;
+    end.expect("continues elsewhere");
+    assert_eq!(states(&messages).last(), Some(&pb::JobState::Succeeded));
+}
