@@ -188,8 +188,7 @@ async fn two_tokens_watching_one_mark_id_get_their_own_answers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelled_watches_are_forgotten_within_two_rounds() {
-    let mut sim = sim_config();
-    sim.job_duration = Duration::from_secs(30);
+    let sim = long_jobs();
     let h = Harness::with(sim, hub_config()).await;
     let clients = clients(&h, 4).await;
     let ids = start_jobs(&clients, TOKEN, 200).await;

@@ -17,8 +17,7 @@ async fn still_healthy(client: &mut ImageServiceClient<tonic::transport::Channel
 
 #[tokio::test]
 async fn total_watches_are_capped() {
-    let mut sim = sim_config();
-    sim.job_duration = Duration::from_secs(30);
+    let sim = long_jobs();
     let mut config = server_config();
     config.service.max_watches = 3;
     let h = Harness::with(sim, config).await;
@@ -110,8 +109,7 @@ async fn oversized_requests_are_refused() {
 
 #[tokio::test]
 async fn streams_per_connection_are_capped() {
-    let mut sim = sim_config();
-    sim.job_duration = Duration::from_secs(30);
+    let sim = long_jobs();
     let mut config = server_config();
     config.max_streams_per_connection = 2;
     let h = Harness::with(sim, config).await;

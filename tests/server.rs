@@ -146,8 +146,7 @@ async fn reflection_v1alpha_answers_for_older_clients() {
 
 #[tokio::test]
 async fn shutdown_drains_unary_calls_ends_watches_and_flips_health() {
-    let mut sim = sim_config();
-    sim.job_duration = Duration::from_secs(30);
+    let sim = long_jobs();
     let mut h = Harness::with(sim, server_config()).await;
     let mut client = h.client().await;
     let mut health = HealthClient::new(h.server.channel().await);
@@ -192,15 +191,7 @@ async fn shutdown_drains_unary_calls_ends_watches_and_flips_health() {
             .expect("watch")
             .into_inner();
         stream.message().await.expect("first").expect("message");
-        ending.push(tokio::spawn(async move {
-            loop {
-                match stream.message().await {
-                    Ok(Some(_)) => continue,
-                    Ok(None) => return None,
-                    Err(status) => return Some(status),
-                }
-            }
-        }));
+        ending.push(tokio::spawn(async move { final_status(&mut stream).await }));
     }
     // A bounded unary load running through the drain.
     let load: Vec<_> = others
@@ -245,13 +236,9 @@ async fn shutdown_drains_unary_calls_ends_watches_and_flips_health() {
 
     let started = std::time::Instant::now();
     h.server.shutdown();
-    let status = loop {
-        match watch.message().await {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("watch ended OK during shutdown"),
-            Err(status) => break status,
-        }
-    };
+    let status = final_status(&mut watch)
+        .await
+        .expect("the watch must not end OK during shutdown");
     assert_status(&status, Code::Unavailable, "SHUTTING_DOWN");
     for ended in ending {
         let status = ended
@@ -316,19 +303,20 @@ async fn a_watch_reissued_on_another_instance_continues() {
     let mut client = first.client().await;
     let mark_id = start_job(&mut client, TOKEN, "moving").await;
     let mut watch = client
-        .watch_image(authed(TOKEN, pb::WatchImageRequest { mark_id: mark_id.clone() }))
+        .watch_image(authed(
+            TOKEN,
+            pb::WatchImageRequest {
+                mark_id: mark_id.clone(),
+            },
+        ))
         .await
         .expect("watch")
         .into_inner();
     watch.message().await.expect("first").expect("message");
     first.shutdown();
-    let status = loop {
-        match watch.message().await {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("ended OK during shutdown"),
-            Err(status) => break status,
-        }
-    };
+    let status = final_status(&mut watch)
+        .await
+        .expect("the watch must not end OK during shutdown");
     assert_eq!(status.code(), Code::Unavailable);
     // The job lives at Piclumen, not in the server: another instance picks
     // it up from its current state.

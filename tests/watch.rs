@@ -119,8 +119,7 @@ async fn tokens_never_see_each_others_jobs() {
 
 #[tokio::test]
 async fn cancelling_a_watch_stops_its_polling() {
-    let mut sim = sim_config();
-    sim.job_duration = Duration::from_secs(30);
+    let sim = long_jobs();
     let h = Harness::with(sim, server_config()).await;
     let mut client = h.client().await;
     let mark_id = start_job(&mut client, TOKEN, "long").await;
@@ -147,8 +146,7 @@ async fn cancelling_a_watch_stops_its_polling() {
 
 #[tokio::test]
 async fn max_watch_time_ends_with_deadline_exceeded() {
-    let mut sim = sim_config();
-    sim.job_duration = Duration::from_secs(30);
+    let sim = long_jobs();
     let mut config = server_config();
     config.service.max_watch = Duration::from_millis(600);
     let h = Harness::with(sim, config).await;
@@ -163,8 +161,7 @@ async fn max_watch_time_ends_with_deadline_exceeded() {
 
 #[tokio::test]
 async fn caller_deadline_ends_a_watch_with_deadline_exceeded() {
-    let mut sim = sim_config();
-    sim.job_duration = Duration::from_secs(30);
+    let sim = long_jobs();
     let h = Harness::with(sim, server_config()).await;
     let mut client = h.client().await;
     let mark_id = start_job(&mut client, TOKEN, "long").await;
@@ -176,21 +173,16 @@ async fn caller_deadline_ends_a_watch_with_deadline_exceeded() {
         .await
         .expect("watch")
         .into_inner();
-    let status = loop {
-        match stream.message().await {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("stream ended OK before the job did"),
-            Err(status) => break status,
-        }
-    };
+    let status = final_status(&mut stream)
+        .await
+        .expect("the stream must not end OK before the job");
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert!(started.elapsed() < Duration::from_secs(3));
 }
 
 #[tokio::test]
 async fn quiet_watches_get_heartbeats() {
-    let mut sim = sim_config();
-    sim.job_duration = Duration::from_secs(30);
+    let sim = long_jobs();
     let mut config = server_config();
     config.service.heartbeat = Duration::from_millis(300);
     let h = Harness::with(sim, config).await;
@@ -246,8 +238,7 @@ async fn watch_rides_out_transient_upstream_trouble() {
 
 #[tokio::test]
 async fn a_long_outage_ends_watches_with_unavailable() {
-    let mut sim = sim_config();
-    sim.job_duration = Duration::from_secs(30);
+    let sim = long_jobs();
     let mut config = server_config();
     config.hub.failure_budget = Duration::from_millis(800);
     let h = Harness::with(sim, config).await;

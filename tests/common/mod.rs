@@ -24,6 +24,26 @@ pub const TOKEN: &str = "token-a";
 /// A second account.
 pub const OTHER_TOKEN: &str = "token-b";
 
+/// Simulator settings whose jobs outlast any test: for watches that must
+/// stay open.
+pub fn long_jobs() -> SimConfig {
+    SimConfig {
+        job_duration: Duration::from_secs(30),
+        ..sim_config()
+    }
+}
+
+/// Reads a stream to its end: `None` when it ended OK, else the status.
+pub async fn final_status<T>(stream: &mut tonic::Streaming<T>) -> Option<Status> {
+    loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => return None,
+            Err(status) => return Some(status),
+        }
+    }
+}
+
 /// Simulator settings fast enough for tests.
 pub fn sim_config() -> SimConfig {
     SimConfig {
