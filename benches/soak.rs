@@ -192,6 +192,10 @@ async fn main() {
         &format!("http://{}", sim.1),
         "--poll-interval",
         "1s",
+        // Every call here has a fresh request_id; a short window lets the
+        // quiet period show the store emptying (the default keeps 10 min).
+        "--idempotency-ttl",
+        "20s",
         "--metrics-listen",
         &metrics,
     ]);

@@ -53,12 +53,36 @@ pub struct IdempotencyStore {
 }
 
 impl IdempotencyStore {
-    /// A store keeping successes for `ttl`.
+    /// A store keeping successes for `ttl`. Expired entries are swept by a
+    /// background task (which ends with the store), so an idle server lets
+    /// go of them too.
     pub fn new(ttl: Duration) -> Self {
-        Self {
+        let store = Self {
             ttl,
             entries: Arc::default(),
-        }
+        };
+        let entries = Arc::downgrade(&store.entries);
+        let every = (ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(10));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(entries) = entries.upgrade() else {
+                    return;
+                };
+                let mut entries = entries
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let now = Instant::now();
+                entries.retain(|_, e| match e {
+                    Entry::Done { at, .. } => now.duration_since(*at) < ttl,
+                    Entry::InFlight { .. } => true,
+                });
+                entries.shrink_to_fit();
+            }
+        });
+        store
     }
 
     /// Runs `create` once per (token, request_id) within the window;
@@ -77,11 +101,11 @@ impl IdempotencyStore {
         let key = (token.clone(), request_id.to_owned());
         let mut rx = {
             let mut entries = self.lock();
-            let now = Instant::now();
-            entries.retain(|_, e| match e {
-                Entry::Done { at, .. } => now.duration_since(*at) < self.ttl,
-                Entry::InFlight { .. } => true,
-            });
+            // Expired but not yet swept: as good as absent.
+            if matches!(entries.get(&key), Some(Entry::Done { at, .. }) if at.elapsed() >= self.ttl)
+            {
+                entries.remove(&key);
+            }
             match entries.get(&key) {
                 Some(Entry::Done {
                     fingerprint: f,

@@ -435,3 +435,34 @@ async fn generate_is_never_retried_upstream() {
     assert_status(&status, Code::Unavailable, "UPSTREAM_UNAVAILABLE");
     assert_eq!(h.sim.stat("create_calls").await, 1);
 }
+
+#[tokio::test]
+async fn request_ids_are_forgotten_after_the_window() {
+    let sim = Sim::start(sim_config()).await;
+    let mut config = server_config();
+    config.service.idempotency_ttl = Duration::from_millis(300);
+    let server = Server::start(config, sim.url()).await;
+    let mut client = server.client().await;
+    let first = client
+        .generate_image(authed(TOKEN, with_id("p", "w")))
+        .await
+        .expect("first")
+        .into_inner();
+    let again = client
+        .generate_image(authed(TOKEN, with_id("p", "w")))
+        .await
+        .expect("within")
+        .into_inner();
+    assert_eq!(first, again);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let later = client
+        .generate_image(authed(TOKEN, with_id("p", "w")))
+        .await
+        .expect("after")
+        .into_inner();
+    assert_ne!(
+        later.mark_id, first.mark_id,
+        "after the window a request_id starts a new job"
+    );
+    assert_eq!(sim.stat("create_calls").await, 2);
+}
