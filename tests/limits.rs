@@ -166,3 +166,101 @@ async fn streams_per_connection_are_capped() {
         .expect("other connection");
     drop((first, second));
 }
+
+/// A loopback TCP proxy that can go silent, as a dead peer or a cut network
+/// path would. Returns its address and a switch; the returned receiver
+/// fires when the server closes its side.
+async fn freezable_proxy(
+    server: std::net::SocketAddr,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tokio::sync::oneshot::Receiver<()>,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let frozen = std::sync::Arc::new(AtomicBool::new(false));
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+    let switch = frozen.clone();
+    tokio::spawn(async move {
+        let (client, _) = listener.accept().await.expect("accept");
+        let upstream = tokio::net::TcpStream::connect(server)
+            .await
+            .expect("connect");
+        let (mut client_read, mut client_write) = client.into_split();
+        let (mut server_read, mut server_write) = upstream.into_split();
+        let up_frozen = switch.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0; 16 * 1024];
+            while let Ok(n) = client_read.read(&mut buf).await {
+                if n == 0 || up_frozen.load(Ordering::SeqCst) {
+                    break;
+                }
+                if server_write.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+            // Hold the server-facing write side open: silence, not a close.
+            std::future::pending::<()>().await;
+            drop(server_write);
+        });
+        let mut buf = vec![0; 16 * 1024];
+        loop {
+            match server_read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if !switch.load(Ordering::SeqCst) {
+                        let _ = client_write.write_all(&buf[..n]).await;
+                    }
+                }
+            }
+        }
+        let _ = closed_tx.send(());
+    });
+    (addr, frozen, closed_rx)
+}
+
+#[tokio::test]
+async fn keepalive_pings_close_connections_to_dead_peers() {
+    let mut config = server_config();
+    config.http2_keepalive_interval = Duration::from_millis(200);
+    config.http2_keepalive_timeout = Duration::from_millis(200);
+    let h = Harness::with(long_jobs(), config).await;
+    let mut direct = h.client().await;
+    let mark_id = start_job(&mut direct, TOKEN, "long").await;
+    let (proxy, frozen, mut closed) = freezable_proxy(h.server.addr).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{proxy}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect through the proxy");
+    let mut client = ImageServiceClient::new(channel);
+    let mut watch = client
+        .watch_image(authed(TOKEN, pb::WatchImageRequest { mark_id }))
+        .await
+        .expect("watch")
+        .into_inner();
+    watch.message().await.expect("first").expect("message");
+    // A live peer answers the server's pings: the connection stays up.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(closed.try_recv().is_err(), "a live connection was closed");
+    // A silent peer does not: the server closes the connection soon.
+    frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(5), &mut closed)
+        .await
+        .expect("the server closed the dead connection")
+        .expect("closed");
+    direct
+        .check_image(authed(
+            TOKEN,
+            pb::CheckImageRequest {
+                mark_id: "x".into(),
+            },
+        ))
+        .await
+        .expect_err("the server still answers (NOT_FOUND)");
+}
