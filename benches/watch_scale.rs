@@ -106,6 +106,8 @@ async fn main() {
         &batch,
         "--max-watches",
         &max_watches,
+        "--max-generates-per-token",
+        "1000",
     ]);
     let server_pid = server.0.id();
     let (_, cpu_idle) = usage(server_pid);

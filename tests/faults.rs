@@ -202,6 +202,7 @@ async fn five_hundred_watches_finish_under_twenty_percent_faults() {
     sim.fail_429_rate = 0.1;
     let mut config = server_config();
     config.hub.failure_budget = Duration::from_secs(30);
+    config.service.max_generates_per_token = 1_000;
     let h = Harness::with(sim, config).await;
     let mut clients = Vec::new();
     for _ in 0..4 {

@@ -15,6 +15,9 @@ const INTERVAL: Duration = Duration::from_millis(300);
 fn hub_config() -> piclumen_grpc::server::ServerConfig {
     let mut config = server_config();
     config.hub.poll_interval = INTERVAL;
+    // These tests start hundreds of jobs of one token at once; the
+    // per-token GenerateImage guard has its own test.
+    config.service.max_generates_per_token = 10_000;
     config
 }
 
