@@ -337,3 +337,25 @@ fn port_env_sets_the_listen_address_and_metrics_are_served() {
         assert!(text.contains(name), "{name} missing from:\n{text}");
     }
 }
+
+#[test]
+fn refuses_an_exposed_default_token_without_caller_auth() {
+    let output = Command::new(BIN)
+        .args(["serve", "--listen", "0.0.0.0:0", "--token", "real-credits"])
+        .env_remove("PORT")
+        .output()
+        .expect("run serve");
+    assert!(
+        !output.status.success(),
+        "serve started with an exposed default token"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("refusing to start") && stderr.contains("--api-keys-file"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("real-credits"),
+        "the token leaked into the error"
+    );
+}

@@ -223,6 +223,16 @@ async fn connect_refused_is_unavailable() {
         .await
         .expect_err("refused");
     assert_status(&status, Code::Unavailable, "UPSTREAM_UNAVAILABLE");
+    let status = client
+        .check_image(authed(
+            TOKEN,
+            pb::CheckImageRequest {
+                mark_id: "m".into(),
+            },
+        ))
+        .await
+        .expect_err("refused");
+    assert_status(&status, Code::Unavailable, "UPSTREAM_UNAVAILABLE");
 }
 
 #[tokio::test]
@@ -232,11 +242,21 @@ async fn upstream_slower_than_its_timeout_is_deadline_exceeded() {
     config.timeout = Duration::from_millis(200);
     let client = piclumen_grpc::upstream::Client::new(&config).expect("client");
     let server = Server::start_with_client(server_config(), client).await;
-    sim.script(json!([{"endpoint": "create", "delay_ms": 1000}]))
+    sim.script(json!([{"endpoint": "any", "delay_ms": 1000, "times": 2}]))
         .await;
     let mut grpc = server.client().await;
     let status = grpc
         .generate_image(authed(TOKEN, generate("p")))
+        .await
+        .expect_err("slow");
+    assert_status(&status, Code::DeadlineExceeded, "UPSTREAM_TIMEOUT");
+    let status = grpc
+        .check_image(authed(
+            TOKEN,
+            pb::CheckImageRequest {
+                mark_id: "m".into(),
+            },
+        ))
         .await
         .expect_err("slow");
     assert_status(&status, Code::DeadlineExceeded, "UPSTREAM_TIMEOUT");

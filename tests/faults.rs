@@ -177,6 +177,20 @@ async fn success_without_images_and_unknown_states_pass_through() {
         last.images.is_empty(),
         "an empty image list is reported as such"
     );
+    let checked = client
+        .check_image(authed(
+            TOKEN,
+            pb::CheckImageRequest {
+                mark_id: mark_id.clone(),
+            },
+        ))
+        .await
+        .expect("check")
+        .into_inner()
+        .job
+        .expect("job");
+    assert_eq!(checked.state(), JobState::Succeeded);
+    assert!(checked.images.is_empty());
 }
 
 #[tokio::test]
