@@ -15,7 +15,7 @@ use std::{
 };
 
 use clap::Parser;
-use common::{spawn, status_kib};
+use common::{spawn, spawn_server, status_kib, unused_addr};
 use piclumen_grpc::pb::{self, image_service_client::ImageServiceClient};
 use tonic::{Request, transport::Channel};
 
@@ -180,25 +180,20 @@ async fn main() {
         "--fail-429-rate",
         "0.02",
     ]);
-    let metrics = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").to_string()
-    };
-    let server = spawn(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream-url",
-        &format!("http://{}", sim.1),
-        "--poll-interval",
-        "1s",
-        // Every call here has a fresh request_id; a short window lets the
-        // quiet period show the store emptying (the default keeps 10 min).
-        "--idempotency-ttl",
-        "20s",
-        "--metrics-listen",
-        &metrics,
-    ]);
+    let metrics = unused_addr();
+    let server = spawn_server(
+        &sim.1,
+        &[
+            "--poll-interval",
+            "1s",
+            // Every call here has a fresh request_id; a short window lets the
+            // quiet period show the store emptying (the default keeps 10 min).
+            "--idempotency-ttl",
+            "20s",
+            "--metrics-listen",
+            &metrics,
+        ],
+    );
     let pid = server.0.id();
     let http = reqwest::Client::new();
     tokio::time::sleep(Duration::from_secs(2)).await;

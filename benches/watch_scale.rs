@@ -10,7 +10,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{spawn, status_kib, usage};
+use common::{spawn, spawn_server, status_kib, usage};
 
 use clap::Parser;
 use piclumen_grpc::pb::{self, JobState, image_service_client::ImageServiceClient};
@@ -94,21 +94,19 @@ async fn main() {
     let interval = humantime::format_duration(args.poll_interval).to_string();
     let batch = args.batch_max.to_string();
     let max_watches = (args.watches + 100).to_string();
-    let server = spawn(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream-url",
-        &format!("http://{}", sim.1),
-        "--poll-interval",
-        &interval,
-        "--batch-max",
-        &batch,
-        "--max-watches",
-        &max_watches,
-        "--max-generates-per-token",
-        "1000",
-    ]);
+    let server = spawn_server(
+        &sim.1,
+        &[
+            "--poll-interval",
+            &interval,
+            "--batch-max",
+            &batch,
+            "--max-watches",
+            &max_watches,
+            "--max-generates-per-token",
+            "1000",
+        ],
+    );
     let server_pid = server.0.id();
     let (_, cpu_idle) = usage(server_pid);
     println!(

@@ -129,12 +129,6 @@ impl Hub {
             _ => None,
         }
     }
-
-    /// Number of jobs being polled, over all tokens.
-    pub fn active_jobs(&self) -> usize {
-        let pollers: Vec<_> = lock(&self.inner.tokens).values().cloned().collect();
-        pollers.iter().map(|p| lock(&p.jobs).len()).sum()
-    }
 }
 
 /// One job's channel and polling bookkeeping.

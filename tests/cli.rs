@@ -281,14 +281,12 @@ fn simulate_mode_says_so_and_logs_json_on_request() {
 
 #[test]
 fn port_env_sets_the_listen_address_and_metrics_are_served() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
+    let free = || {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr")
     };
-    let metrics = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr")
-    };
+    let port = free().port();
+    let metrics = free();
     let port_text = port.to_string();
     let metrics_text = metrics.to_string();
     let server = start_with_env(

@@ -212,27 +212,9 @@ async fn unknown_upstream_state_is_shown_not_hidden() {
 #[tokio::test]
 async fn connect_refused_is_unavailable() {
     // A port that was just free: nothing listens there.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
-    let server = Server::start(server_config(), format!("http://127.0.0.1:{port}")).await;
+    let server = Server::start(server_config(), format!("http://{}", unused_addr())).await;
     let mut client = server.client().await;
-    let status = client
-        .generate_image(authed(TOKEN, generate("p")))
-        .await
-        .expect_err("refused");
-    assert_status(&status, Code::Unavailable, "UPSTREAM_UNAVAILABLE");
-    let status = client
-        .check_image(authed(
-            TOKEN,
-            pb::CheckImageRequest {
-                mark_id: "m".into(),
-            },
-        ))
-        .await
-        .expect_err("refused");
-    assert_status(&status, Code::Unavailable, "UPSTREAM_UNAVAILABLE");
+    assert_unary_calls_fail(&mut client, Code::Unavailable, "UPSTREAM_UNAVAILABLE").await;
 }
 
 #[tokio::test]
@@ -245,21 +227,7 @@ async fn upstream_slower_than_its_timeout_is_deadline_exceeded() {
     sim.script(json!([{"endpoint": "any", "delay_ms": 1000, "times": 2}]))
         .await;
     let mut grpc = server.client().await;
-    let status = grpc
-        .generate_image(authed(TOKEN, generate("p")))
-        .await
-        .expect_err("slow");
-    assert_status(&status, Code::DeadlineExceeded, "UPSTREAM_TIMEOUT");
-    let status = grpc
-        .check_image(authed(
-            TOKEN,
-            pb::CheckImageRequest {
-                mark_id: "m".into(),
-            },
-        ))
-        .await
-        .expect_err("slow");
-    assert_status(&status, Code::DeadlineExceeded, "UPSTREAM_TIMEOUT");
+    assert_unary_calls_fail(&mut grpc, Code::DeadlineExceeded, "UPSTREAM_TIMEOUT").await;
 }
 
 #[tokio::test]

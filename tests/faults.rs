@@ -195,13 +195,9 @@ async fn success_without_images_and_unknown_states_pass_through() {
 
 #[tokio::test]
 async fn watch_against_a_refused_upstream_ends_unavailable_after_the_budget() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
     let mut config = server_config();
     config.hub.failure_budget = Duration::from_millis(600);
-    let server = Server::start(config, format!("http://127.0.0.1:{port}")).await;
+    let server = Server::start(config, format!("http://{}", unused_addr())).await;
     let mut client = server.client().await;
     let (_, end) = collect_watch(&mut client, TOKEN, "m").await;
     let status = end.expect_err("refused");

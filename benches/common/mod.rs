@@ -67,3 +67,24 @@ pub fn usage(pid: u32) -> (u64, f64) {
     });
     (hwm, ticks / 100.0) // USER_HZ is 100 on Linux
 }
+
+/// Starts `serve` on a free loopback port against the simulator at
+/// `sim_addr`, with `extra` flags.
+pub fn spawn_server(sim_addr: &str, extra: &[&str]) -> Proc {
+    let upstream = format!("http://{sim_addr}");
+    let mut args = vec![
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream-url",
+        &upstream,
+    ];
+    args.extend_from_slice(extra);
+    spawn(&args)
+}
+
+/// A loopback address that was just free.
+pub fn unused_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").to_string()
+}

@@ -324,6 +324,33 @@ pub fn token(raw: &str) -> Token {
     Token::new(raw).expect("token")
 }
 
+/// A loopback address that was just free: nothing listens there.
+pub fn unused_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr")
+}
+
+/// Asserts that GenerateImage and CheckImage both fail with `code`/`reason`.
+pub async fn assert_unary_calls_fail(
+    client: &mut ImageServiceClient<Channel>,
+    code: Code,
+    reason: &str,
+) {
+    let status = client
+        .generate_image(authed(TOKEN, generate("p")))
+        .await
+        .expect_err("GenerateImage should fail");
+    assert_status(&status, code, reason);
+    let check = pb::CheckImageRequest {
+        mark_id: "m".into(),
+    };
+    let status = client
+        .check_image(authed(TOKEN, check))
+        .await
+        .expect_err("CheckImage should fail");
+    assert_status(&status, code, reason);
+}
+
 /// Polls `check` every 20 ms until it holds, for at most `limit`.
 pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
 where
