@@ -60,7 +60,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let draining = CancellationToken::new();
-    let hub = Hub::new(config.hub.clone(), client.clone());
+    let hub = Hub::new(config.hub.clone(), std::sync::Arc::new(client.clone()));
     let service = ImageServiceImpl::new(config.service.clone(), client, hub, draining.clone());
 
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -24,7 +24,7 @@ use crate::{
     auth::{API_KEY_HEADER, ApiKeys},
     convert::{self, Limits},
     error::Error,
-    hub::{Hub, Snapshot},
+    hub::{Hub, HubError, Snapshot},
     idempotency::{Created, IdempotencyStore},
     job::{JobStatus, Token},
     pb::{self, image_service_server::ImageService},
@@ -100,11 +100,17 @@ impl CallToken {
         }
     }
 
-    /// Marks errors the hub produced with this call's token kind.
-    fn adopt(&self, error: Error) -> Error {
+    /// The hub's error as this call's: an auth failure of the default
+    /// token is the operator's, not the caller's.
+    fn hub_error(&self, error: HubError) -> Error {
         match error {
-            Error::Upstream { source, .. } => self.upstream(source),
-            other => other,
+            HubError::NotFound { mark_id } => Error::NotFound { mark_id },
+            HubError::Upstream(source) => self.upstream(source),
+            HubError::Outage { budget, last } => Error::UpstreamOutage { budget, last },
+            HubError::DeadlineExceeded => Error::DeadlineExceeded(
+                "the caller's deadline ran out before Piclumen answered".into(),
+            ),
+            HubError::Stopped => Error::ShuttingDown,
         }
     }
 }
@@ -248,10 +254,12 @@ impl ImageService for ImageServiceImpl {
         let call = self.admit(request.metadata())?;
         let deadline = call_deadline(request.metadata());
         let mark_id = convert::mark_id(&request.get_ref().mark_id)?;
-        let status = match self.inner.hub.fresh(&call.token, &mark_id) {
-            Some(status) => status,
-            None => self.check_upstream(&call, mark_id, deadline).await?,
-        };
+        let status = self
+            .inner
+            .hub
+            .check(&call.token, &mark_id, deadline)
+            .await
+            .map_err(|e| call.hub_error(e))?;
         Ok(Response::new(pb::CheckImageResponse {
             job: Some(convert::to_proto_job(&status)),
         }))
@@ -312,7 +320,7 @@ impl ImageService for ImageServiceImpl {
                         }
                     }
                     Snapshot::Ended(error) => {
-                        let error = call.adopt(error);
+                        let error = call.hub_error(error);
                         warn!(%error, "watch ended with an error");
                         yield Err(Status::from(error));
                         break;
@@ -387,27 +395,6 @@ impl ImageServiceImpl {
             token: token.clone(),
             generating: Arc::clone(&self.inner.generating),
         })
-    }
-
-    async fn check_upstream(
-        &self,
-        call: &CallToken,
-        mark_id: String,
-        deadline: Option<Instant>,
-    ) -> Result<JobStatus, Error> {
-        metrics::counter!("piclumen_upstream_calls_total", "endpoint" => "status").increment(1);
-        let ids = [mark_id];
-        let statuses = self
-            .inner
-            .client
-            .batch_status(&call.token, &ids, deadline)
-            .await
-            .map_err(|e| call.upstream_at(e, deadline))?;
-        let [mark_id] = ids;
-        statuses
-            .into_iter()
-            .find(|s| s.mark_id == mark_id)
-            .ok_or(Error::NotFound { mark_id })
     }
 }
 

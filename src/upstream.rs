@@ -98,7 +98,10 @@ pub struct ClientConfig {
 #[derive(Debug, Clone)]
 pub struct Client {
     http: reqwest::Client,
-    base_url: String,
+    /// Parsed once: building and parsing a URL per call costs more than the
+    /// rest of the request setup.
+    create_url: reqwest::Url,
+    status_url: reqwest::Url,
     timeout: Duration,
 }
 
@@ -136,9 +139,15 @@ impl Client {
             .pool_max_idle_per_host(64)
             .build()
             .map_err(|e| e.to_string())?;
+        let base = config.base_url.trim_end_matches('/');
+        let url = |path: &str| {
+            reqwest::Url::parse(&format!("{base}{path}"))
+                .map_err(|e| format!("upstream URL {base:?}: {e}"))
+        };
         Ok(Self {
             http,
-            base_url: config.base_url.trim_end_matches('/').to_owned(),
+            create_url: url(CREATE_PATH)?,
+            status_url: url(STATUS_PATH)?,
             timeout: config.timeout,
         })
     }
@@ -151,7 +160,9 @@ impl Client {
         payload: &CreatePayload,
         deadline: Option<Instant>,
     ) -> Result<String, UpstreamError> {
-        let body = self.post(CREATE_PATH, token, payload, deadline).await?;
+        let body = self
+            .post(&self.create_url, token, payload, deadline)
+            .await?;
         decode_create_reply(&body)
     }
 
@@ -163,14 +174,28 @@ impl Client {
         mark_ids: &[String],
         deadline: Option<Instant>,
     ) -> Result<Vec<JobStatus>, UpstreamError> {
-        let body = self.post(STATUS_PATH, token, mark_ids, deadline).await?;
+        let body = self
+            .post(&self.status_url, token, mark_ids, deadline)
+            .await?;
         decode_status_reply(&body)
+    }
+
+    /// Like `batch_status`, bounded by the client's own timeout, with each
+    /// entry decoded on its own: one malformed entry fails only itself.
+    pub async fn batch_status_entries(
+        &self,
+        token: &Token,
+        mark_ids: &[std::sync::Arc<str>],
+    ) -> Result<Vec<StatusEntry>, UpstreamError> {
+        let ids: Vec<&str> = mark_ids.iter().map(|id| &**id).collect();
+        let body = self.post(&self.status_url, token, &ids, None).await?;
+        decode_status_entries(&body)
     }
 
     /// One POST; returns the body of a 2xx reply.
     async fn post(
         &self,
-        path: &str,
+        url: &reqwest::Url,
         token: &Token,
         body: &(impl Serialize + ?Sized),
         deadline: Option<Instant>,
@@ -188,10 +213,9 @@ impl Client {
             error: format!("cannot encode request: {e}"),
             body: String::new(),
         })?;
-        let url = format!("{}{}", self.base_url, path);
         let request = self
             .http
-            .post(url)
+            .post(url.clone())
             .header(header::AUTHORIZATION, token.expose())
             .body(body)
             .send();
@@ -262,6 +286,75 @@ pub fn decode_status_reply(bytes: &[u8]) -> Result<Vec<JobStatus>, UpstreamError
         .into_iter()
         .map(TaskWire::into_status)
         .collect())
+}
+
+/// One entry of a batch status reply: the job, or why its entry is unreadable.
+pub type StatusEntry = Result<JobStatus, BadEntry>;
+
+/// An entry of a batch status reply that could not be decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BadEntry {
+    /// The entry's `markId`.
+    pub mark_id: String,
+    /// What was wrong, with the entry's text.
+    pub error: UpstreamError,
+}
+
+/// Decodes a batch status reply entry by entry: an entry that is not the
+/// shape we know becomes a `BadEntry` for its `markId` (entries without one
+/// are skipped), and the others still count.
+pub fn decode_status_entries(bytes: &[u8]) -> Result<Vec<StatusEntry>, UpstreamError> {
+    let envelope: RawEnvelope<'_> =
+        serde_json::from_slice(bytes).map_err(|e| UpstreamError::Decode {
+            error: e.to_string(),
+            body: body_prefix(bytes),
+        })?;
+    if envelope.status != 0 {
+        return Err(UpstreamError::Rejected {
+            code: envelope.status,
+            message: envelope.message,
+        });
+    }
+    let entries = envelope.data.unwrap_or_default();
+    let mut out = Vec::with_capacity(entries.len());
+    for raw in entries {
+        match serde_json::from_str::<TaskWire>(raw.get()) {
+            Ok(task) => out.push(Ok(task.into_status())),
+            Err(e) => {
+                let Some(mark_id) = serde_json::from_str::<IdOnly>(raw.get())
+                    .ok()
+                    .and_then(|i| i.mark_id)
+                else {
+                    tracing::warn!(entry = %body_prefix(raw.get().as_bytes()), "status entry without markId skipped");
+                    continue;
+                };
+                out.push(Err(BadEntry {
+                    mark_id,
+                    error: UpstreamError::Decode {
+                        error: e.to_string(),
+                        body: body_prefix(raw.get().as_bytes()),
+                    },
+                }));
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Deserialize)]
+struct RawEnvelope<'a> {
+    #[serde(default)]
+    status: i64,
+    #[serde(default)]
+    message: String,
+    #[serde(borrow, default)]
+    data: Option<Vec<&'a serde_json::value::RawValue>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct IdOnly {
+    #[serde(rename = "markId", default)]
+    mark_id: Option<String>,
 }
 
 /// Decodes `{"status", "message", "data"}`; a non-zero status is a rejection.

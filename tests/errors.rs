@@ -110,19 +110,22 @@ fn cases() -> Vec<Case> {
 async fn check_all(endpoint: &str) {
     let h = Harness::start().await;
     let mut client = h.client().await;
-    for case in cases() {
+    for (i, case) in cases().into_iter().enumerate() {
         let mut fault = case.fault.clone();
         fault["endpoint"] = json!(endpoint);
         h.sim.script(json!([fault])).await;
+        // A token per case: a 429 or 5xx pauses its token's status calls,
+        // and the next case must meet its own fault, not that pause.
+        let token = format!("{TOKEN}-{i}");
         let status: Status = if endpoint == "create" {
             client
-                .generate_image(authed(TOKEN, generate("p")))
+                .generate_image(authed(&token, generate("p")))
                 .await
                 .expect_err("fault")
         } else {
             client
                 .check_image(authed(
-                    TOKEN,
+                    &token,
                     pb::CheckImageRequest {
                         mark_id: "m1".into(),
                     },

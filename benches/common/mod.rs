@@ -21,9 +21,16 @@ impl Drop for Proc {
 
 /// Starts the binary and waits for its `listening on` line.
 pub fn spawn(args: &[&str]) -> Proc {
-    let mut child = Command::new(BIN)
+    let mut command = Command::new(BIN);
+    command
         .args(args)
-        .env("PICLUMEN_LOG", "warn,piclumen_grpc=info")
+        .env("PICLUMEN_LOG", "warn,piclumen_grpc=info");
+    spawn_command(command)
+}
+
+/// Starts `command` and waits for its `listening on` line on stderr.
+pub fn spawn_command(mut command: Command) -> Proc {
+    let mut child = command
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

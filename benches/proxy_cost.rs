@@ -1,0 +1,439 @@
+//! What a call costs us, against the plain-proxy floor (`examples/floor.rs`)
+//! measured in the same run: req/s, latency, errors by gRPC code, server CPU
+//! per call (from `/proc/PID/stat`) and upstream calls per call, for
+//! GenerateImage, CheckImage on one job, CheckImage over many jobs and
+//! tokens, and CheckImage one at a time.
+//!
+//! Run through `scripts/bench.sh` (which builds the release binaries). The
+//! server under test is pinned to core 0 with one tokio worker; this
+//! process (the load, over raw HTTP/2) and the simulator run on core 1.
+//! Runs of ours and the floor alternate; each figure is the median run.
+//!
+//! Flags: `--seconds N` (per run, default 6), `--runs N` (default 3),
+//! `--floor PATH` (the floor binary), `--only SCENARIO`.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    process::{Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use common::{Proc, spawn, usage};
+use piclumen_grpc::pb;
+use prost::Message;
+use tokio::net::TcpStream;
+
+const BIN: &str = env!("CARGO_BIN_EXE_piclumen-grpc");
+
+#[derive(Debug, Clone)]
+struct Opts {
+    seconds: f64,
+    runs: usize,
+    floor: String,
+    only: Option<String>,
+}
+
+fn opts() -> Opts {
+    let mut o = Opts {
+        seconds: 6.0,
+        runs: 3,
+        floor: format!(
+            "{}/target/release/examples/floor",
+            env!("CARGO_MANIFEST_DIR")
+        ),
+        only: None,
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < args.len() {
+        let value = args.get(i + 1).cloned().unwrap_or_default();
+        match args[i].as_str() {
+            "--seconds" => o.seconds = value.parse().expect("--seconds"),
+            "--runs" => o.runs = value.parse().expect("--runs"),
+            "--floor" => o.floor = value,
+            "--only" => o.only = Some(value),
+            // cargo bench passes --bench.
+            _ => {
+                i += 1;
+                continue;
+            }
+        }
+        i += 2;
+    }
+    o
+}
+
+/// Runs `args` pinned to `cpu` when taskset exists.
+fn pinned(cpu: &str, program: &str) -> Command {
+    if Command::new("taskset")
+        .arg("-V")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        let mut c = Command::new("taskset");
+        c.args(["-c", cpu, program]);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn start_pinned(program: &str, args: &[&str]) -> Proc {
+    let mut cmd = pinned("0", program);
+    cmd.args(args).env("TOKIO_WORKER_THREADS", "1");
+    common::spawn_command(cmd)
+}
+
+/// One scenario: which RPC, how many connections and streams, which tokens
+/// and jobs.
+#[derive(Debug, Clone)]
+struct Scenario {
+    name: &'static str,
+    path: &'static str,
+    connections: usize,
+    streams: usize,
+    /// Request bodies (gRPC-framed) with their token, cycled per stream.
+    requests: Arc<Vec<(String, Bytes)>>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Outcome {
+    calls: u64,
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    codes: BTreeMap<String, u64>,
+    cpu_us: f64,
+    upstream_per_call: f64,
+}
+
+fn frame(message: &impl Message) -> Bytes {
+    let body = message.encode_to_vec();
+    let mut out = Vec::with_capacity(body.len() + 5);
+    out.push(0);
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out.into()
+}
+
+/// Drives `scenario` against `addr` for `seconds`; returns per-call
+/// latencies (microseconds) and grpc-status counts.
+async fn load(addr: &str, scenario: &Scenario, seconds: f64) -> (Vec<u32>, BTreeMap<String, u64>) {
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..scenario.connections {
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        tcp.set_nodelay(true).expect("nodelay");
+        let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+        tokio::spawn(conn);
+        for s in 0..scenario.streams {
+            let mut client = client.clone();
+            let scenario = scenario.clone();
+            let uri = format!("http://{addr}{}", scenario.path);
+            tasks.spawn(async move {
+                let mut latencies = Vec::new();
+                let mut codes: BTreeMap<String, u64> = BTreeMap::new();
+                let mut n = c * scenario.streams + s;
+                while Instant::now() < end {
+                    let (token, body) = &scenario.requests[n % scenario.requests.len()];
+                    n += scenario.connections * scenario.streams;
+                    let request = http::Request::post(&uri)
+                        .header("content-type", "application/grpc")
+                        .header("te", "trailers")
+                        .header("authorization", format!("Bearer {token}"))
+                        .body(())
+                        .expect("request");
+                    let started = Instant::now();
+                    client = client.ready().await.expect("ready");
+                    let (response, mut send) = client.send_request(request, false).expect("send");
+                    send.send_data(body.clone(), true).expect("data");
+                    let code = match response.await {
+                        Ok(response) => {
+                            let (parts, mut body) = response.into_parts();
+                            while let Some(chunk) = body.data().await {
+                                let chunk = chunk.expect("body");
+                                let _ = body.flow_control().release_capacity(chunk.len());
+                            }
+                            let trailers = body.trailers().await.ok().flatten();
+                            trailers
+                                .as_ref()
+                                .and_then(|t| t.get("grpc-status"))
+                                .or_else(|| parts.headers.get("grpc-status"))
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("none")
+                                .to_owned()
+                        }
+                        Err(e) => format!("h2: {e}"),
+                    };
+                    latencies.push(started.elapsed().as_micros() as u32);
+                    *codes.entry(code_name(&code)).or_default() += 1;
+                }
+                (latencies, codes)
+            });
+        }
+    }
+    let mut all = Vec::new();
+    let mut codes = BTreeMap::new();
+    while let Some(done) = tasks.join_next().await {
+        let (l, c) = done.expect("load task");
+        all.extend(l);
+        for (k, v) in c {
+            *codes.entry(k).or_default() += v;
+        }
+    }
+    (all, codes)
+}
+
+fn code_name(code: &str) -> String {
+    let names = [
+        "OK",
+        "Canceled",
+        "Unknown",
+        "InvalidArgument",
+        "DeadlineExceeded",
+        "NotFound",
+        "AlreadyExists",
+        "PermissionDenied",
+        "ResourceExhausted",
+        "FailedPrecondition",
+        "Aborted",
+        "OutOfRange",
+        "Unimplemented",
+        "Internal",
+        "Unavailable",
+        "DataLoss",
+        "Unauthenticated",
+    ];
+    code.parse::<usize>()
+        .ok()
+        .and_then(|n| names.get(n))
+        .map_or_else(|| code.to_owned(), |n| (*n).to_owned())
+}
+
+async fn sim_counters(sim: &str) -> u64 {
+    let stats: serde_json::Value = reqwest::get(format!("http://{sim}/_sim/stats"))
+        .await
+        .expect("stats")
+        .json()
+        .await
+        .expect("stats json");
+    stats["create_calls"].as_u64().unwrap_or(0) + stats["status_calls"].as_u64().unwrap_or(0)
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    usage(pid).1
+}
+
+async fn measure(target: &Proc, sim: &str, scenario: &Scenario, seconds: f64) -> Outcome {
+    // Warm up: connections, pools, caches.
+    load(&target.1, scenario, 0.5).await;
+    let cpu0 = cpu_seconds(target.0.id());
+    let up0 = sim_counters(sim).await;
+    let started = Instant::now();
+    let (mut latencies, codes) = load(&target.1, scenario, seconds).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu1 = cpu_seconds(target.0.id());
+    let up1 = sim_counters(sim).await;
+    latencies.sort_unstable();
+    let calls = latencies.len() as u64;
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .map_or(0.0, |us| f64::from(*us) / 1000.0)
+    };
+    Outcome {
+        calls,
+        rps: calls as f64 / elapsed,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        codes,
+        cpu_us: (cpu1 - cpu0) * 1e6 / calls.max(1) as f64,
+        upstream_per_call: (up1 - up0) as f64 / calls.max(1) as f64,
+    }
+}
+
+fn median(mut runs: Vec<Outcome>) -> Outcome {
+    runs.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+    runs.swap_remove(runs.len() / 2)
+}
+
+/// Creates `jobs` jobs for each token directly at the simulator.
+async fn seed_jobs(sim: &str, tokens: &[String], jobs: usize) -> Vec<(String, String)> {
+    let http = reqwest::Client::new();
+    let mut out = Vec::new();
+    for token in tokens {
+        for i in 0..jobs {
+            let reply: serde_json::Value = http
+                .post(format!("http://{sim}/api/gen/create"))
+                .header("authorization", token)
+                .json(&serde_json::json!({"prompt": format!("bench {i}")}))
+                .send()
+                .await
+                .expect("create")
+                .json()
+                .await
+                .expect("create json");
+            let id = reply["data"]["markId"].as_str().expect("markId").to_owned();
+            out.push((token.clone(), id));
+        }
+    }
+    out
+}
+
+fn checks(jobs: &[(String, String)]) -> Arc<Vec<(String, Bytes)>> {
+    Arc::new(
+        jobs.iter()
+            .map(|(token, id)| {
+                let message = pb::CheckImageRequest {
+                    mark_id: id.clone(),
+                };
+                (token.clone(), frame(&message))
+            })
+            .collect(),
+    )
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let o = opts();
+    let job_duration = "100000s";
+    // An instant upstream for the per-call cost, one with 20 ms for sharing.
+    let instant_sim = spawn(&[
+        "sim",
+        "--listen",
+        "127.0.0.1:0",
+        "--job-duration",
+        job_duration,
+    ]);
+    let slow_sim = spawn(&[
+        "sim",
+        "--listen",
+        "127.0.0.1:0",
+        "--job-duration",
+        job_duration,
+        "--latency",
+        "20ms",
+    ]);
+    let serve = |sim: &str| {
+        let upstream = format!("http://{sim}");
+        start_pinned(
+            BIN,
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream-url",
+                &upstream,
+                "--max-generates-per-token",
+                "1000",
+                "--log",
+                "info",
+            ],
+        )
+    };
+    let floor = |sim: &str| start_pinned(&o.floor, &["127.0.0.1:0", &format!("http://{sim}")]);
+
+    let generate = pb::GenerateImageRequest {
+        prompt: "a magical landscape".into(),
+        ..Default::default()
+    };
+    let tokens: Vec<String> = (0..4).map(|i| format!("bench-token-{i}")).collect();
+    let one_job = seed_jobs(&instant_sim.1, &tokens[..1], 1).await;
+    let many_jobs = seed_jobs(&slow_sim.1, &tokens, 120).await;
+    let scenarios: Vec<(Scenario, &Proc)> = vec![
+        (
+            Scenario {
+                name: "GenerateImage",
+                path: "/piclumen.v1.ImageService/GenerateImage",
+                connections: 16,
+                streams: 10,
+                requests: Arc::new(
+                    (0..16)
+                        .map(|i| (format!("gen-token-{i}"), frame(&generate)))
+                        .collect(),
+                ),
+            },
+            &instant_sim,
+        ),
+        (
+            Scenario {
+                name: "CheckImage, 160 callers, one job",
+                path: "/piclumen.v1.ImageService/CheckImage",
+                connections: 16,
+                streams: 10,
+                requests: checks(&one_job),
+            },
+            &instant_sim,
+        ),
+        (
+            Scenario {
+                name: "CheckImage, 150 in flight, 480 jobs of 4 tokens, 20 ms upstream",
+                path: "/piclumen.v1.ImageService/CheckImage",
+                connections: 15,
+                streams: 10,
+                requests: checks(&many_jobs),
+            },
+            &slow_sim,
+        ),
+        (
+            Scenario {
+                name: "CheckImage, one at a time, 20 ms upstream",
+                path: "/piclumen.v1.ImageService/CheckImage",
+                connections: 1,
+                streams: 1,
+                requests: checks(&many_jobs),
+            },
+            &slow_sim,
+        ),
+    ];
+
+    println!(
+        "proxy_cost: {} s per run, median of {} alternating runs; server pinned to core 0 with one tokio worker",
+        o.seconds, o.runs
+    );
+    println!(
+        "| scenario | server | req/s | p50 ms | p99 ms | codes | CPU us/call | upstream calls/call |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    let mut ratios = Vec::new();
+    for (scenario, sim) in &scenarios {
+        if o.only
+            .as_deref()
+            .is_some_and(|only| !scenario.name.starts_with(only))
+        {
+            continue;
+        }
+        let ours_proc = serve(&sim.1);
+        let floor_proc = floor(&sim.1);
+        let mut ours = Vec::new();
+        let mut floors = Vec::new();
+        for _ in 0..o.runs {
+            ours.push(measure(&ours_proc, &sim.1, scenario, o.seconds).await);
+            floors.push(measure(&floor_proc, &sim.1, scenario, o.seconds).await);
+        }
+        let (ours, floor) = (median(ours), median(floors));
+        for (label, r) in [("piclumen-grpc", &ours), ("floor", &floor)] {
+            println!(
+                "| {} | {label} | {:.0} | {:.2} | {:.2} | {:?} | {:.1} | {:.3} |",
+                scenario.name, r.rps, r.p50_ms, r.p99_ms, r.codes, r.cpu_us, r.upstream_per_call
+            );
+        }
+        ratios.push(format!(
+            "{}: {:.2}x the floor's req/s at {:.2}x its CPU per call; {:.3} upstream calls per call (floor {:.3})",
+            scenario.name,
+            ours.rps / floor.rps.max(1e-9),
+            ours.cpu_us / floor.cpu_us.max(1e-9),
+            ours.upstream_per_call,
+            floor.upstream_per_call
+        ));
+    }
+    for line in ratios {
+        println!("{line}");
+    }
+}

@@ -1,0 +1,289 @@
+//! The hub: one status path per token for WatchImage and CheckImage.
+//!
+//! Each token with work has one poller task (`poller`) driving a pure
+//! schedule (`schedule`) over a `StatusSource` (`source`; the Piclumen
+//! client in production). Watchers of the same (token, mark id) share one
+//! `tokio::sync::watch` channel: one poll, one fan-out, and a slow reader
+//! only ever skips to the newest state (the terminal state is the last
+//! value, so it is never skipped). Checks are coalesced: asked at once when
+//! the token is idle, batched while its calls are in flight, and answered
+//! from the hub's state when that is younger than one poll interval.
+//!
+//! The hub knows jobs, tokens and states; neither proto nor JSON. It
+//! returns its own error type; the service maps it to a `Status`.
+
+mod poller;
+pub mod schedule;
+pub mod source;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, MutexGuard, OnceLock},
+    time::Duration,
+};
+
+use tokio::{
+    sync::{mpsc, oneshot, watch},
+    time::Instant,
+};
+
+use crate::{job::JobStatus, job::Token, upstream::UpstreamError};
+pub use source::{BoxFuture, StatusSource};
+
+/// How long newcomers are gathered into one call, unless configured.
+pub const DEFAULT_GATHER: Duration = Duration::from_millis(50);
+/// Most calls in flight per token.
+pub const DEFAULT_MAX_CALLS: usize = 64;
+/// Most calls carrying checks in flight per token; checks arriving beyond
+/// it wait and share the next call.
+pub const DEFAULT_MAX_CHECK_CALLS: usize = 4;
+
+/// Why the hub could not give a job's state.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum HubError {
+    /// The token's account has no such job.
+    #[error("no job with mark id {mark_id:?} for this token")]
+    NotFound {
+        /// The id asked for.
+        mark_id: String,
+    },
+    /// Piclumen failed the call (or its entry for this job).
+    #[error("{0}")]
+    Upstream(UpstreamError),
+    /// Piclumen stayed in trouble for longer than the failure budget.
+    #[error("Piclumen unreachable for over {budget:?}; last error: {last}")]
+    Outage {
+        /// The configured budget.
+        budget: Duration,
+        /// The last failure seen.
+        last: UpstreamError,
+    },
+    /// The check's deadline passed before an answer came.
+    #[error("the caller's deadline ran out before Piclumen answered")]
+    DeadlineExceeded,
+    /// The token's poller went away (the server is stopping).
+    #[error("the hub stopped")]
+    Stopped,
+}
+
+/// What a watcher sees of its job.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Snapshot {
+    /// Not polled yet.
+    Waiting,
+    /// The latest state; terminal states are the channel's last value.
+    Status(JobStatus),
+    /// The watch cannot go on.
+    Ended(HubError),
+}
+
+/// Hub settings.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// Time between two polls of the same job; also how long an answer
+    /// stays fresh enough for CheckImage.
+    pub poll_interval: Duration,
+    /// Most ids in one batch-status call.
+    pub batch_max: usize,
+    /// How long newcomers are gathered into one call.
+    pub gather: Duration,
+    /// How long transient upstream trouble is retried before watches end
+    /// with UNAVAILABLE.
+    pub failure_budget: Duration,
+}
+
+/// The hub's handle; cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    config: HubConfig,
+    source: Arc<dyn StatusSource>,
+    tokens: Mutex<HashMap<Token, Arc<Shared>>>,
+}
+
+/// What a token's poller shares with the handles.
+#[derive(Debug)]
+struct Shared {
+    token: Token,
+    state: Mutex<State>,
+    cmds: mpsc::UnboundedSender<Cmd>,
+}
+
+/// Job channels and recent answers of one token.
+#[derive(Debug, Default)]
+struct State {
+    /// Watched jobs' channels.
+    slots: HashMap<Arc<str>, watch::Sender<Snapshot>>,
+    /// The latest answer for each job asked recently, with when it arrived;
+    /// entries older than one interval are swept.
+    known: HashMap<Arc<str>, (JobStatus, Instant)>,
+}
+
+/// A request from a handle to a token's poller.
+#[derive(Debug)]
+enum Cmd {
+    Watch(Arc<str>),
+    Check(Arc<str>, oneshot::Sender<Result<JobStatus, HubError>>),
+}
+
+/// A watcher's end of a job's channel. Dropping it is how a watch leaves.
+#[derive(Debug)]
+pub struct Subscription {
+    /// The job's state channel.
+    pub rx: watch::Receiver<Snapshot>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        gauges().watchers.decrement(1.0);
+    }
+}
+
+impl Hub {
+    /// A hub polling through `source`.
+    pub fn new(config: HubConfig, source: Arc<dyn StatusSource>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                source,
+                tokens: Mutex::default(),
+            }),
+        }
+    }
+
+    /// Joins the watchers of `mark_id` for `token`, starting to poll it when
+    /// it is new. Tokens never share channels, even for the same mark id.
+    pub fn subscribe(&self, token: &Token, mark_id: &str) -> Subscription {
+        let mut tokens = lock(&self.inner.tokens);
+        let shared = self.shared(&mut tokens, token);
+        let mut state = lock(&shared.state);
+        let rx = match state.slots.get(mark_id) {
+            Some(tx) => tx.subscribe(),
+            None => {
+                let id: Arc<str> = mark_id.into();
+                // A fresh answer is the watch's first message at once.
+                let first = state
+                    .known
+                    .get(mark_id)
+                    .filter(|(_, at)| at.elapsed() < self.inner.config.poll_interval)
+                    .map_or(Snapshot::Waiting, |(status, _)| {
+                        Snapshot::Status(status.clone())
+                    });
+                let (tx, rx) = watch::channel(first);
+                state.slots.insert(Arc::clone(&id), tx);
+                gauges().jobs.increment(1.0);
+                // The receiver lives as long as `shared`, which we hold.
+                let _ = shared.cmds.send(Cmd::Watch(id));
+                rx
+            }
+        };
+        gauges().watchers.increment(1.0);
+        Subscription { rx }
+    }
+
+    /// The job's state: from the hub when its answer is younger than one
+    /// poll interval, else from a call sent after this check arrived
+    /// (shared with other checks and watches of the token). Waits at most
+    /// until `deadline`.
+    pub async fn check(
+        &self,
+        token: &Token,
+        mark_id: &str,
+        deadline: Option<Instant>,
+    ) -> Result<JobStatus, HubError> {
+        let metrics = check_metrics();
+        metrics.checks.increment(1);
+        let rx = {
+            let mut tokens = lock(&self.inner.tokens);
+            let shared = self.shared(&mut tokens, token);
+            let state = lock(&shared.state);
+            if let Some((status, at)) = state.known.get(mark_id) {
+                if at.elapsed() < self.inner.config.poll_interval {
+                    metrics.from_state.increment(1);
+                    return Ok(status.clone());
+                }
+            }
+            drop(state);
+            let (tx, rx) = oneshot::channel();
+            let _ = shared.cmds.send(Cmd::Check(mark_id.into(), tx));
+            rx
+        };
+        let answer = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, rx)
+                .await
+                .map_err(|_| HubError::DeadlineExceeded)?,
+            None => rx.await,
+        };
+        answer.unwrap_or(Err(HubError::Stopped))
+    }
+
+    /// The token's poller, started when it has none.
+    fn shared(
+        &self,
+        tokens: &mut MutexGuard<'_, HashMap<Token, Arc<Shared>>>,
+        token: &Token,
+    ) -> Arc<Shared> {
+        if let Some(shared) = tokens.get(token) {
+            return Arc::clone(shared);
+        }
+        let shared = poller::spawn(token.clone(), Arc::clone(&self.inner));
+        tokens.insert(token.clone(), Arc::clone(&shared));
+        shared
+    }
+}
+
+/// Metric handles resolved once: a registry lookup per call would cost more
+/// than the rest of a cached check.
+struct Gauges {
+    jobs: metrics::Gauge,
+    watchers: metrics::Gauge,
+}
+
+fn gauges() -> &'static Gauges {
+    static G: OnceLock<Gauges> = OnceLock::new();
+    G.get_or_init(|| Gauges {
+        jobs: metrics::gauge!("piclumen_hub_jobs"),
+        watchers: metrics::gauge!("piclumen_hub_watchers"),
+    })
+}
+
+struct CheckMetrics {
+    /// Every CheckImage that reached the hub.
+    checks: metrics::Counter,
+    /// Checks answered from state younger than one interval.
+    from_state: metrics::Counter,
+    /// Checks answered by a call that also carried other checks or watches.
+    coalesced: metrics::Counter,
+    /// Upstream calls that carried at least one check.
+    calls: metrics::Counter,
+}
+
+fn check_metrics() -> &'static CheckMetrics {
+    static M: OnceLock<CheckMetrics> = OnceLock::new();
+    M.get_or_init(|| CheckMetrics {
+        checks: metrics::counter!("piclumen_checks_total"),
+        from_state: metrics::counter!("piclumen_checks_from_state_total"),
+        coalesced: metrics::counter!("piclumen_checks_coalesced_total"),
+        calls: metrics::counter!("piclumen_check_upstream_calls_total"),
+    })
+}
+
+/// Locks a mutex; a poisoned one still holds consistent maps (no code
+/// panics while holding these locks), so poisoning is ignored.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,39 @@
+//! Where the hub gets job states from: the `StatusSource` trait, with the
+//! Piclumen client as its production implementation and scripted fakes in
+//! tests. The hub depends on this trait, not on HTTP.
+
+use std::{future::Future, pin::Pin, sync::Arc};
+
+use crate::{
+    job::Token,
+    upstream::{Client, UpstreamError},
+};
+
+pub use crate::upstream::{BadEntry, StatusEntry as Entry};
+
+/// A boxed future, as the trait's calls return.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Answers batch-status questions for one token at a time.
+pub trait StatusSource: Send + Sync + 'static {
+    /// The states of `ids` for `token`; ids absent from the answer are
+    /// unknown to the token's account.
+    fn batch_status(
+        &self,
+        token: &Token,
+        ids: &[Arc<str>],
+    ) -> BoxFuture<Result<Vec<Entry>, UpstreamError>>;
+}
+
+impl StatusSource for Client {
+    fn batch_status(
+        &self,
+        token: &Token,
+        ids: &[Arc<str>],
+    ) -> BoxFuture<Result<Vec<Entry>, UpstreamError>> {
+        let client = self.clone();
+        let token = token.clone();
+        let ids: Vec<Arc<str>> = ids.to_vec();
+        Box::pin(async move { client.batch_status_entries(&token, &ids).await })
+    }
+}
