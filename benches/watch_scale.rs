@@ -35,6 +35,9 @@ struct Args {
     /// Client connections the watches are spread over.
     #[arg(long, default_value_t = 20)]
     connections: usize,
+    /// Tokens the watches are spread over (watch i uses token i % tokens).
+    #[arg(long, default_value_t = 1)]
+    tokens: usize,
     /// Ignored (cargo bench passes --bench).
     #[arg(long)]
     bench: bool,
@@ -56,11 +59,11 @@ async fn sim_stats(http: &reqwest::Client, sim: &str) -> (u64, u64) {
     )
 }
 
-fn authed<T>(message: T) -> Request<T> {
+fn authed<T>(token: &str, message: T) -> Request<T> {
     let mut request = Request::new(message);
     request.metadata_mut().insert(
         "authorization",
-        format!("Bearer {TOKEN}").parse().expect("ascii"),
+        format!("Bearer {token}").parse().expect("ascii"),
     );
     request
 }
@@ -127,7 +130,8 @@ async fn main() {
     // Start every job and its watch; each task reports when its job reached
     // RUNNING and SUCCEEDED, relative to when the simulator switched it.
     let started = Instant::now();
-    let (first_tx, mut first_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    // Each watch reports how long its first state took from its opening.
+    let (first_tx, mut first_rx) = tokio::sync::mpsc::unbounded_channel::<f64>();
     // Callers start jobs a few hundred at a time, as a fleet of services
     // would; the watches then all stay open together.
     let creating = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
@@ -136,10 +140,15 @@ async fn main() {
         let mut client = clients[i % clients.len()].clone();
         let first_tx = first_tx.clone();
         let creating = creating.clone();
+        let token = if args.tokens > 1 {
+            format!("{TOKEN}-{}", i % args.tokens)
+        } else {
+            TOKEN.to_owned()
+        };
         tasks.push(tokio::spawn(async move {
             let permit = creating.acquire_owned().await.expect("semaphore");
             let created = client
-                .generate_image(authed(pb::GenerateImageRequest {
+                .generate_image(authed(&token, pb::GenerateImageRequest {
                     prompt: format!("bench {i}"),
                     ..Default::default()
                 }))
@@ -147,8 +156,9 @@ async fn main() {
                 .expect("generate")
                 .into_inner();
             drop(permit);
+            let opened = Instant::now();
             let mut stream = client
-                .watch_image(authed(pb::WatchImageRequest {
+                .watch_image(authed(&token, pb::WatchImageRequest {
                     mark_id: created.mark_id.clone(),
                 }))
                 .await
@@ -158,7 +168,7 @@ async fn main() {
             let mut seen = Vec::new();
             while let Some(update) = stream.message().await.expect("stream") {
                 if first {
-                    let _ = first_tx.send(());
+                    let _ = first_tx.send(opened.elapsed().as_secs_f64());
                     first = false;
                 }
                 let state = update.job.expect("job").state();
@@ -177,15 +187,23 @@ async fn main() {
         }));
     }
     drop(first_tx);
-    let mut opened = 0;
-    while opened < args.watches && first_rx.recv().await.is_some() {
-        opened += 1;
+    let mut firsts = Vec::with_capacity(args.watches);
+    while firsts.len() < args.watches {
+        match first_rx.recv().await {
+            Some(took) => firsts.push(took),
+            None => break,
+        }
     }
     let all_open = started.elapsed();
+    firsts.sort_by(f64::total_cmp);
     println!(
-        "all {} watches open with a first state after {:.1}s",
+        "all {} watches open with a first state after {:.1}s; opening to first state: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (target: within two poll intervals = {:.0} ms)",
         args.watches,
-        all_open.as_secs_f64()
+        all_open.as_secs_f64(),
+        percentile(&firsts, 0.5) * 1000.0,
+        percentile(&firsts, 0.99) * 1000.0,
+        firsts.last().copied().unwrap_or(f64::NAN) * 1000.0,
+        args.poll_interval.as_secs_f64() * 2000.0
     );
 
     // Steady state: every watch open, no job finished yet. The first round
@@ -201,9 +219,11 @@ async fn main() {
     let holding = status_kib(server_pid, "VmRSS:");
     let rounds = window.as_secs_f64() / args.poll_interval.as_secs_f64();
     let calls_per_round = (c1 - c0) as f64 / rounds;
-    let ideal = args.watches.div_ceil(args.batch_max);
+    // Per token: ceil(jobs of the token / batch_max).
+    let per_token = args.watches.div_ceil(args.tokens.max(1));
+    let ideal = per_token.div_ceil(args.batch_max) * args.tokens.max(1);
     println!(
-        "steady state over {rounds:.0} rounds: {calls_per_round:.1} status calls/round (ceil(N/batch_max) = {ideal}), {:.1} ids/call, {:.0} ids/round",
+        "steady state over {rounds:.0} rounds: {calls_per_round:.1} status calls/round (ideal {ideal}), {:.1} ids/call, {:.0} ids/round",
         (i1 - i0) as f64 / (c1 - c0).max(1) as f64,
         (i1 - i0) as f64 / rounds
     );

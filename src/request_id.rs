@@ -84,9 +84,16 @@ fn usable(id: &[u8]) -> bool {
     !id.is_empty() && id.len() <= MAX_LEN && id.iter().all(u8::is_ascii_graphic)
 }
 
+/// 32 random hex digits, written on the stack: this runs on every call.
 fn generate() -> HeaderValue {
-    HeaderValue::from_str(&format!("{:032x}", rand::random::<u128>()))
-        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = rand::random::<u128>();
+    let mut out = [0u8; 32];
+    for byte in out.iter_mut().rev() {
+        *byte = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// A stream polled inside a span, so the lines a WatchImage stream logs
