@@ -235,6 +235,8 @@ fn progress_bar(name: &str, len: Option<u64>) -> ProgressBar {
             .progress_chars("=> "),
     );
     bar.set_message(name.to_owned());
+    // Draw at once, so even a quick download shows what it is saving.
+    bar.tick();
     bar
 }
 
@@ -342,7 +344,10 @@ mod tests {
     #[test]
     fn names_never_leave_the_directory() {
         assert_eq!(sanitise("a.webp").as_deref(), Some("a.webp"));
-        assert_eq!(sanitise("../../etc/passwd").as_deref(), Some("_._etc_passwd"));
+        assert_eq!(
+            sanitise("../../etc/passwd").as_deref(),
+            Some("_._etc_passwd")
+        );
         assert_eq!(sanitise("..").as_deref(), None);
         assert_eq!(sanitise(".").as_deref(), None);
         assert_eq!(sanitise("/").as_deref(), None);
