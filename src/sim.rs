@@ -6,8 +6,16 @@
 //! `success` with `batch_size` images (or `failed` for prompts containing
 //! `[sim:fail]`). `GET /_sim/stats` counts every request, injected faults
 //! included; `POST /_sim/faults` scripts the next replies; `GET
-//! /_sim/creates` shows the create bodies received; `GET /_sim/jobs` gives
-//! each job's creation time and duration.
+//! /_sim/creates` shows the accepted creates, each as `{"headers", "body"}`;
+//! `GET /_sim/requests` shows the headers of the latest request to each
+//! endpoint, as `{"create": headers, "status": headers}` (`null` before the
+//! first), whatever its reply; `GET /_sim/jobs` gives each job's creation
+//! time and duration.
+//!
+//! Recorded headers are an object with `platform`, `content-type`,
+//! `accept`, `user-agent`, `origin` and `referer` (each the text sent, or
+//! `null` when absent) and `authorization`: `true` when that header was
+//! present. The token itself is never recorded.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -123,6 +131,9 @@ struct World {
     jobs: HashMap<String, Job>,
     creates: VecDeque<Value>,
     faults: VecDeque<Fault>,
+    /// Headers of the latest create and status requests.
+    last_create: Option<Value>,
+    last_status: Option<Value>,
 }
 
 #[derive(Debug, Clone)]
@@ -153,6 +164,7 @@ pub fn router(config: SimConfig) -> Router {
         .route("/_sim/stats", get(stats))
         .route("/_sim/faults", post(add_faults))
         .route("/_sim/creates", get(creates))
+        .route("/_sim/requests", get(requests))
         .route("/_sim/jobs", get(jobs))
         .with_state(sim)
 }
@@ -286,6 +298,8 @@ fn fault_reply(fault: &Fault) -> Option<Response> {
 
 async fn create(State(sim): State<Sim>, headers: HeaderMap, body: Bytes) -> Response {
     sim.stats.create_calls.fetch_add(1, Ordering::Relaxed);
+    let seen = recorded_headers(&headers);
+    sim.world().last_create = Some(seen.clone());
     let token = match gate(&sim, "create", &headers).await {
         Ok(token) => token,
         Err(reply) => return reply,
@@ -320,15 +334,30 @@ async fn create(State(sim): State<Sim>, headers: HeaderMap, body: Bytes) -> Resp
     if world.creates.len() == KEEP_CREATES {
         world.creates.pop_front();
     }
-    world.creates.push_back(json!({
-        "headers": {
-            "platform": header_text(&headers, "platform"),
-            "content-type": header_text(&headers, "content-type"),
-            "accept": header_text(&headers, "accept"),
-        },
-        "body": payload,
-    }));
+    world
+        .creates
+        .push_back(json!({ "headers": seen, "body": payload }));
     envelope(json!({ "markId": mark_id }))
+}
+
+/// The request headers worth checking, the token reduced to its presence.
+fn recorded_headers(headers: &HeaderMap) -> Value {
+    let mut seen = serde_json::Map::new();
+    for name in [
+        "platform",
+        "content-type",
+        "accept",
+        "user-agent",
+        "origin",
+        "referer",
+    ] {
+        seen.insert(name.to_owned(), header_text(headers, name));
+    }
+    seen.insert(
+        "authorization".to_owned(),
+        Value::Bool(headers.contains_key(header::AUTHORIZATION)),
+    );
+    Value::Object(seen)
 }
 
 fn header_text(headers: &HeaderMap, name: &str) -> Value {
@@ -340,6 +369,7 @@ fn header_text(headers: &HeaderMap, name: &str) -> Value {
 
 async fn status(State(sim): State<Sim>, headers: HeaderMap, body: Bytes) -> Response {
     sim.stats.status_calls.fetch_add(1, Ordering::Relaxed);
+    sim.world().last_status = Some(recorded_headers(&headers));
     let ids = serde_json::from_slice::<Vec<String>>(&body);
     if let Ok(ids) = &ids {
         sim.stats
@@ -454,6 +484,11 @@ async fn jobs(State(sim): State<Sim>) -> Json<Value> {
             })
             .collect(),
     ))
+}
+
+async fn requests(State(sim): State<Sim>) -> Json<Value> {
+    let world = sim.world();
+    Json(json!({ "create": world.last_create, "status": world.last_status }))
 }
 
 async fn creates(State(sim): State<Sim>) -> Json<Value> {
