@@ -307,7 +307,9 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub json: bool,
     /// With --wait: download every image of the finished job into this
-    /// directory (created if missing), named after the job's images.
+    /// directory (created if missing), named after the job's images. All or
+    /// nothing: a failed download leaves no file behind. Without --json,
+    /// stdout lists the saved files instead of the URLs.
     #[arg(long, value_name = "DIR", requires = "wait")]
     pub out: Option<PathBuf>,
 }
@@ -325,7 +327,9 @@ pub struct JobArgs {
     #[arg(long)]
     pub json: bool,
     /// Download every image of the job, once it has succeeded, into this
-    /// directory (created if missing), named after the job's images.
+    /// directory (created if missing), named after the job's images. All or
+    /// nothing: a failed download leaves no file behind. Without --json,
+    /// stdout lists the saved files instead of the URLs.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
 }

@@ -600,6 +600,104 @@ fn usage_errors_exit_2_and_help_lists_the_exit_codes() {
     );
 }
 
+/// Decodes a PNG file whole and returns its width and height.
+fn png_size(path: &Path) -> (u32, u32) {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .unwrap_or_else(|e| panic!("{} is not a PNG: {e}", path.display()));
+    let mut pixels = vec![0; reader.output_buffer_size().expect("buffer size")];
+    let frame = reader
+        .next_frame(&mut pixels)
+        .unwrap_or_else(|e| panic!("{} does not decode: {e}", path.display()));
+    (frame.width, frame.height)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_saves_the_simulators_images_decodable_at_the_jobs_size() {
+    let h = Harness::start().await;
+    let server = format!("http://{}", h.server.addr);
+    let scratch = tempfile::tempdir().expect("tempdir");
+    // A directory that does not exist yet, two levels deep.
+    let dir = scratch.path().join("new").join("images");
+    let dir_text = dir.to_string_lossy().into_owned();
+    let output = run_client(&[
+        "generate",
+        "--server",
+        &server,
+        "--token",
+        TOKEN,
+        "a magical landscape",
+        "--wait",
+        "--json",
+        "--batch-size",
+        "2",
+        "--width",
+        "200",
+        "--height",
+        "120",
+        "--out",
+        &dir_text,
+    ])
+    .await;
+    let stderr = stderr_of(&output);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let job = one_json_object(&output.stdout);
+    let images = job["images"].as_array().expect("images");
+    assert_eq!(images.len(), 2, "{job}");
+    let mut expected_files = Vec::new();
+    for image in images {
+        let name = image["name"].as_str().expect("name");
+        let path = dir.join(name);
+        assert_eq!(image["path"], path.to_string_lossy().as_ref(), "{job}");
+        assert_eq!(png_size(&path), (200, 120), "{name}");
+        assert!(
+            stderr.contains(&format!("saved {}", path.display())),
+            "{stderr}"
+        );
+        expected_files.push(name.to_owned());
+    }
+    expected_files.sort();
+    assert_eq!(
+        files_in(&dir),
+        expected_files,
+        "only the images, no temp file"
+    );
+
+    // Plain output with --out lists the saved files; `watch` saves the same.
+    let mark_id = job["mark_id"].as_str().expect("mark_id");
+    let again = scratch.path().join("again");
+    let output = run_client(&[
+        "watch",
+        "--server",
+        &server,
+        "--token",
+        TOKEN,
+        mark_id,
+        "--out",
+        &again.to_string_lossy(),
+    ])
+    .await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr_of(&output));
+    let listed: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let expected: Vec<String> = images
+        .iter()
+        .map(|i| {
+            again
+                .join(i["name"].as_str().expect("name"))
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    assert_eq!(listed, expected);
+    for path in &listed {
+        assert_eq!(png_size(Path::new(path)), (200, 120));
+    }
+}
+
 /// An image host for the failure cases, on loopback: `/ok.png` answers a
 /// whole body; `/cut.png` promises 100000 bytes, sends 5000 and closes;
 /// `/slow.png` trickles 64 KiB over about a second.
@@ -879,9 +977,11 @@ fn run_on_terminal(args: &[&str], stdout_on_terminal: bool) -> (ExitStatus, Vec<
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_terminal_gets_a_live_line_while_stdout_stays_clean_json() {
+async fn a_terminal_gets_live_progress_while_stdout_stays_clean_json() {
     let h = Harness::start().await;
     let server = format!("http://{}", h.server.addr);
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let dir = scratch.path().join("images");
     let args = [
         "generate",
         "--server",
@@ -891,6 +991,12 @@ async fn a_terminal_gets_a_live_line_while_stdout_stays_clean_json() {
         "a magical landscape",
         "--wait",
         "--json",
+        "--width",
+        "160",
+        "--height",
+        "120",
+        "--out",
+        &dir.to_string_lossy(),
     ]
     .map(str::to_owned);
     let (status, stdout, screen) = tokio::task::spawn_blocking(move || {
@@ -902,6 +1008,7 @@ async fn a_terminal_gets_a_live_line_while_stdout_stays_clean_json() {
     assert!(status.success(), "{screen}");
     let job = one_json_object(&stdout);
     assert_eq!(job["state"], "SUCCEEDED");
+    let name = job["images"][0]["name"].as_str().expect("name").to_owned();
     // The spinner redraws one line in place (carriage return, clear line)
     // instead of printing a line per change.
     assert!(screen.contains("pending, queue position"), "{screen:?}");
@@ -913,10 +1020,21 @@ async fn a_terminal_gets_a_live_line_while_stdout_stays_clean_json() {
         !screen.contains("succeeded, 1 image(s)\r\n"),
         "the terminal got plain lines: {screen:?}"
     );
+    // The download drew its bar, then said where the image went.
+    assert!(
+        screen.contains(&format!("{name} [")),
+        "no download bar: {screen:?}"
+    );
+    let saved = dir.join(&name);
+    assert!(
+        screen.contains(&format!("saved {}", saved.display())),
+        "{screen:?}"
+    );
     assert!(
         !screen.contains("\"mark_id\""),
         "JSON leaked to the terminal"
     );
+    assert_eq!(png_size(&saved), (160, 120));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
