@@ -1,15 +1,40 @@
 //! The human client: `generate` (optionally `--wait`), `watch` and `check`.
-//! Results go to stdout (the mark id, then image URLs); progress to stderr.
+//!
+//! Results go to stdout: for people, the mark id then the image URLs (or the
+//! saved files with `--out`); for scripts, with `--json`, one JSON object and
+//! nothing else. Progress and errors go to stderr: a live line on a
+//! terminal, one line per change otherwise. The exit code says how it ended
+//! (see [`CliError::exit_code`]; the codes are listed in `--help`).
 
-use std::time::Duration;
+mod download;
+
+use std::{error::Error as _, path::PathBuf, time::Duration};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use tonic::{Request, metadata::MetadataValue, transport::Channel};
+use serde_json::{Value, json};
+use tonic::{
+    Request,
+    metadata::MetadataValue,
+    transport::{Channel, Endpoint},
+};
 
 use crate::{
     config::{ClientArgs, GenerateArgs, JobArgs},
     pb::{self, JobState, image_service_client::ImageServiceClient},
 };
+
+pub use download::DownloadError;
+
+/// Exit code: the job failed.
+pub const EXIT_JOB_FAILED: u8 = 1;
+/// Exit code: a bad flag or argument (clap uses the same for its errors).
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code: a call to the server or an image download failed.
+pub const EXIT_CALL_FAILED: u8 = 3;
+
+/// Bound on connecting to the server, so an address that swallows packets
+/// fails instead of hanging.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a client command failed.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +64,42 @@ pub enum CliError {
     /// The stream ended before a terminal state.
     #[error("the watch ended before the job finished")]
     Incomplete,
+    /// Saving the job's images failed; nothing new was left in the directory.
+    #[error(transparent)]
+    Download(#[from] DownloadError),
+}
+
+impl CliError {
+    /// The process exit code for this failure: 1 the job failed, 2 usage,
+    /// 3 a call or download failed.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::JobFailed { .. } => EXIT_JOB_FAILED,
+            Self::BadToken => EXIT_USAGE,
+            Self::Connect { .. } | Self::Status(_) | Self::Incomplete | Self::Download(_) => {
+                EXIT_CALL_FAILED
+            }
+        }
+    }
+
+    /// The message and the causes it does not already say, for stderr.
+    pub fn report(&self) -> String {
+        let mut text = self.to_string();
+        // A Status's own Display is a debug dump; its message is already
+        // in ours, only its cause is new.
+        let mut cause = match self {
+            Self::Status(status) => status.source(),
+            other => other.source(),
+        };
+        while let Some(c) = cause {
+            let part = c.to_string();
+            if !text.contains(&part) {
+                text = format!("{text}: {part}");
+            }
+            cause = c.source();
+        }
+        text
+    }
 }
 
 struct Connection {
@@ -48,12 +109,10 @@ struct Connection {
 
 impl Connection {
     async fn open(args: &ClientArgs) -> Result<Self, CliError> {
-        let client = ImageServiceClient::connect(args.server.clone())
-            .await
-            .map_err(|source| CliError::Connect {
-                server: args.server.clone(),
-                source,
-            })?;
+        let connect_error = |source| CliError::Connect {
+            server: args.server.clone(),
+            source,
+        };
         let token = args
             .token
             .as_deref()
@@ -64,7 +123,16 @@ impl Connection {
                     .map_err(|_| CliError::BadToken)
             })
             .transpose()?;
-        Ok(Self { client, token })
+        let channel = Endpoint::from_shared(args.server.clone())
+            .map_err(connect_error)?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .connect()
+            .await
+            .map_err(connect_error)?;
+        Ok(Self {
+            client: ImageServiceClient::new(channel),
+            token,
+        })
     }
 
     fn request<T>(&self, message: T) -> Request<T> {
@@ -78,8 +146,17 @@ impl Connection {
     }
 }
 
+/// What to do with a job once it is known: print it as JSON or as lines,
+/// and whether to save its images.
+struct Output {
+    json: bool,
+    out: Option<PathBuf>,
+    /// `check` starts its plain output with the job's state line.
+    state_line: bool,
+}
+
 /// `generate`: prints the mark id; with `--wait`, follows the job and prints
-/// the image URLs.
+/// the image URLs (or saves them with `--out`).
 pub async fn generate(args: GenerateArgs) -> Result<(), CliError> {
     let mut conn = Connection::open(&args.client).await?;
     let request = conn.request(pb::GenerateImageRequest {
@@ -96,21 +173,48 @@ pub async fn generate(args: GenerateArgs) -> Result<(), CliError> {
         ..Default::default()
     });
     let created = conn.client.generate_image(request).await?.into_inner();
-    println!("{}", created.mark_id);
-    eprintln!("seed: {}", created.seed);
-    if args.wait {
-        follow(&mut conn, created.mark_id).await?;
+    if !args.wait {
+        if args.json {
+            println!(
+                "{}",
+                json!({ "mark_id": created.mark_id, "seed": created.seed })
+            );
+        } else {
+            println!("{}", created.mark_id);
+            eprintln!("seed: {}", created.seed);
+        }
+        return Ok(());
     }
-    Ok(())
+    if args.json {
+        eprintln!("mark id: {}", created.mark_id);
+    } else {
+        println!("{}", created.mark_id);
+    }
+    eprintln!("seed: {}", created.seed);
+    let job = follow(&mut conn, created.mark_id).await?;
+    let output = Output {
+        json: args.json,
+        out: args.out,
+        state_line: false,
+    };
+    finish(job, Some(created.seed), &output).await
 }
 
-/// `watch`: follows a job to its end and prints the image URLs.
+/// `watch`: follows a job to its end and prints the image URLs (or saves
+/// them with `--out`).
 pub async fn watch(args: JobArgs) -> Result<(), CliError> {
     let mut conn = Connection::open(&args.client).await?;
-    follow(&mut conn, args.mark_id).await
+    let job = follow(&mut conn, args.mark_id).await?;
+    let output = Output {
+        json: args.json,
+        out: args.out,
+        state_line: false,
+    };
+    finish(job, None, &output).await
 }
 
-/// `check`: prints a job's state once.
+/// `check`: prints a job's state once (and with `--out`, saves its images
+/// if it has succeeded).
 pub async fn check(args: JobArgs) -> Result<(), CliError> {
     let mut conn = Connection::open(&args.client).await?;
     let request = conn.request(pb::CheckImageRequest {
@@ -123,17 +227,18 @@ pub async fn check(args: JobArgs) -> Result<(), CliError> {
         .into_inner()
         .job
         .unwrap_or_default();
-    println!("{}", describe(&job));
-    for image in &job.images {
-        println!("{}", image.url);
-    }
-    Ok(())
+    let output = Output {
+        json: args.json,
+        out: args.out,
+        state_line: true,
+    };
+    finish(job, None, &output).await
 }
 
-async fn follow(conn: &mut Connection, mark_id: String) -> Result<(), CliError> {
-    let request = conn.request(pb::WatchImageRequest {
-        mark_id: mark_id.clone(),
-    });
+/// Follows a job until it succeeds or fails, showing progress on stderr,
+/// and returns its final state.
+async fn follow(conn: &mut Connection, mark_id: String) -> Result<pb::ImageJob, CliError> {
+    let request = conn.request(pb::WatchImageRequest { mark_id });
     let mut stream = conn.client.watch_image(request).await?.into_inner();
     let bar = ProgressBar::new_spinner();
     bar.set_style(
@@ -151,26 +256,87 @@ async fn follow(conn: &mut Connection, mark_id: String) -> Result<(), CliError> 
         } else {
             bar.set_message(line);
         }
-        match job.state() {
-            JobState::Succeeded => {
-                bar.finish_and_clear();
-                for image in &job.images {
-                    println!("{}", image.url);
-                }
-                return Ok(());
-            }
-            JobState::Failed => {
-                bar.finish_and_clear();
-                return Err(CliError::JobFailed {
-                    mark_id,
-                    state: job.upstream_status,
-                });
-            }
-            _ => {}
+        if matches!(job.state(), JobState::Succeeded | JobState::Failed) {
+            bar.finish_and_clear();
+            return Ok(job);
         }
     }
     bar.finish_and_clear();
     Err(CliError::Incomplete)
+}
+
+/// Saves the images if asked, prints the job, and turns a failed job into
+/// its error (exit code 1).
+async fn finish(job: pb::ImageJob, seed: Option<i64>, output: &Output) -> Result<(), CliError> {
+    let saved = match &output.out {
+        Some(dir) if job.state() == JobState::Succeeded => {
+            download::save_all(dir, &job.mark_id, &job.images).await?
+        }
+        Some(_) if job.state() != JobState::Failed => {
+            eprintln!("{}: no images to save yet", describe(&job));
+            Vec::new()
+        }
+        _ => Vec::new(),
+    };
+    if output.json {
+        println!("{}", job_json(&job, seed, &saved));
+    } else {
+        if output.state_line {
+            println!("{}", describe(&job));
+        }
+        if saved.is_empty() {
+            for image in &job.images {
+                println!("{}", image.url);
+            }
+        } else {
+            for path in &saved {
+                println!("{}", path.display());
+            }
+        }
+    }
+    if job.state() == JobState::Failed {
+        return Err(CliError::JobFailed {
+            mark_id: job.mark_id,
+            state: job.upstream_status,
+        });
+    }
+    Ok(())
+}
+
+/// The job as `--json` prints it: the proto's fields with the state's short
+/// name, `seed` for `generate`, and each image's `path` once saved.
+fn job_json(job: &pb::ImageJob, seed: Option<i64>, saved: &[PathBuf]) -> Value {
+    let images: Vec<Value> = job
+        .images
+        .iter()
+        .enumerate()
+        .map(|(i, image)| {
+            let mut value = json!({
+                "url": image.url,
+                "name": image.name,
+                "width": image.width,
+                "height": image.height,
+                "nsfw": image.nsfw,
+            });
+            if let Some(path) = saved.get(i) {
+                value["path"] = json!(path.to_string_lossy());
+            }
+            value
+        })
+        .collect();
+    let state = job.state().as_str_name();
+    let mut value = json!({
+        "mark_id": job.mark_id,
+        "state": state.strip_prefix("JOB_STATE_").unwrap_or(state),
+        "queue_position": job.queue_position,
+        "upstream_status": job.upstream_status,
+        "prompt_id": job.prompt_id,
+        "images": images,
+    });
+    if let Some(seed) = seed {
+        value["seed"] = json!(seed);
+    }
+    value
 }
 
 fn describe(job: &pb::ImageJob) -> String {
@@ -185,5 +351,66 @@ fn describe(job: &pb::ImageJob) -> String {
         JobState::Unspecified => {
             format!("{}: unknown state {:?}", job.mark_id, job.upstream_status)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_has_the_job_fields_and_short_state_names() {
+        let job = pb::ImageJob {
+            mark_id: "m".into(),
+            state: JobState::Succeeded.into(),
+            queue_position: 0,
+            images: vec![pb::Image {
+                url: "http://h/a.png".into(),
+                name: "a.png".into(),
+                width: 64,
+                height: 32,
+                nsfw: true,
+            }],
+            upstream_status: "success".into(),
+            prompt_id: "p".into(),
+        };
+        let value = job_json(&job, Some(7), &[PathBuf::from("out/a.png")]);
+        assert_eq!(
+            value,
+            json!({
+                "mark_id": "m",
+                "state": "SUCCEEDED",
+                "queue_position": 0,
+                "upstream_status": "success",
+                "prompt_id": "p",
+                "images": [{"url": "http://h/a.png", "name": "a.png", "width": 64,
+                            "height": 32, "nsfw": true, "path": "out/a.png"}],
+                "seed": 7,
+            })
+        );
+        let pending = pb::ImageJob {
+            state: JobState::Pending.into(),
+            queue_position: 2,
+            ..Default::default()
+        };
+        let value = job_json(&pending, None, &[]);
+        assert_eq!(value["state"], "PENDING");
+        assert_eq!(value["queue_position"], 2);
+        assert!(value.get("seed").is_none());
+    }
+
+    #[test]
+    fn exit_codes_follow_the_contract() {
+        let failed = CliError::JobFailed {
+            mark_id: "m".into(),
+            state: "failed".into(),
+        };
+        assert_eq!(failed.exit_code(), 1);
+        assert_eq!(CliError::BadToken.exit_code(), 2);
+        assert_eq!(CliError::Incomplete.exit_code(), 3);
+        assert_eq!(
+            CliError::Status(tonic::Status::unavailable("x")).exit_code(),
+            3
+        );
     }
 }

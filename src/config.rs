@@ -10,9 +10,17 @@ pub const PRODUCTION_URL: &str = "https://api.piclumen.com";
 /// Port used when neither `--listen` nor `PORT` is given.
 pub const DEFAULT_PORT: u16 = 50051;
 
+/// Exit codes of the client subcommands, shown by `--help`.
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes of generate, watch and check:
+  0  the job succeeded (check: the server answered and the job has not failed)
+  1  the job failed
+  2  usage: a bad flag, argument or server URL
+  3  a call to the server, or an image download, failed";
+
 /// gRPC service in front of Piclumen's image-generation API.
 #[derive(Debug, Parser)]
-#[command(name = "piclumen-grpc", version, about, long_about = None)]
+#[command(name = "piclumen-grpc", version, about, long_about = None, after_help = EXIT_CODES_HELP)]
 pub struct Cli {
     /// What to run.
     #[command(subcommand)]
@@ -42,10 +50,13 @@ pub enum Command {
     /// Run the Piclumen simulator as a standalone HTTP server.
     Sim(SimArgs),
     /// Start a generation (and with --wait, follow it to the images).
+    #[command(after_help = EXIT_CODES_HELP)]
     Generate(GenerateArgs),
     /// Follow a job until it ends, showing progress.
+    #[command(after_help = EXIT_CODES_HELP)]
     Watch(JobArgs),
     /// Show a job's current state once.
+    #[command(after_help = EXIT_CODES_HELP)]
     Check(JobArgs),
 }
 
@@ -245,11 +256,12 @@ fn rate(s: &str) -> Result<f64, String> {
 /// Connection flags shared by the client subcommands.
 #[derive(Debug, Args)]
 pub struct ClientArgs {
-    /// Server URL.
+    /// Server URL (`http://` or `https://`).
     #[arg(
         long,
         env = "PICLUMEN_SERVER",
-        default_value = "http://127.0.0.1:50051"
+        default_value = "http://127.0.0.1:50051",
+        value_parser = server_url
     )]
     pub server: String,
     /// Piclumen token to send (the server's default token is used when unset).
@@ -289,6 +301,17 @@ pub struct GenerateArgs {
     /// Follow the job until its images are ready.
     #[arg(long)]
     pub wait: bool,
+    /// Print the result as one JSON object on stdout and nothing else there:
+    /// with --wait the final job and its seed, else `{"mark_id", "seed"}`.
+    /// Progress still goes to stderr.
+    #[arg(long)]
+    pub json: bool,
+    /// With --wait: download every image of the finished job into this
+    /// directory (created if missing), named after the job's images. All or
+    /// nothing: a failed download leaves no file behind. Without --json,
+    /// stdout lists the saved files instead of the URLs.
+    #[arg(long, value_name = "DIR", requires = "wait")]
+    pub out: Option<PathBuf>,
 }
 
 /// `watch` / `check` flags.
@@ -299,6 +322,26 @@ pub struct JobArgs {
     pub client: ClientArgs,
     /// The job's mark id.
     pub mark_id: String,
+    /// Print the job as one JSON object on stdout and nothing else there
+    /// (watch: the final job; progress still goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// Download every image of the job, once it has succeeded, into this
+    /// directory (created if missing), named after the job's images. All or
+    /// nothing: a failed download leaves no file behind. Without --json,
+    /// stdout lists the saved files instead of the URLs.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+}
+
+/// Accepts an `http://` or `https://` URL with a host; anything else is a
+/// usage error rather than a failed connection.
+fn server_url(s: &str) -> Result<String, String> {
+    let uri: tonic::transport::Uri = s.parse().map_err(|e| format!("{e}"))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http" | "https"), Some(host)) if !host.is_empty() => Ok(s.to_owned()),
+        _ => Err("expected an http:// or https:// URL with a host".to_owned()),
+    }
 }
 
 #[cfg(test)]

@@ -31,15 +31,27 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(*args).await,
         Command::Sim(args) => run_sim(args).await,
-        Command::Generate(args) => cli::generate(args).await.map_err(|e| e.to_string()),
-        Command::Watch(args) => cli::watch(args).await.map_err(|e| e.to_string()),
-        Command::Check(args) => cli::check(args).await.map_err(|e| e.to_string()),
+        Command::Generate(args) => return client_exit(cli::generate(args).await),
+        Command::Watch(args) => return client_exit(cli::watch(args).await),
+        Command::Check(args) => return client_exit(cli::check(args).await),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("error: {message}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// The client subcommands' exit codes: 0 succeeded, 1 the job failed,
+/// 2 usage, 3 a call or download failed (clap exits 2 on its own errors).
+fn client_exit(result: Result<(), cli::CliError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", e.report());
+            ExitCode::from(e.exit_code())
         }
     }
 }
