@@ -3,16 +3,22 @@
 //! CORS for the allowed browser origins, and a shutdown that drains within a
 //! bound.
 
-use std::{future::Future, time::Duration};
+use std::{
+    future::Future,
+    task::{Context, Poll, ready},
+    time::Duration,
+};
 
+use futures_util::future::Either;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{
-    codegen::http::{HeaderName, HeaderValue, Method},
+    codegen::http::{HeaderName, HeaderValue, Method, Request, Response, header::ORIGIN},
     transport::{Server, ServerTlsConfig, server::TcpIncoming},
 };
 use tonic_health::ServingStatus;
-use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower::{Layer, Service};
+use tower_http::cors::{AllowOrigin, Cors, CorsLayer};
 use tracing::{info, warn};
 
 use crate::{
@@ -102,16 +108,19 @@ const CORS_MAX_AGE: Duration = Duration::from_secs(2 * 60 * 60);
 /// no `access-control-allow-origin`, so browsers refuse every cross-origin
 /// call; non-browser clients are not affected either way.
 pub fn cors_layer(origins: &[String]) -> Result<CorsLayer, ServerError> {
-    let allow_origin = if origins.iter().any(|o| o == "*") {
+    let allow_origin = if origins.iter().any(|o| o.trim() == "*") {
         AllowOrigin::any()
     } else {
         let list = origins
             .iter()
             .map(|origin| {
-                if !is_origin(origin) {
+                // Browsers send the scheme and host in lower case.
+                let normalized = origin.trim().to_ascii_lowercase();
+                if !is_origin(&normalized) {
                     return Err(ServerError::CorsOrigin(origin.clone()));
                 }
-                HeaderValue::from_str(origin).map_err(|_| ServerError::CorsOrigin(origin.clone()))
+                HeaderValue::from_str(&normalized)
+                    .map_err(|_| ServerError::CorsOrigin(origin.clone()))
             })
             .collect::<Result<Vec<_>, _>>()?;
         AllowOrigin::list(list)
@@ -122,6 +131,53 @@ pub fn cors_layer(origins: &[String]) -> Result<CorsLayer, ServerError> {
         .allow_headers(CORS_ALLOW_HEADERS.map(HeaderName::from_static))
         .expose_headers(CORS_EXPOSE_HEADERS.map(HeaderName::from_static))
         .max_age(CORS_MAX_AGE))
+}
+
+/// Applies a CORS layer only to requests with an `origin` header (browsers);
+/// gRPC calls from other clients skip it, so they pay nothing for it and get
+/// no `vary` or `access-control-*` headers.
+#[derive(Debug, Clone)]
+struct BrowserCorsLayer(CorsLayer);
+
+impl<S: Clone> Layer<S> for BrowserCorsLayer {
+    type Service = BrowserCors<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        BrowserCors {
+            cors: self.0.layer(inner.clone()),
+            direct: inner,
+        }
+    }
+}
+
+/// See [`BrowserCorsLayer`].
+#[derive(Debug, Clone)]
+struct BrowserCors<S> {
+    cors: Cors<S>,
+    direct: S,
+}
+
+impl<S, B, RB> Service<Request<B>> for BrowserCors<S>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    RB: Default,
+{
+    type Response = Response<RB>;
+    type Error = S::Error;
+    type Future = Either<tower_http::cors::ResponseFuture<S::Future>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        ready!(self.cors.poll_ready(cx))?;
+        self.direct.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        if request.headers().contains_key(ORIGIN) {
+            Either::Left(self.cors.call(request))
+        } else {
+            Either::Right(self.direct.call(request))
+        }
+    }
 }
 
 /// `scheme://host[:port]` with nothing after: what browsers send in `origin`.
@@ -173,7 +229,7 @@ pub async fn run(
         tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
         tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
     ])?;
-    let cors = cors_layer(&config.cors_allow_origins)?;
+    let cors = BrowserCorsLayer(cors_layer(&config.cors_allow_origins)?);
 
     let stop_accepting = CancellationToken::new();
     let mut builder = Server::builder();
@@ -183,9 +239,10 @@ pub async fn run(
     let router = builder
         // gRPC-Web from browsers arrives over HTTP/1.1 as well as HTTP/2.
         .accept_http1(true)
-        // Outermost first. CORS answers preflights (OPTIONS) itself; the
-        // gRPC-Web layer turns gRPC-Web into gRPC, so metrics and the
-        // request id below it see every call as plain gRPC, with trailers.
+        // Outermost first. CORS (for requests with an `origin`) answers
+        // preflights itself; the gRPC-Web layer turns gRPC-Web into gRPC, so
+        // metrics and the request id below it see every call as plain gRPC,
+        // with trailers.
         .layer(cors)
         .layer(tonic_web::GrpcWebLayer::new())
         .layer(metrics)
@@ -271,7 +328,7 @@ mod tests {
         let ok = |o: &[&str]| cors_layer(&o.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>());
         assert!(ok(&[]).is_ok());
         assert!(ok(&["*"]).is_ok());
-        assert!(ok(&["https://app.example.com", "http://localhost:5173"]).is_ok());
+        assert!(ok(&["https://app.example.com", " http://Localhost:5173"]).is_ok());
         for bad in [
             "app.example.com",
             "https://app.example.com/",

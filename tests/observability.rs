@@ -616,6 +616,25 @@ async fn cors_preflight_answers_allowed_origins_only() {
     }
     let response = preflight(&h, "https://evil.example.net").await;
     assert_eq!(header(&response, "access-control-allow-origin"), None);
+
+    // Clients that send no `origin` (gRPC from servers) skip CORS entirely.
+    let response = h
+        .client()
+        .await
+        .generate_image(authed(TOKEN, generate("p")))
+        .await
+        .expect("generate");
+    for name in [
+        "vary",
+        "access-control-expose-headers",
+        "access-control-allow-origin",
+    ] {
+        assert!(
+            response.metadata().get(name).is_none(),
+            "{name} on a call without origin: {:?}",
+            response.metadata()
+        );
+    }
 }
 
 #[tokio::test]
