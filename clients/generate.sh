@@ -4,6 +4,7 @@
 #   Python  grpcio-tools                                               -> clients/python/gen
 #   Java    protobuf-maven-plugin (protoc and grpc-java from Maven)    -> clients/java/target
 #   Node    nothing: @grpc/proto-loader reads proto/ at run time
+#   Web     buf generate with the local protoc-gen-es from clients/web/node_modules -> clients/web/gen
 # Usage: clients/generate.sh   (installs the tools into .tools/ first)
 set -euo pipefail
 source "$(dirname "$0")/../scripts/tools.sh"
@@ -18,6 +19,10 @@ rm -rf gen && mkdir gen
 "$TOOLS/venv/bin/python" -m grpc_tools.protoc -I "$ROOT/proto" \
   --python_out=gen --grpc_python_out=gen --pyi_out=gen \
   "$ROOT/proto/piclumen/v1/image_service.proto"
+
+cd "$ROOT/clients/web"
+rm -rf gen
+PATH="$ROOT/clients/web/node_modules/.bin:$PATH" buf generate "$ROOT/proto" --template buf.gen.yaml
 
 cd "$ROOT/clients/java"
 mvn -q -B generate-sources

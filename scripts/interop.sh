@@ -133,6 +133,9 @@ export PICLUMEN_ADDR=127.0.0.1:50052 PICLUMEN_TOKEN=interop-token
 run client-go bash -c 'cd clients/go && go run .'
 run client-python "$TOOLS/venv/bin/python" clients/python/client.py
 run client-node node clients/node/client.js
+# The same scenario over gRPC-Web (Connect-ES, HTTP/1.1) on the same port;
+# Node sends no Origin, so the server needs no --cors-allow-origin.
+run client-web node clients/web/client.js
 run client-java bash -c 'cd clients/java && mvn -q -B compile exec:java'
 
 echo "$passed passed, $failed failed"

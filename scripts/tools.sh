@@ -40,4 +40,5 @@ install_tools() {
   fi
   "$TOOLS/venv/bin/pip" install --quiet --disable-pip-version-check -r "$ROOT/clients/python/requirements.txt"
   (cd "$ROOT/clients/node" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  (cd "$ROOT/clients/web" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 }

@@ -160,6 +160,15 @@ pub struct ServeArgs {
     /// authentication (anyone reaching the port spends the account's credits).
     #[arg(long, env = "PICLUMEN_ALLOW_UNAUTHENTICATED")]
     pub allow_unauthenticated: bool,
+    /// Browser origin allowed to call over gRPC-Web (CORS), e.g.
+    /// `https://app.example.com`; repeatable or comma-separated, `*` for any.
+    /// None by default: no browser origin is allowed.
+    #[arg(
+        long = "cors-allow-origin",
+        env = "PICLUMEN_CORS_ALLOW_ORIGIN",
+        value_delimiter = ','
+    )]
+    pub cors_allow_origin: Vec<String>,
     /// Serve Prometheus metrics over HTTP on this address (off when unset).
     #[arg(long, env = "PICLUMEN_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,

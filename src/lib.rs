@@ -6,6 +6,7 @@
 //! - `config`: the command line (clap), every flag with an environment variable.
 //! - `codec`: the prost codec with small per-call buffers.
 //! - `pb`: code generated from `proto/`, and the descriptor set for reflection.
+//! - `grpc_metrics`: per-RPC Prometheus metrics (grpc-go's names and labels).
 //! - `request_id`: `x-request-id` on every call, its responses and log lines.
 //! - `server`: the tonic server: service, health, reflection, drain on shutdown.
 //! - `service`: `ImageService`: tokens, deadlines, validation, streams.
@@ -27,6 +28,7 @@ pub mod codec;
 pub mod config;
 pub mod convert;
 pub mod error;
+pub mod grpc_metrics;
 pub mod hub;
 pub mod idempotency;
 pub mod job;

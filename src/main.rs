@@ -132,6 +132,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         http2_keepalive_interval: args.http2_keepalive_interval,
         http2_keepalive_timeout: args.http2_keepalive_timeout,
         tls,
+        cors_allow_origins: args.cors_allow_origin.clone(),
     };
     let shutdown = shutdown_signal();
     let listener = TcpListener::bind(listen)

@@ -1,15 +1,28 @@
 //! Wires the gRPC server: ImageService, health, reflection (v1 and v1alpha),
-//! HTTP/2 settings, and a shutdown that drains within a bound.
+//! HTTP/2 settings, per-RPC metrics, gRPC-Web (HTTP/1.1 and HTTP/2) with
+//! CORS for the allowed browser origins, and a shutdown that drains within a
+//! bound.
 
-use std::{future::Future, time::Duration};
+use std::{
+    future::Future,
+    task::{Context, Poll, ready},
+    time::Duration,
+};
 
+use futures_util::future::Either;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Server, ServerTlsConfig, server::TcpIncoming};
+use tonic::{
+    codegen::http::{HeaderName, HeaderValue, Method, Request, Response, header::ORIGIN},
+    transport::{Server, ServerTlsConfig, server::TcpIncoming},
+};
 use tonic_health::ServingStatus;
+use tower::{Layer, Service};
+use tower_http::cors::{AllowOrigin, Cors, CorsLayer};
 use tracing::{info, warn};
 
 use crate::{
+    grpc_metrics::GrpcMetricsLayer,
     hub::{Hub, HubConfig},
     pb::{self, image_service_server::ImageServiceServer},
     request_id::RequestIdLayer,
@@ -36,6 +49,9 @@ pub struct ServerConfig {
     pub http2_keepalive_timeout: Duration,
     /// TLS (and mutual TLS) settings; plaintext when `None`.
     pub tls: Option<ServerTlsConfig>,
+    /// Browser origins allowed to call over gRPC-Web (`https://app.example`,
+    /// or `*` for any); empty: no browser origin is allowed.
+    pub cors_allow_origins: Vec<String>,
 }
 
 /// Why the server stopped abnormally.
@@ -47,6 +63,133 @@ pub enum ServerError {
     /// Reflection could not load our descriptors (a build bug).
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The metrics layer could not read our descriptors (a build bug).
+    #[error("metrics: {0}")]
+    Descriptors(#[from] prost::DecodeError),
+    /// A `--cors-allow-origin` value is not an origin.
+    #[error(
+        "--cors-allow-origin {0:?} is not an origin: expected `*` or scheme://host[:port], without a path"
+    )]
+    CorsOrigin(String),
+}
+
+/// Request headers browsers may send on a gRPC-Web call: those of gRPC-Web
+/// and Connect clients, and ours (`authorization`, `x-api-key`,
+/// `x-request-id`).
+const CORS_ALLOW_HEADERS: [&str; 11] = [
+    "content-type",
+    "x-grpc-web",
+    "x-user-agent",
+    "grpc-timeout",
+    "grpc-accept-encoding",
+    "grpc-encoding",
+    "connect-protocol-version",
+    "connect-timeout-ms",
+    "authorization",
+    "x-api-key",
+    crate::request_id::HEADER,
+];
+
+/// Response headers a browser script may read: the status and its details
+/// (gRPC-Web sends them as headers on trailers-only responses) and the
+/// request id.
+const CORS_EXPOSE_HEADERS: [&str; 4] = [
+    "grpc-status",
+    "grpc-message",
+    "grpc-status-details-bin",
+    crate::request_id::HEADER,
+];
+
+/// How long a browser may cache a preflight answer (Chromium caps it at 2 h).
+const CORS_MAX_AGE: Duration = Duration::from_secs(2 * 60 * 60);
+
+/// The CORS policy for gRPC-Web: `POST` from the listed origins (`*`: any)
+/// with the gRPC-Web request headers. With no origin listed, preflights get
+/// no `access-control-allow-origin`, so browsers refuse every cross-origin
+/// call; non-browser clients are not affected either way.
+pub fn cors_layer(origins: &[String]) -> Result<CorsLayer, ServerError> {
+    let allow_origin = if origins.iter().any(|o| o.trim() == "*") {
+        AllowOrigin::any()
+    } else {
+        let list = origins
+            .iter()
+            .map(|origin| {
+                // Browsers send the scheme and host in lower case.
+                let normalized = origin.trim().to_ascii_lowercase();
+                if !is_origin(&normalized) {
+                    return Err(ServerError::CorsOrigin(origin.clone()));
+                }
+                HeaderValue::from_str(&normalized)
+                    .map_err(|_| ServerError::CorsOrigin(origin.clone()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        AllowOrigin::list(list)
+    };
+    Ok(CorsLayer::new()
+        .allow_origin(allow_origin)
+        .allow_methods([Method::POST])
+        .allow_headers(CORS_ALLOW_HEADERS.map(HeaderName::from_static))
+        .expose_headers(CORS_EXPOSE_HEADERS.map(HeaderName::from_static))
+        .max_age(CORS_MAX_AGE))
+}
+
+/// Applies a CORS layer only to requests with an `origin` header (browsers);
+/// gRPC calls from other clients skip it, so they pay nothing for it and get
+/// no `vary` or `access-control-*` headers.
+#[derive(Debug, Clone)]
+struct BrowserCorsLayer(CorsLayer);
+
+impl<S: Clone> Layer<S> for BrowserCorsLayer {
+    type Service = BrowserCors<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        BrowserCors {
+            cors: self.0.layer(inner.clone()),
+            direct: inner,
+        }
+    }
+}
+
+/// See [`BrowserCorsLayer`].
+#[derive(Debug, Clone)]
+struct BrowserCors<S> {
+    cors: Cors<S>,
+    direct: S,
+}
+
+impl<S, B, RB> Service<Request<B>> for BrowserCors<S>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    RB: Default,
+{
+    type Response = Response<RB>;
+    type Error = S::Error;
+    type Future = Either<tower_http::cors::ResponseFuture<S::Future>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        ready!(self.cors.poll_ready(cx))?;
+        self.direct.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        if request.headers().contains_key(ORIGIN) {
+            Either::Left(self.cors.call(request))
+        } else {
+            Either::Right(self.direct.call(request))
+        }
+    }
+}
+
+/// `scheme://host[:port]` with nothing after: what browsers send in `origin`.
+fn is_origin(origin: &str) -> bool {
+    origin.split_once("://").is_some_and(|(scheme, authority)| {
+        !scheme.is_empty()
+            && scheme
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'-' || b == b'.')
+            && !authority.is_empty()
+            && !authority.contains(['/', '?', '#', '@', ' '])
+    })
 }
 
 /// Serves on `listener` until `shutdown` resolves, then drains: health turns
@@ -79,12 +222,30 @@ pub async fn run(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
+    // Handles are taken here, after `main` installed the metrics recorder.
+    let metrics = GrpcMetricsLayer::new(&[
+        pb::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ])?;
+    let cors = BrowserCorsLayer(cors_layer(&config.cors_allow_origins)?);
+
     let stop_accepting = CancellationToken::new();
     let mut builder = Server::builder();
     if let Some(tls) = config.tls.clone() {
         builder = builder.tls_config(tls)?;
     }
     let router = builder
+        // gRPC-Web from browsers arrives over HTTP/1.1 as well as HTTP/2.
+        .accept_http1(true)
+        // Outermost first. CORS (for requests with an `origin`) answers
+        // preflights itself; the gRPC-Web layer turns gRPC-Web into gRPC, so
+        // metrics and the request id below it see every call as plain gRPC,
+        // with trailers.
+        .layer(cors)
+        .layer(tonic_web::GrpcWebLayer::new())
+        .layer(metrics)
         .layer(RequestIdLayer)
         .max_concurrent_streams(Some(config.max_streams_per_connection))
         // Pings keep long WatchImage streams alive through proxies and find
@@ -155,5 +316,30 @@ fn flatten(
         Err(e) if e.is_cancelled() => Ok(()),
         // A panic in the server task is a bug: surface it.
         Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cors_origins_are_checked_at_startup() {
+        let ok = |o: &[&str]| cors_layer(&o.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>());
+        assert!(ok(&[]).is_ok());
+        assert!(ok(&["*"]).is_ok());
+        assert!(ok(&["https://app.example.com", " http://Localhost:5173"]).is_ok());
+        for bad in [
+            "app.example.com",
+            "https://app.example.com/",
+            "https://app.example.com/path",
+            "https://",
+            "://host",
+        ] {
+            assert!(
+                matches!(ok(&[bad]), Err(ServerError::CorsOrigin(o)) if o == bad),
+                "{bad} accepted"
+            );
+        }
     }
 }

@@ -1,7 +1,9 @@
-//! Logging (tracing, text or JSON) and the optional Prometheus endpoint.
+//! Logging (tracing, text or JSON) and the optional Prometheus endpoint,
+//! with the buckets of its latency histograms.
 
 use std::{io::IsTerminal, net::SocketAddr};
 
+use metrics_exporter_prometheus::Matcher;
 use tracing_subscriber::{EnvFilter, fmt};
 
 use crate::config::LogFormat;
@@ -19,10 +21,40 @@ pub fn init_logging(format: LogFormat, filter: &str) {
     }
 }
 
-/// Serves `/metrics` in Prometheus format on `addr`.
+/// Buckets (seconds) of `grpc_server_handling_seconds`: Prometheus's
+/// default buckets for unary calls, then minutes for WatchImage streams
+/// (up to the 30 min `--max-watch` default).
+pub const GRPC_HANDLING_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    1800.0,
+];
+
+/// Name of the upstream latency histogram.
+pub const UPSTREAM_DURATION: &str = "piclumen_upstream_request_duration_seconds";
+
+/// Buckets (seconds) of `piclumen_upstream_request_duration_seconds`, up to
+/// the 30 s `--upstream-timeout` default.
+pub const UPSTREAM_DURATION_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Serves `/metrics` in Prometheus format on `addr`. Latency histograms get
+/// explicit buckets, so they are Prometheus histograms (`_bucket`, `_sum`,
+/// `_count`) that aggregate across instances, not summaries.
 pub fn init_metrics(addr: SocketAddr) -> Result<(), String> {
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(addr)
+        .set_buckets_for_metric(
+            Matcher::Full(crate::grpc_metrics::HANDLING_SECONDS.into()),
+            GRPC_HANDLING_BUCKETS,
+        )
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(UPSTREAM_DURATION.into()),
+                UPSTREAM_DURATION_BUCKETS,
+            )
+        })
+        .map_err(|e| e.to_string())?
         .install()
         .map_err(|e| e.to_string())
 }

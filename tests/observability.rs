@@ -218,3 +218,524 @@ async fn no_token_reaches_logs_or_errors() {
         }
     }
 }
+
+// === Prometheus metrics, scraped from the binary ===
+//
+// The metrics recorder is global to a process, so these run the real binary
+// (`serve --simulate --metrics-listen`) and count only its calls.
+
+/// A `serve` child process, killed (by its own handle) when dropped.
+struct Served {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `piclumen-grpc serve ARGS...` and waits for its `listening on`
+/// line.
+fn serve_binary(args: &[&str]) -> Served {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_piclumen-grpc"))
+        .arg("serve")
+        .args(args)
+        .env_remove("PICLUMEN_TOKEN")
+        .env_remove("PORT")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn serve");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                let addr = rest.split_whitespace().next().unwrap_or_default();
+                let _ = tx.send(addr.to_owned());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("listening line");
+    Served { child, addr }
+}
+
+/// One sample of the Prometheus text format.
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: std::collections::BTreeMap<String, String>,
+    value: f64,
+}
+
+/// Parses the Prometheus text exposition format (comments skipped).
+fn parse_prometheus(text: &str) -> Vec<Sample> {
+    let mut samples = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("sample line");
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            v => v
+                .parse()
+                .unwrap_or_else(|e| panic!("value in {line:?}: {e}")),
+        };
+        let (name, labels) = match series.split_once('{') {
+            None => (series, std::collections::BTreeMap::new()),
+            Some((name, rest)) => {
+                let body = rest.strip_suffix('}').expect("closing brace");
+                let mut labels = std::collections::BTreeMap::new();
+                let mut chars = body.chars().peekable();
+                while chars.peek().is_some() {
+                    let key: String = chars.by_ref().take_while(|&c| c != '=').collect();
+                    assert_eq!(chars.next(), Some('"'), "label value quote in {line:?}");
+                    let mut value = String::new();
+                    while let Some(c) = chars.next() {
+                        match c {
+                            '\\' => value.push(chars.next().expect("escaped char")),
+                            '"' => break,
+                            c => value.push(c),
+                        }
+                    }
+                    if chars.peek() == Some(&',') {
+                        chars.next();
+                    }
+                    labels.insert(key.trim().to_owned(), value);
+                }
+                (name, labels)
+            }
+        };
+        samples.push(Sample {
+            name: name.to_owned(),
+            labels,
+            value,
+        });
+    }
+    samples
+}
+
+/// The value of the one sample named `name` whose labels include `labels`.
+fn sample(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    let matching: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .collect();
+    assert_eq!(
+        matching.len(),
+        1,
+        "{name}{labels:?}: expected one sample, found {matching:?}"
+    );
+    matching[0].value
+}
+
+async fn scrape(metrics: std::net::SocketAddr) -> Vec<Sample> {
+    let text = reqwest::get(format!("http://{metrics}/metrics"))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("metrics body");
+    parse_prometheus(&text)
+}
+
+fn rpc<'a>(method: &'a str, kind: &'a str) -> [(&'a str, &'a str); 3] {
+    [
+        ("grpc_service", "piclumen.v1.ImageService"),
+        ("grpc_method", method),
+        ("grpc_type", kind),
+    ]
+}
+
+fn with_code<'a>(labels: [(&'a str, &'a str); 3], code: &'a str) -> Vec<(&'a str, &'a str)> {
+    let mut labels = labels.to_vec();
+    labels.push(("grpc_code", code));
+    labels
+}
+
+#[tokio::test]
+async fn grpc_metrics_count_calls_by_code_and_time_streams_to_their_end() {
+    let metrics = unused_addr();
+    let metrics_text = metrics.to_string();
+    let served = serve_binary(&[
+        "--simulate",
+        "--listen",
+        "127.0.0.1:0",
+        "--sim-job-duration",
+        "1s",
+        "--poll-interval",
+        "100ms",
+        "--metrics-listen",
+        &metrics_text,
+    ]);
+    let mut client =
+        pb::image_service_client::ImageServiceClient::connect(format!("http://{}", served.addr))
+            .await
+            .expect("connect");
+
+    // Before any call every series exists at zero, every code included
+    // (as go-grpc-prometheus pre-initialises them). The server registers
+    // them just after its "listening" line.
+    let generate_rpc = rpc("GenerateImage", "unary");
+    assert!(
+        eventually(std::time::Duration::from_secs(10), || async {
+            scrape(metrics)
+                .await
+                .iter()
+                .any(|s| s.name == "grpc_server_started_total")
+        })
+        .await,
+        "no grpc_server_started_total series"
+    );
+    let before = scrape(metrics).await;
+    assert_eq!(
+        sample(
+            &before,
+            "grpc_server_handled_total",
+            &with_code(generate_rpc, "Unauthenticated")
+        ),
+        0.0
+    );
+    assert_eq!(
+        sample(&before, "grpc_server_started_total", &generate_rpc),
+        0.0
+    );
+
+    let mark_id = start_job(&mut client, TOKEN, "p").await;
+    let invalid = client
+        .generate_image(authed(TOKEN, generate("")))
+        .await
+        .expect_err("empty prompt");
+    assert_eq!(invalid.code(), Code::InvalidArgument);
+    let missing = client
+        .check_image(authed(
+            TOKEN,
+            pb::CheckImageRequest {
+                mark_id: "no-such-job".into(),
+            },
+        ))
+        .await
+        .expect_err("unknown job");
+    assert_eq!(missing.code(), Code::NotFound);
+    let watch_started = std::time::Instant::now();
+    let (messages, end) = collect_watch(&mut client, TOKEN, &mark_id).await;
+    let watch_elapsed = watch_started.elapsed().as_secs_f64();
+    end.expect("watch ends OK");
+    assert_eq!(
+        states(&messages).last(),
+        Some(&pb::JobState::Succeeded),
+        "{messages:?}"
+    );
+
+    // A watch the client drops mid-stream counts as Canceled.
+    let other = start_job(&mut client, TOKEN, "q").await;
+    let mut stream = client
+        .watch_image(authed(TOKEN, pb::WatchImageRequest { mark_id: other }))
+        .await
+        .expect("second watch")
+        .into_inner();
+    stream.message().await.expect("first update").expect("one");
+    drop(stream);
+
+    let watch_rpc = rpc("WatchImage", "server_stream");
+    let canceled = with_code(watch_rpc, "Canceled");
+    assert!(
+        eventually(std::time::Duration::from_secs(10), || async {
+            sample(
+                &scrape(metrics).await,
+                "grpc_server_handled_total",
+                &canceled,
+            ) == 1.0
+        })
+        .await,
+        "a dropped watch is not counted as Canceled"
+    );
+
+    let after = scrape(metrics).await;
+    let check_rpc = rpc("CheckImage", "unary");
+    let handled = |labels: [(&str, &str); 3], code: &str| {
+        sample(
+            &after,
+            "grpc_server_handled_total",
+            &with_code(labels, code),
+        )
+    };
+    assert_eq!(
+        sample(&after, "grpc_server_started_total", &generate_rpc),
+        3.0
+    );
+    assert_eq!(handled(generate_rpc, "OK"), 2.0);
+    assert_eq!(handled(generate_rpc, "InvalidArgument"), 1.0);
+    assert_eq!(handled(check_rpc, "NotFound"), 1.0);
+    assert_eq!(handled(check_rpc, "OK"), 0.0);
+    assert_eq!(sample(&after, "grpc_server_started_total", &watch_rpc), 2.0);
+    assert_eq!(handled(watch_rpc, "OK"), 1.0);
+    // Messages, not frames: one per successful unary call, none for an
+    // error; every update of the finished watch, and the dropped watch's
+    // first update (its second may have left before the drop was seen).
+    assert_eq!(
+        sample(&after, "grpc_server_msg_sent_total", &generate_rpc),
+        2.0
+    );
+    assert_eq!(
+        sample(&after, "grpc_server_msg_sent_total", &check_rpc),
+        0.0
+    );
+    let watch_msgs = sample(&after, "grpc_server_msg_sent_total", &watch_rpc);
+    assert!(
+        watch_msgs >= messages.len() as f64 + 1.0,
+        "{watch_msgs} messages counted, {} received",
+        messages.len()
+    );
+
+    // A Prometheus histogram (not a summary), with the stream measured to
+    // its end rather than to its response headers.
+    let count = sample(&after, "grpc_server_handling_seconds_count", &watch_rpc);
+    assert_eq!(count, 2.0);
+    let sum = sample(&after, "grpc_server_handling_seconds_sum", &watch_rpc);
+    assert!(
+        sum >= watch_elapsed / 2.0,
+        "streams measured {sum} s in all; the finished one alone took {watch_elapsed} s"
+    );
+    let mut watch_le: Vec<&str> = Vec::new();
+    for s in after
+        .iter()
+        .filter(|s| s.name == "grpc_server_handling_seconds_bucket")
+        .filter(|s| s.labels.get("grpc_method").map(String::as_str) == Some("WatchImage"))
+    {
+        watch_le.push(s.labels.get("le").expect("le label"));
+    }
+    assert!(
+        watch_le.contains(&"+Inf") && watch_le.contains(&"1800"),
+        "{watch_le:?}"
+    );
+    let inf = watch_rpc
+        .iter()
+        .copied()
+        .chain([("le", "+Inf")])
+        .collect::<Vec<_>>();
+    assert_eq!(
+        sample(&after, "grpc_server_handling_seconds_bucket", &inf),
+        2.0
+    );
+    assert!(
+        !after
+            .iter()
+            .any(|s| s.name == "grpc_server_handling_seconds" && s.labels.contains_key("quantile")),
+        "the histogram is rendered as a summary"
+    );
+    assert_eq!(
+        sample(&after, "grpc_server_handling_seconds_count", &generate_rpc),
+        3.0
+    );
+}
+
+// === gRPC-Web and CORS ===
+
+const ALLOWED: &str = "https://app.example.com";
+
+/// A server allowing `origins` to call over gRPC-Web.
+async fn web_harness(origins: &[&str]) -> Harness {
+    let mut config = server_config();
+    config.cors_allow_origins = origins.iter().map(|o| (*o).to_owned()).collect();
+    Harness::with(sim_config(), config).await
+}
+
+/// A browser's preflight for a gRPC-Web GenerateImage call from `origin`.
+async fn preflight(h: &Harness, origin: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .request(
+            reqwest::Method::OPTIONS,
+            format!(
+                "http://{}/piclumen.v1.ImageService/GenerateImage",
+                h.server.addr
+            ),
+        )
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization,content-type,x-grpc-web,x-user-agent,x-request-id,x-api-key,grpc-timeout",
+        )
+        .send()
+        .await
+        .expect("preflight")
+}
+
+fn header<'a>(response: &'a reqwest::Response, name: &str) -> Option<&'a str> {
+    response
+        .headers()
+        .get(name)
+        .map(|v| v.to_str().expect("ascii header"))
+}
+
+fn list(value: Option<&str>) -> Vec<String> {
+    value
+        .unwrap_or_default()
+        .split(',')
+        .map(|v| v.trim().to_ascii_lowercase())
+        .filter(|v| !v.is_empty())
+        .collect()
+}
+
+#[tokio::test]
+async fn cors_preflight_answers_allowed_origins_only() {
+    let h = web_harness(&[ALLOWED, "http://localhost:5173"]).await;
+    for origin in [ALLOWED, "http://localhost:5173"] {
+        let response = preflight(&h, origin).await;
+        assert!(response.status().is_success(), "{}", response.status());
+        assert_eq!(
+            header(&response, "access-control-allow-origin"),
+            Some(origin)
+        );
+        assert!(list(header(&response, "access-control-allow-methods")).contains(&"post".into()));
+        let allowed = list(header(&response, "access-control-allow-headers"));
+        for name in [
+            "authorization",
+            "content-type",
+            "x-grpc-web",
+            "x-user-agent",
+            "x-request-id",
+            "x-api-key",
+            "grpc-timeout",
+        ] {
+            assert!(allowed.contains(&name.into()), "{name} not in {allowed:?}");
+        }
+    }
+    let response = preflight(&h, "https://evil.example.net").await;
+    assert_eq!(header(&response, "access-control-allow-origin"), None);
+
+    // Clients that send no `origin` (gRPC from servers) skip CORS entirely.
+    let response = h
+        .client()
+        .await
+        .generate_image(authed(TOKEN, generate("p")))
+        .await
+        .expect("generate");
+    for name in [
+        "vary",
+        "access-control-expose-headers",
+        "access-control-allow-origin",
+    ] {
+        assert!(
+            response.metadata().get(name).is_none(),
+            "{name} on a call without origin: {:?}",
+            response.metadata()
+        );
+    }
+}
+
+#[tokio::test]
+async fn no_browser_origin_is_allowed_by_default() {
+    let h = web_harness(&[]).await;
+    for origin in [ALLOWED, "http://localhost:5173", "null"] {
+        let response = preflight(&h, origin).await;
+        assert_eq!(
+            header(&response, "access-control-allow-origin"),
+            None,
+            "{origin} allowed by default"
+        );
+    }
+    let any = web_harness(&["*"]).await;
+    let response = preflight(&any, "https://anywhere.example").await;
+    assert_eq!(header(&response, "access-control-allow-origin"), Some("*"));
+}
+
+/// One gRPC-Web frame: (flag, payload).
+fn grpc_web_frames(mut body: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut frames = Vec::new();
+    while !body.is_empty() {
+        assert!(body.len() >= 5, "truncated frame prefix");
+        let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+        frames.push((body[0], body[5..5 + len].to_vec()));
+        body = &body[5 + len..];
+    }
+    frames
+}
+
+/// A gRPC-Web unary call over HTTP/1.1, as a browser sends it.
+async fn grpc_web_call(
+    h: &Harness,
+    method: &str,
+    message: impl prost::Message,
+    token: &str,
+) -> reqwest::Response {
+    let payload = message.encode_to_vec();
+    let mut body = vec![0];
+    body.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    body.extend_from_slice(&payload);
+    reqwest::Client::new()
+        .post(format!(
+            "http://{}/piclumen.v1.ImageService/{method}",
+            h.server.addr
+        ))
+        .header("origin", ALLOWED)
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .header("authorization", format!("Bearer {token}"))
+        .header("x-request-id", "web-4714")
+        .body(body)
+        .send()
+        .await
+        .expect("grpc-web call")
+}
+
+#[tokio::test]
+async fn grpc_web_over_http1_with_exposed_status_headers() {
+    let h = web_harness(&[ALLOWED]).await;
+    let response = grpc_web_call(&h, "GenerateImage", generate("p"), TOKEN).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), reqwest::Version::HTTP_11);
+    assert_eq!(
+        header(&response, "access-control-allow-origin"),
+        Some(ALLOWED)
+    );
+    assert_eq!(header(&response, "x-request-id"), Some("web-4714"));
+    let exposed = list(header(&response, "access-control-expose-headers"));
+    for name in [
+        "grpc-status",
+        "grpc-message",
+        "grpc-status-details-bin",
+        "x-request-id",
+    ] {
+        assert!(exposed.contains(&name.into()), "{name} not in {exposed:?}");
+    }
+    assert!(
+        header(&response, "content-type").is_some_and(|t| t.starts_with("application/grpc-web")),
+        "{:?}",
+        response.headers()
+    );
+    let body = response.bytes().await.expect("body");
+    let frames = grpc_web_frames(&body);
+    assert_eq!(frames.len(), 2, "a message and the trailers: {frames:?}");
+    assert_eq!(frames[0].0, 0);
+    let created = <pb::GenerateImageResponse as prost::Message>::decode(frames[0].1.as_slice())
+        .expect("GenerateImageResponse");
+    assert!(!created.mark_id.is_empty());
+    assert_eq!(frames[1].0, 0x80, "trailer frame flag");
+    let trailers = String::from_utf8(frames[1].1.clone()).expect("trailers text");
+    assert!(
+        trailers.to_ascii_lowercase().contains("grpc-status:0"),
+        "{trailers:?}"
+    );
+
+    // An error arrives as a trailers-only response: the status in headers a
+    // browser script may read.
+    let response = grpc_web_call(&h, "GenerateImage", generate(""), TOKEN).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "grpc-status"), Some("3"));
+    assert!(header(&response, "grpc-status-details-bin").is_some());
+    assert!(header(&response, "grpc-message").is_some_and(|m| m.contains("prompt")));
+}

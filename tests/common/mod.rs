@@ -77,6 +77,7 @@ pub fn server_config() -> ServerConfig {
         http2_keepalive_interval: Duration::from_secs(30),
         http2_keepalive_timeout: Duration::from_secs(10),
         tls: None,
+        cors_allow_origins: Vec::new(),
     }
 }
 
