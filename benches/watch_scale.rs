@@ -148,19 +148,25 @@ async fn main() {
         tasks.push(tokio::spawn(async move {
             let permit = creating.acquire_owned().await.expect("semaphore");
             let created = client
-                .generate_image(authed(&token, pb::GenerateImageRequest {
-                    prompt: format!("bench {i}"),
-                    ..Default::default()
-                }))
+                .generate_image(authed(
+                    &token,
+                    pb::GenerateImageRequest {
+                        prompt: format!("bench {i}"),
+                        ..Default::default()
+                    },
+                ))
                 .await
                 .expect("generate")
                 .into_inner();
             drop(permit);
             let opened = Instant::now();
             let mut stream = client
-                .watch_image(authed(&token, pb::WatchImageRequest {
-                    mark_id: created.mark_id.clone(),
-                }))
+                .watch_image(authed(
+                    &token,
+                    pb::WatchImageRequest {
+                        mark_id: created.mark_id.clone(),
+                    },
+                ))
                 .await
                 .expect("watch")
                 .into_inner();

@@ -224,7 +224,6 @@ impl ImageService for ImageServiceImpl {
         let token = call.clone();
         let create = async move {
             let seed = payload.seed;
-            metrics::counter!("piclumen_upstream_calls_total", "endpoint" => "create").increment(1);
             client
                 .create(&token.token, &payload, deadline)
                 .await

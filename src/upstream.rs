@@ -188,14 +188,14 @@ impl Client {
         mark_ids: &[std::sync::Arc<str>],
     ) -> Result<Vec<StatusEntry>, UpstreamError> {
         let ids: Vec<&str> = mark_ids.iter().map(|id| &**id).collect();
-        let body = self.post(&self.status_url, token, &ids, None).await?;
+        let body = self.post(Endpoint::Status, token, &ids, None).await?;
         decode_status_entries(&body)
     }
 
     /// One POST; returns the body of a 2xx reply.
     async fn post(
         &self,
-        url: &reqwest::Url,
+        endpoint: Endpoint,
         token: &Token,
         body: &(impl Serialize + ?Sized),
         deadline: Option<Instant>,
@@ -213,6 +213,10 @@ impl Client {
             error: format!("cannot encode request: {e}"),
             body: String::new(),
         })?;
+        let url = match endpoint {
+            Endpoint::Create => &self.create_url,
+            Endpoint::Status => &self.status_url,
+        };
         let request = self
             .http
             .post(url.clone())
@@ -230,9 +234,16 @@ impl Client {
                 .map_err(|e| transport_error(&e, timeout))?;
             Ok::<_, UpstreamError>((status, retry_after, bytes))
         };
-        let (status, retry_after, bytes) = tokio::time::timeout(timeout, exchange)
+        let started = std::time::Instant::now();
+        let outcome = tokio::time::timeout(timeout, exchange)
             .await
-            .map_err(|_| UpstreamError::Timeout(timeout))??;
+            .map_err(|_| UpstreamError::Timeout(timeout))
+            .and_then(|r| r);
+        endpoint.record(
+            outcome.as_ref().ok().map(|(status, _, _)| status.as_u16()),
+            started.elapsed(),
+        );
+        let (status, retry_after, bytes) = outcome?;
         match status.as_u16() {
             200..=299 => Ok(bytes),
             401 => Err(UpstreamError::Unauthorized),
@@ -245,6 +256,66 @@ impl Client {
         }
     }
 }
+
+/// The two upstream calls, as metric labels.
+#[derive(Debug, Clone, Copy)]
+enum Endpoint {
+    Create,
+    Status,
+}
+
+/// Handles of one endpoint's metrics, resolved once: a registry lookup by
+/// labels on every call would cost more than the rest of the bookkeeping.
+struct EndpointMetrics {
+    calls: metrics::Counter,
+    rate_limited: metrics::Counter,
+    ok: metrics::Histogram,
+    error: metrics::Histogram,
+}
+
+impl Endpoint {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Create => "create",
+            Self::Status => "status",
+        }
+    }
+
+    fn metrics(self) -> &'static EndpointMetrics {
+        static M: std::sync::OnceLock<[EndpointMetrics; 2]> = std::sync::OnceLock::new();
+        let all = M.get_or_init(|| {
+            [Self::Create, Self::Status].map(|e| EndpointMetrics {
+                calls: metrics::counter!("piclumen_upstream_calls_total", "endpoint" => e.label()),
+                rate_limited: metrics::counter!("piclumen_upstream_rate_limited_total", "endpoint" => e.label()),
+                ok: metrics::histogram!(DURATION, "endpoint" => e.label(), "status" => "200"),
+                error: metrics::histogram!(DURATION, "endpoint" => e.label(), "status" => "error"),
+            })
+        });
+        &all[self as usize]
+    }
+
+    /// Counts one call and its duration by HTTP status (`error` when no
+    /// response came).
+    fn record(self, status: Option<u16>, took: Duration) {
+        let m = self.metrics();
+        m.calls.increment(1);
+        let seconds = took.as_secs_f64();
+        match status {
+            Some(200) => m.ok.record(seconds),
+            None => m.error.record(seconds),
+            Some(code) => {
+                if code == 429 {
+                    m.rate_limited.increment(1);
+                }
+                metrics::histogram!(DURATION, "endpoint" => self.label(), "status" => code.to_string())
+                    .record(seconds);
+            }
+        }
+    }
+}
+
+/// Duration histogram of upstream calls.
+const DURATION: &str = "piclumen_upstream_request_duration_seconds";
 
 fn transport_error(e: &reqwest::Error, timeout: Duration) -> UpstreamError {
     if e.is_timeout() {

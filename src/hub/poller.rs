@@ -189,7 +189,6 @@ impl Poller {
                 .coalesced
                 .increment(answered.saturating_sub(1) as u64);
         }
-        upstream_metrics().calls.increment(1);
         upstream_metrics().ids.record(ids.len() as f64);
         let source = Arc::clone(&self.hub.source);
         let request = source.batch_status(&self.shared.token, &ids);
@@ -255,6 +254,7 @@ impl Poller {
                 {
                     Verdict::Outage => self.outage(error),
                     Verdict::Paused(until) => {
+                        upstream_metrics().retries.increment(1);
                         debug!(%error, pause = ?until.saturating_duration_since(now), "transient upstream trouble; pausing the token");
                         // Queued checks get the cause now rather than
                         // waiting out the pause.
@@ -397,14 +397,14 @@ fn with_remaining(error: UpstreamError, left: std::time::Duration) -> UpstreamEr
 }
 
 struct UpstreamMetrics {
-    calls: metrics::Counter,
+    retries: metrics::Counter,
     ids: metrics::Histogram,
 }
 
 fn upstream_metrics() -> &'static UpstreamMetrics {
     static M: std::sync::OnceLock<UpstreamMetrics> = std::sync::OnceLock::new();
     M.get_or_init(|| UpstreamMetrics {
-        calls: metrics::counter!("piclumen_upstream_calls_total", "endpoint" => "status"),
+        retries: metrics::counter!("piclumen_upstream_retries_total", "endpoint" => "status"),
         ids: metrics::histogram!("piclumen_hub_ids_per_call"),
     })
 }
