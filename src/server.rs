@@ -3,7 +3,7 @@
 
 use std::{future::Future, time::Duration};
 
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Server, ServerTlsConfig, server::TcpIncoming};
 use tonic_health::ServingStatus;
@@ -47,6 +47,9 @@ pub enum ServerError {
     /// Reflection could not load our descriptors (a build bug).
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The HTTP listener of the first version's API failed.
+    #[error("HTTP API: {0}")]
+    Http(#[from] std::io::Error),
 }
 
 /// Serves on `listener` until `shutdown` resolves, then drains: health turns
@@ -59,9 +62,23 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    run_with_http(config, client, listener, None, shutdown).await
+}
+
+/// [`run`], also serving the first version's HTTP API (`crate::http_api`)
+/// on `http_listener` when given, with the same service instance (hub,
+/// idempotency store, limits). It stops accepting and drains with gRPC.
+pub async fn run_with_http(
+    config: ServerConfig,
+    client: Client,
+    listener: TcpListener,
+    http_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
     let draining = CancellationToken::new();
     let hub = Hub::new(config.hub.clone(), client.clone());
     let service = ImageServiceImpl::new(config.service.clone(), client, hub, draining.clone());
+    let service_for_http = service.clone();
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::Serving).await;
@@ -105,12 +122,28 @@ pub async fn run(
     let serve =
         router.serve_with_incoming_shutdown(incoming, stop_accepting.clone().cancelled_owned());
     let mut server = tokio::spawn(serve);
+    let mut http = http_listener.map(|http_listener| {
+        tokio::spawn(crate::http_api::serve(
+            http_listener,
+            service_for_http,
+            config.max_request_bytes,
+            stop_accepting.clone().cancelled_owned(),
+        ))
+    });
     let gauges = tokio::spawn(runtime_gauges());
 
     tokio::select! {
         result = &mut server => {
             gauges.abort();
+            if let Some(http) = &http {
+                http.abort();
+            }
             return flatten(result);
+        }
+        result = wait_http(&mut http) => {
+            gauges.abort();
+            server.abort();
+            return flatten_http(result);
         }
         () = shutdown => gauges.abort(),
     }
@@ -123,16 +156,47 @@ pub async fn run(
         .await;
     draining.cancel();
     stop_accepting.cancel();
-    match tokio::time::timeout(config.drain_timeout, &mut server).await {
+    let drained = async {
+        let grpc = flatten((&mut server).await);
+        let http = match http.as_mut() {
+            Some(task) => flatten_http(task.await),
+            None => Ok(()),
+        };
+        grpc.and(http)
+    };
+    match tokio::time::timeout(config.drain_timeout, drained).await {
         Ok(result) => {
             info!("drained");
-            flatten(result)
+            result
         }
         Err(_) => {
             warn!("drain timeout reached; closing the remaining connections");
             server.abort();
+            if let Some(http) = &http {
+                http.abort();
+            }
             Ok(())
         }
+    }
+}
+
+/// The HTTP API's end, or never when it is off.
+async fn wait_http(
+    http: &mut Option<JoinHandle<std::io::Result<()>>>,
+) -> Result<std::io::Result<()>, tokio::task::JoinError> {
+    match http {
+        Some(task) => task.await,
+        None => std::future::pending().await,
+    }
+}
+
+fn flatten_http(
+    result: Result<std::io::Result<()>, tokio::task::JoinError>,
+) -> Result<(), ServerError> {
+    match result {
+        Ok(inner) => Ok(inner?),
+        Err(e) if e.is_cancelled() => Ok(()),
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
 }
 
