@@ -94,7 +94,7 @@ fn detail(status: StatusCode, text: &str) -> Response {
 
 // === handlers ===
 
-/// Starts a generation, as the first version's `POST /generate-image`.
+/// Starts a generation (the first version's endpoint).
 #[utoipa::path(
     post,
     path = "/generate-image",
@@ -178,7 +178,7 @@ async fn generate_image(
     }
 }
 
-/// Reports a job, as the first version's `POST /check-image`.
+/// Reports on a generation (the first version's endpoint).
 #[utoipa::path(
     post,
     path = "/check-image",
