@@ -133,7 +133,8 @@ async fn generate_image(
     };
     let body = match body {
         Ok(body) => body,
-        Err(rejection) => return rejection_response(rejection.status(), rejection.body_text()),
+        // Refused before it was read: too large, or the connection broke.
+        Err(rejection) => return error_response(rejection.status(), rejection.body_text(), None),
     };
     let mut details = Vec::new();
     let token = required(&params, "authorization_token", &mut details);
@@ -348,11 +349,6 @@ fn error_response(status: StatusCode, message: String, reason: Option<String>) -
         reason,
     };
     (status, Json(body)).into_response()
-}
-
-/// A body axum refused before the handler (too large, unreadable).
-fn rejection_response(status: StatusCode, text: String) -> Response {
-    error_response(status, text, None)
 }
 
 fn bad_query() -> Response {
