@@ -172,6 +172,11 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics over HTTP on this address (off when unset).
     #[arg(long, env = "PICLUMEN_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Also serve the first version's HTTP API (`POST /generate-image`,
+    /// `POST /check-image`, Swagger UI at `/docs`) on this address, plain
+    /// HTTP, with the same service as gRPC (off when unset).
+    #[arg(long, env = "PICLUMEN_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
     /// Start the built-in Piclumen simulator and use it as the upstream
     /// (no real images; for trying the service out).
     #[arg(long, env = "PICLUMEN_SIMULATE")]

@@ -13,6 +13,7 @@
 //! - `convert`: proto <-> domain <-> upstream JSON, with Piclumen's defaults.
 //! - `error`: the one error enum and its mapping to `tonic::Status`.
 //! - `idempotency`: `request_id` dedupe for GenerateImage.
+//! - `http_api`: the first version's HTTP/JSON endpoints, Swagger UI, on the same service.
 //! - `hub`: shared, batched polling behind WatchImage.
 //! - `job`: domain types: jobs, states, the redacting `Token`.
 //! - `upstream`: the Piclumen HTTP/JSON client.
@@ -29,6 +30,7 @@ pub mod config;
 pub mod convert;
 pub mod error;
 pub mod grpc_metrics;
+pub mod http_api;
 pub mod hub;
 pub mod idempotency;
 pub mod job;

@@ -147,7 +147,18 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         default_token = config.service.default_token.is_some(),
         "listening on {local}"
     );
-    server::run(config, client, listener, shutdown)
+    let http_listener = match args.http_listen {
+        Some(addr) => {
+            let http = TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            let local = http.local_addr().map_err(|e| e.to_string())?;
+            info!("HTTP API (first version) on http://{local}, Swagger UI at /docs");
+            Some(http)
+        }
+        None => None,
+    };
+    server::run_with_http(config, client, listener, http_listener, shutdown)
         .await
         .map_err(|e| e.to_string())
 }

@@ -10,7 +10,7 @@ use std::{
 };
 
 use futures_util::future::Either;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tonic::{
     codegen::http::{HeaderName, HeaderValue, Method, Request, Response, header::ORIGIN},
@@ -71,6 +71,9 @@ pub enum ServerError {
         "--cors-allow-origin {0:?} is not an origin: expected `*` or scheme://host[:port], without a path"
     )]
     CorsOrigin(String),
+    /// The HTTP listener of the first version's API failed.
+    #[error("HTTP API: {0}")]
+    Http(#[from] std::io::Error),
 }
 
 /// Request headers browsers may send on a gRPC-Web call: those of gRPC-Web
@@ -202,9 +205,23 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    run_with_http(config, client, listener, None, shutdown).await
+}
+
+/// [`run`], also serving the first version's HTTP API (`crate::http_api`)
+/// on `http_listener` when given, with the same service instance (hub,
+/// idempotency store, limits). It stops accepting and drains with gRPC.
+pub async fn run_with_http(
+    config: ServerConfig,
+    client: Client,
+    listener: TcpListener,
+    http_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
     let draining = CancellationToken::new();
     let hub = Hub::new(config.hub.clone(), std::sync::Arc::new(client.clone()));
     let service = ImageServiceImpl::new(config.service.clone(), client, hub, draining.clone());
+    let service_for_http = service.clone();
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::Serving).await;
@@ -266,12 +283,28 @@ pub async fn run(
     let serve =
         router.serve_with_incoming_shutdown(incoming, stop_accepting.clone().cancelled_owned());
     let mut server = tokio::spawn(serve);
+    let mut http = http_listener.map(|http_listener| {
+        tokio::spawn(crate::http_api::serve(
+            http_listener,
+            service_for_http,
+            config.max_request_bytes,
+            stop_accepting.clone().cancelled_owned(),
+        ))
+    });
     let gauges = tokio::spawn(runtime_gauges());
 
     tokio::select! {
         result = &mut server => {
             gauges.abort();
+            if let Some(http) = &http {
+                http.abort();
+            }
             return flatten(result);
+        }
+        result = wait_http(&mut http) => {
+            gauges.abort();
+            server.abort();
+            return flatten_http(result);
         }
         () = shutdown => gauges.abort(),
     }
@@ -284,16 +317,47 @@ pub async fn run(
         .await;
     draining.cancel();
     stop_accepting.cancel();
-    match tokio::time::timeout(config.drain_timeout, &mut server).await {
+    let drained = async {
+        let grpc = flatten((&mut server).await);
+        let http = match http.as_mut() {
+            Some(task) => flatten_http(task.await),
+            None => Ok(()),
+        };
+        grpc.and(http)
+    };
+    match tokio::time::timeout(config.drain_timeout, drained).await {
         Ok(result) => {
             info!("drained");
-            flatten(result)
+            result
         }
         Err(_) => {
             warn!("drain timeout reached; closing the remaining connections");
             server.abort();
+            if let Some(http) = &http {
+                http.abort();
+            }
             Ok(())
         }
+    }
+}
+
+/// The HTTP API's end, or never when it is off.
+async fn wait_http(
+    http: &mut Option<JoinHandle<std::io::Result<()>>>,
+) -> Result<std::io::Result<()>, tokio::task::JoinError> {
+    match http {
+        Some(task) => task.await,
+        None => std::future::pending().await,
+    }
+}
+
+fn flatten_http(
+    result: Result<std::io::Result<()>, tokio::task::JoinError>,
+) -> Result<(), ServerError> {
+    match result {
+        Ok(inner) => Ok(inner?),
+        Err(e) if e.is_cancelled() => Ok(()),
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
 }
 
