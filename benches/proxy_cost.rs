@@ -10,7 +10,9 @@
 //! Runs of ours and the floor alternate; each figure is the median run.
 //!
 //! Flags: `--seconds N` (per run, default 6), `--runs N` (default 3),
-//! `--floor PATH` (the floor binary), `--only SCENARIO`.
+//! `--floor PATH` (the floor binary), `--only SCENARIO` (a prefix of its
+//! name), `--server-args "FLAGS"` (extra `serve` flags), `--wrap "CMD"` (a
+//! prefix for our server's command, e.g. `perf record -g --`).
 
 #[path = "common/mod.rs"]
 mod common;
@@ -36,6 +38,10 @@ struct Opts {
     runs: usize,
     floor: String,
     only: Option<String>,
+    /// Extra `serve` flags, space-separated (for experiments).
+    server_args: Vec<String>,
+    /// A command prefix for our server, e.g. `perf record -g --`.
+    wrap: Vec<String>,
 }
 
 fn opts() -> Opts {
@@ -47,6 +53,8 @@ fn opts() -> Opts {
             env!("CARGO_MANIFEST_DIR")
         ),
         only: None,
+        server_args: Vec::new(),
+        wrap: Vec::new(),
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -57,6 +65,8 @@ fn opts() -> Opts {
             "--runs" => o.runs = value.parse().expect("--runs"),
             "--floor" => o.floor = value,
             "--only" => o.only = Some(value),
+            "--server-args" => o.server_args = value.split_whitespace().map(String::from).collect(),
+            "--wrap" => o.wrap = value.split_whitespace().map(String::from).collect(),
             // cargo bench passes --bench.
             _ => {
                 i += 1;
@@ -84,9 +94,19 @@ fn pinned(cpu: &str, program: &str) -> Command {
     }
 }
 
-fn start_pinned(program: &str, args: &[&str]) -> Proc {
-    let mut cmd = pinned("0", program);
-    cmd.args(args).env("TOKIO_WORKER_THREADS", "1");
+fn start_pinned(wrap: &[String], program: &str, args: &[&str]) -> Proc {
+    let mut cmd = match wrap.split_first() {
+        Some((first, rest)) => {
+            let mut c = pinned("0", first);
+            c.args(rest).arg(program);
+            c
+        }
+        None => pinned("0", program),
+    };
+    // Info logging on, as in production (a `--log` in --server-args wins).
+    cmd.args(args)
+        .env("TOKIO_WORKER_THREADS", "1")
+        .env("PICLUMEN_LOG", "info");
     common::spawn_command(cmd)
 }
 
@@ -104,7 +124,6 @@ struct Scenario {
 
 #[derive(Debug, Default, Clone)]
 struct Outcome {
-    calls: u64,
     rps: f64,
     p50_ms: f64,
     p99_ms: f64,
@@ -217,12 +236,13 @@ fn code_name(code: &str) -> String {
 }
 
 async fn sim_counters(sim: &str) -> u64 {
-    let stats: serde_json::Value = reqwest::get(format!("http://{sim}/_sim/stats"))
+    let body = reqwest::get(format!("http://{sim}/_sim/stats"))
         .await
         .expect("stats")
-        .json()
+        .bytes()
         .await
-        .expect("stats json");
+        .expect("stats body");
+    let stats: serde_json::Value = serde_json::from_slice(&body).expect("stats json");
     stats["create_calls"].as_u64().unwrap_or(0) + stats["status_calls"].as_u64().unwrap_or(0)
 }
 
@@ -248,7 +268,6 @@ async fn measure(target: &Proc, sim: &str, scenario: &Scenario, seconds: f64) ->
             .map_or(0.0, |us| f64::from(*us) / 1000.0)
     };
     Outcome {
-        calls,
         rps: calls as f64 / elapsed,
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
@@ -269,16 +288,18 @@ async fn seed_jobs(sim: &str, tokens: &[String], jobs: usize) -> Vec<(String, St
     let mut out = Vec::new();
     for token in tokens {
         for i in 0..jobs {
-            let reply: serde_json::Value = http
+            let body = http
                 .post(format!("http://{sim}/api/gen/create"))
                 .header("authorization", token)
-                .json(&serde_json::json!({"prompt": format!("bench {i}")}))
+                .header("content-type", "application/json")
+                .body(serde_json::json!({"prompt": format!("bench {i}")}).to_string())
                 .send()
                 .await
                 .expect("create")
-                .json()
+                .bytes()
                 .await
-                .expect("create json");
+                .expect("create body");
+            let reply: serde_json::Value = serde_json::from_slice(&body).expect("create json");
             let id = reply["data"]["markId"].as_str().expect("markId").to_owned();
             out.push((token.clone(), id));
         }
@@ -322,22 +343,20 @@ async fn main() {
     ]);
     let serve = |sim: &str| {
         let upstream = format!("http://{sim}");
-        start_pinned(
-            BIN,
-            &[
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--upstream-url",
-                &upstream,
-                "--max-generates-per-token",
-                "1000",
-                "--log",
-                "info",
-            ],
-        )
+        let mut args = vec![
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream-url",
+            &upstream,
+            "--max-generates-per-token",
+            "1000",
+        ];
+        args.extend(o.server_args.iter().map(String::as_str));
+        start_pinned(&o.wrap, BIN, &args)
     };
-    let floor = |sim: &str| start_pinned(&o.floor, &["127.0.0.1:0", &format!("http://{sim}")]);
+    let floor =
+        |sim: &str| start_pinned(&[], &o.floor, &["127.0.0.1:0", &format!("http://{sim}")]);
 
     let generate = pb::GenerateImageRequest {
         prompt: "a magical landscape".into(),

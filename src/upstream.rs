@@ -161,7 +161,7 @@ impl Client {
         deadline: Option<Instant>,
     ) -> Result<String, UpstreamError> {
         let body = self
-            .post(&self.create_url, token, payload, deadline)
+            .post(Endpoint::Create, token, payload, deadline)
             .await?;
         decode_create_reply(&body)
     }
@@ -175,7 +175,7 @@ impl Client {
         deadline: Option<Instant>,
     ) -> Result<Vec<JobStatus>, UpstreamError> {
         let body = self
-            .post(&self.status_url, token, mark_ids, deadline)
+            .post(Endpoint::Status, token, mark_ids, deadline)
             .await?;
         decode_status_reply(&body)
     }
