@@ -47,8 +47,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::{net::TcpListener, time::Instant};
 
-use crate::upstream::{CREATE_PATH, ImageWire, STATUS_PATH, TaskWire};
-
 /// Simulator knobs.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
@@ -79,6 +77,10 @@ impl Default for SimConfig {
     }
 }
 
+/// Piclumen's create path.
+const CREATE_PATH: &str = "/api/gen/create";
+/// Piclumen's batch status path.
+const STATUS_PATH: &str = "/api/task/batch-process-task";
 /// How many recent create bodies `/_sim/creates` keeps.
 const KEEP_CREATES: usize = 200;
 /// Queue index of a new job.
@@ -408,7 +410,7 @@ async fn status(State(sim): State<Sim>, headers: HeaderMap, body: Bytes) -> Resp
     };
     let host = request_host(&headers);
     let world = sim.world();
-    let data: Vec<TaskWire> = ids
+    let data: Vec<Value> = ids
         .iter()
         .filter_map(|id| {
             let job = world.jobs.get(id).filter(|j| j.token == token)?;
@@ -440,47 +442,42 @@ fn image_name(mark_id: &str, index: i64) -> String {
     format!("{mark_id}-{index}.png")
 }
 
-fn task(mark_id: &str, job: &Job, host: &str) -> TaskWire {
+/// One entry of the status reply, with Piclumen's field names (written out
+/// here rather than shared with the client, so that a wrong name on either
+/// side shows up in the contract tests).
+fn task(mark_id: &str, job: &Job, host: &str) -> Value {
     let elapsed = job.created.elapsed().as_secs_f64();
     let total = job.duration.as_secs_f64();
     let queued = total * 0.4;
-    let mut wire = TaskWire {
-        mark_id: mark_id.to_owned(),
-        status: String::new(),
-        index: None,
-        prompt_id: None,
-        img_urls: None,
-        info: None,
-    };
     if elapsed < queued {
         let left = 1.0 - elapsed / queued;
-        wire.status = "pending".into();
-        wire.index = Some((QUEUE_START as f64 * left).ceil() as i64);
-    } else if elapsed < total {
-        wire.status = "running".into();
-        wire.prompt_id = Some(job.prompt_id.clone());
-    } else if job.fail {
-        wire.status = "failed".into();
-        wire.prompt_id = Some(job.prompt_id.clone());
-    } else {
-        wire.status = "success".into();
-        wire.prompt_id = Some(job.prompt_id.clone());
-        wire.img_urls = Some(
-            (0..job.batch_size)
-                .map(|i| {
-                    let name = image_name(mark_id, i);
-                    ImageWire {
-                        img_url: Some(format!("http://{host}{IMAGES_PATH}{name}")),
-                        img_name: Some(name),
-                        real_width: Some(job.width),
-                        real_height: Some(job.height),
-                        sensitive: job.nsfw.then(|| "NSFW".to_owned()),
-                    }
-                })
-                .collect(),
-        );
+        let index = (QUEUE_START as f64 * left).ceil() as i64;
+        return json!({"markId": mark_id, "status": "pending", "index": index, "info": null});
     }
-    wire
+    let status = if elapsed < total {
+        "running"
+    } else if job.fail {
+        "failed"
+    } else {
+        "success"
+    };
+    let mut entry = json!({"markId": mark_id, "status": status, "promptId": job.prompt_id});
+    if status == "success" {
+        let images: Vec<Value> = (0..job.batch_size)
+            .map(|i| {
+                let name = image_name(mark_id, i);
+                json!({
+                    "imgUrl": format!("http://{host}{IMAGES_PATH}{name}"),
+                    "imgName": name,
+                    "realWidth": job.width,
+                    "realHeight": job.height,
+                    "sensitive": if job.nsfw { json!("NSFW") } else { Value::Null },
+                })
+            })
+            .collect();
+        entry["img_urls"] = Value::Array(images);
+    }
+    entry
 }
 
 /// A finished job's image, as PNG.
