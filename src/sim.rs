@@ -93,8 +93,13 @@ const KEEP_IMAGE_SIZES: usize = 16;
 const IMAGES_PATH: &str = "/_sim/images/";
 
 /// A scripted reply, consumed by the next matching request(s).
+///
+/// Omitted keys take their defaults; an unknown key, an unknown endpoint,
+/// an HTTP status out of range or a fault that would change nothing (no
+/// `http_status`, `delay_ms` nor `reset`) gets the whole script refused
+/// with HTTP 400 saying why, so a misspelled key cannot pass unnoticed.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Fault {
     /// `create`, `status` or `any`.
     pub endpoint: String,
@@ -290,6 +295,7 @@ fn fault_reply(fault: &Fault) -> Option<Response> {
     if fault.http_status == 0 && !fault.reset {
         return None;
     }
+    // A reset without a status breaks a 200 reply.
     let status = StatusCode::from_u16(fault.http_status).unwrap_or(StatusCode::OK);
     let body = if fault.reset {
         // Promise more than is sent, then fail: the connection breaks mid-body.
@@ -552,7 +558,11 @@ fn gradient_png((width, height): (u32, u32)) -> Result<Bytes, png::EncodingError
 async fn stats(State(sim): State<Sim>) -> Json<Value> {
     let s = &sim.stats;
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let jobs = sim.world().jobs.len();
+    let (jobs, faults_queued) = {
+        let world = sim.world();
+        let queued: u64 = world.faults.iter().map(|f| u64::from(f.times.max(1))).sum();
+        (world.jobs.len(), queued)
+    };
     Json(json!({
         "create_calls": load(&s.create_calls),
         "status_calls": load(&s.status_calls),
@@ -560,14 +570,50 @@ async fn stats(State(sim): State<Sim>) -> Json<Value> {
         "injected_5xx": load(&s.injected_5xx),
         "injected_429": load(&s.injected_429),
         "scripted_faults": load(&s.scripted_faults),
+        "faults_queued": faults_queued,
         "unauthorized": load(&s.unauthorized),
         "jobs": jobs,
     }))
 }
 
-async fn add_faults(State(sim): State<Sim>, Json(faults): Json<Vec<Fault>>) -> StatusCode {
+async fn add_faults(State(sim): State<Sim>, body: Bytes) -> Response {
+    let faults = match serde_json::from_slice::<Vec<Fault>>(&body) {
+        Ok(faults) => faults,
+        Err(e) => {
+            let message = format!("invalid fault script: {e}");
+            return (StatusCode::BAD_REQUEST, message).into_response();
+        }
+    };
+    for (i, fault) in faults.iter().enumerate() {
+        if let Err(why) = fault.check() {
+            let message = format!("invalid fault script: fault {i}: {why}");
+            return (StatusCode::BAD_REQUEST, message).into_response();
+        }
+    }
     sim.world().faults.extend(faults);
-    StatusCode::NO_CONTENT
+    StatusCode::NO_CONTENT.into_response()
+}
+
+impl Fault {
+    /// Refuses faults that cannot match or would change nothing.
+    fn check(&self) -> Result<(), String> {
+        if !["", "any", "create", "status"].contains(&self.endpoint.as_str()) {
+            return Err(format!(
+                "unknown endpoint `{}`, expected `create`, `status` or `any`",
+                self.endpoint
+            ));
+        }
+        if self.http_status != 0 && !(100..=599).contains(&self.http_status) {
+            return Err(format!(
+                "http_status {} is not an HTTP status",
+                self.http_status
+            ));
+        }
+        if self.http_status == 0 && self.delay_ms == 0 && !self.reset {
+            return Err("changes nothing: set http_status, delay_ms or reset".into());
+        }
+        Ok(())
+    }
 }
 
 /// Every job's creation time (Unix milliseconds) and duration, by mark id:
