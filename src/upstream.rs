@@ -324,10 +324,7 @@ struct TaskWire {
     /// Images, once done.
     #[serde(default)]
     img_urls: Option<Vec<ImageWire>>,
-    /// Extra data Piclumen sends while pending (not used).
-    #[serde(default)]
-    #[allow(dead_code)]
-    info: Option<Value>,
+    // `info`, sent while pending, is not used: serde skips it unread.
 }
 
 impl TaskWire {
