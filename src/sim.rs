@@ -47,8 +47,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::{net::TcpListener, time::Instant};
 
-use crate::upstream::{CREATE_PATH, ImageWire, STATUS_PATH, TaskWire};
-
 /// Simulator knobs.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
@@ -79,6 +77,10 @@ impl Default for SimConfig {
     }
 }
 
+/// Piclumen's create path.
+const CREATE_PATH: &str = "/api/gen/create";
+/// Piclumen's batch status path.
+const STATUS_PATH: &str = "/api/task/batch-process-task";
 /// How many recent create bodies `/_sim/creates` keeps.
 const KEEP_CREATES: usize = 200;
 /// Queue index of a new job.
@@ -91,8 +93,13 @@ const KEEP_IMAGE_SIZES: usize = 16;
 const IMAGES_PATH: &str = "/_sim/images/";
 
 /// A scripted reply, consumed by the next matching request(s).
+///
+/// Omitted keys take their defaults; an unknown key, an unknown endpoint,
+/// an HTTP status out of range or a fault that would change nothing (no
+/// `http_status`, `delay_ms` nor `reset`) gets the whole script refused
+/// with HTTP 400 saying why, so a misspelled key cannot pass unnoticed.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Fault {
     /// `create`, `status` or `any`.
     pub endpoint: String,
@@ -288,6 +295,7 @@ fn fault_reply(fault: &Fault) -> Option<Response> {
     if fault.http_status == 0 && !fault.reset {
         return None;
     }
+    // A reset without a status breaks a 200 reply.
     let status = StatusCode::from_u16(fault.http_status).unwrap_or(StatusCode::OK);
     let body = if fault.reset {
         // Promise more than is sent, then fail: the connection breaks mid-body.
@@ -408,7 +416,7 @@ async fn status(State(sim): State<Sim>, headers: HeaderMap, body: Bytes) -> Resp
     };
     let host = request_host(&headers);
     let world = sim.world();
-    let data: Vec<TaskWire> = ids
+    let data: Vec<Value> = ids
         .iter()
         .filter_map(|id| {
             let job = world.jobs.get(id).filter(|j| j.token == token)?;
@@ -440,47 +448,42 @@ fn image_name(mark_id: &str, index: i64) -> String {
     format!("{mark_id}-{index}.png")
 }
 
-fn task(mark_id: &str, job: &Job, host: &str) -> TaskWire {
+/// One entry of the status reply, with Piclumen's field names (written out
+/// here rather than shared with the client, so that a wrong name on either
+/// side shows up in the contract tests).
+fn task(mark_id: &str, job: &Job, host: &str) -> Value {
     let elapsed = job.created.elapsed().as_secs_f64();
     let total = job.duration.as_secs_f64();
     let queued = total * 0.4;
-    let mut wire = TaskWire {
-        mark_id: mark_id.to_owned(),
-        status: String::new(),
-        index: None,
-        prompt_id: None,
-        img_urls: None,
-        info: None,
-    };
     if elapsed < queued {
         let left = 1.0 - elapsed / queued;
-        wire.status = "pending".into();
-        wire.index = Some((QUEUE_START as f64 * left).ceil() as i64);
-    } else if elapsed < total {
-        wire.status = "running".into();
-        wire.prompt_id = Some(job.prompt_id.clone());
-    } else if job.fail {
-        wire.status = "failed".into();
-        wire.prompt_id = Some(job.prompt_id.clone());
-    } else {
-        wire.status = "success".into();
-        wire.prompt_id = Some(job.prompt_id.clone());
-        wire.img_urls = Some(
-            (0..job.batch_size)
-                .map(|i| {
-                    let name = image_name(mark_id, i);
-                    ImageWire {
-                        img_url: Some(format!("http://{host}{IMAGES_PATH}{name}")),
-                        img_name: Some(name),
-                        real_width: Some(job.width),
-                        real_height: Some(job.height),
-                        sensitive: job.nsfw.then(|| "NSFW".to_owned()),
-                    }
-                })
-                .collect(),
-        );
+        let index = (QUEUE_START as f64 * left).ceil() as i64;
+        return json!({"markId": mark_id, "status": "pending", "index": index, "info": null});
     }
-    wire
+    let status = if elapsed < total {
+        "running"
+    } else if job.fail {
+        "failed"
+    } else {
+        "success"
+    };
+    let mut entry = json!({"markId": mark_id, "status": status, "promptId": job.prompt_id});
+    if status == "success" {
+        let images: Vec<Value> = (0..job.batch_size)
+            .map(|i| {
+                let name = image_name(mark_id, i);
+                json!({
+                    "imgUrl": format!("http://{host}{IMAGES_PATH}{name}"),
+                    "imgName": name,
+                    "realWidth": job.width,
+                    "realHeight": job.height,
+                    "sensitive": if job.nsfw { json!("NSFW") } else { Value::Null },
+                })
+            })
+            .collect();
+        entry["img_urls"] = Value::Array(images);
+    }
+    entry
 }
 
 /// A finished job's image, as PNG.
@@ -555,7 +558,11 @@ fn gradient_png((width, height): (u32, u32)) -> Result<Bytes, png::EncodingError
 async fn stats(State(sim): State<Sim>) -> Json<Value> {
     let s = &sim.stats;
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let jobs = sim.world().jobs.len();
+    let (jobs, faults_queued) = {
+        let world = sim.world();
+        let queued: u64 = world.faults.iter().map(|f| u64::from(f.times.max(1))).sum();
+        (world.jobs.len(), queued)
+    };
     Json(json!({
         "create_calls": load(&s.create_calls),
         "status_calls": load(&s.status_calls),
@@ -563,14 +570,50 @@ async fn stats(State(sim): State<Sim>) -> Json<Value> {
         "injected_5xx": load(&s.injected_5xx),
         "injected_429": load(&s.injected_429),
         "scripted_faults": load(&s.scripted_faults),
+        "faults_queued": faults_queued,
         "unauthorized": load(&s.unauthorized),
         "jobs": jobs,
     }))
 }
 
-async fn add_faults(State(sim): State<Sim>, Json(faults): Json<Vec<Fault>>) -> StatusCode {
+async fn add_faults(State(sim): State<Sim>, body: Bytes) -> Response {
+    let faults = match serde_json::from_slice::<Vec<Fault>>(&body) {
+        Ok(faults) => faults,
+        Err(e) => {
+            let message = format!("invalid fault script: {e}");
+            return (StatusCode::BAD_REQUEST, message).into_response();
+        }
+    };
+    for (i, fault) in faults.iter().enumerate() {
+        if let Err(why) = fault.check() {
+            let message = format!("invalid fault script: fault {i}: {why}");
+            return (StatusCode::BAD_REQUEST, message).into_response();
+        }
+    }
     sim.world().faults.extend(faults);
-    StatusCode::NO_CONTENT
+    StatusCode::NO_CONTENT.into_response()
+}
+
+impl Fault {
+    /// Refuses faults that cannot match or would change nothing.
+    fn check(&self) -> Result<(), String> {
+        if !["", "any", "create", "status"].contains(&self.endpoint.as_str()) {
+            return Err(format!(
+                "unknown endpoint `{}`, expected `create`, `status` or `any`",
+                self.endpoint
+            ));
+        }
+        if self.http_status != 0 && !(100..=599).contains(&self.http_status) {
+            return Err(format!(
+                "http_status {} is not an HTTP status",
+                self.http_status
+            ));
+        }
+        if self.http_status == 0 && self.delay_ms == 0 && !self.reset {
+            return Err("changes nothing: set http_status, delay_ms or reset".into());
+        }
+        Ok(())
+    }
 }
 
 /// Every job's creation time (Unix milliseconds) and duration, by mark id:

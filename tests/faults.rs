@@ -127,8 +127,17 @@ async fn watch_meets_each_upstream_fault() {
         let mark_id = start_job(&mut client, TOKEN, name).await;
         let mut fault = fault;
         fault["endpoint"] = json!("status");
+        let times = fault["times"].as_u64().unwrap_or(1);
+        let fired_before = sim.stat("scripted_faults").await;
         sim.script(json!([fault])).await;
         let (messages, end) = collect_watch(&mut client, TOKEN, &mark_id).await;
+        // Each case meets its fault as often as scripted, and only that.
+        let fired = sim.stat("scripted_faults").await - fired_before;
+        assert_eq!(
+            fired, times,
+            "{name}: the fault fired {fired} of {times} times"
+        );
+        assert_eq!(sim.stat("faults_queued").await, 0, "{name}: left unused");
         match outcome {
             Outcome::Recovers => {
                 end.unwrap_or_else(|s| panic!("{name}: the watch should recover, got {s:?}"));
@@ -165,6 +174,10 @@ async fn success_without_images_and_unknown_states_pass_through() {
         .await;
     let (messages, end) = collect_watch(&mut client, TOKEN, &mark_id).await;
     end.expect("ends OK");
+    // Both scripted replies were met: the first once, the second at least once.
+    let fired = h.sim.stat("scripted_faults").await;
+    assert!(fired >= 2, "fired {fired}");
+    assert_eq!(fired + h.sim.stat("faults_queued").await, 101);
     let jobs: Vec<pb::ImageJob> = messages.into_iter().filter_map(|m| m.job).collect();
     assert_eq!(jobs[0].state(), JobState::Unspecified);
     assert_eq!(
@@ -306,4 +319,53 @@ async fn messages_with_non_ascii_and_control_characters_arrive_intact() {
         status.message(),
         format!("mark_id: contains control characters: {id}")
     );
+}
+
+#[tokio::test]
+async fn fault_scripts_with_a_misspelled_key_or_no_effect_are_refused() {
+    let sim = Sim::start(sim_config()).await;
+    let cases = [
+        (
+            json!([{"endpoint": "status", "http_stauts": 500}]),
+            "unknown field `http_stauts`",
+        ),
+        (
+            json!([{"endpoint": "status", "http_status": 500, "tims": 2}]),
+            "unknown field `tims`",
+        ),
+        (
+            json!([{"endpoint": "statuss", "http_status": 500}]),
+            "fault 0: unknown endpoint `statuss`",
+        ),
+        (
+            json!([{"endpoint": "create", "http_status": 500}, {"endpoint": "status"}]),
+            "fault 1: changes nothing",
+        ),
+        (
+            json!([{"endpoint": "status", "http_status": 1000}]),
+            "http_status 1000 is not an HTTP status",
+        ),
+    ];
+    for (script, named) in cases {
+        let reply = sim
+            .http
+            .post(format!("{}/_sim/faults", sim.url()))
+            .header("content-type", "application/json")
+            .body(script.to_string())
+            .send()
+            .await
+            .expect("post");
+        let status = reply.status();
+        let body = reply.text().await.expect("body");
+        assert_eq!(status, 400, "{script}: {body}");
+        assert!(body.contains(named), "{script}: {body}");
+    }
+    assert_eq!(
+        sim.stat("faults_queued").await,
+        0,
+        "a refused script queues none of its faults"
+    );
+    // Omitted keys still take their defaults.
+    sim.script(json!([{"http_status": 503}])).await;
+    assert_eq!(sim.stat("faults_queued").await, 1);
 }

@@ -150,16 +150,20 @@ impl Sim {
 
     /// Scripts the simulator's next replies (see `sim::Fault`).
     pub async fn script(&self, faults: Value) {
-        let status = self
+        let reply = self
             .http
             .post(format!("{}/_sim/faults", self.url()))
             .header("content-type", "application/json")
             .body(faults.to_string())
             .send()
             .await
-            .expect("script faults")
-            .status();
-        assert!(status.is_success(), "scripting faults failed: {status}");
+            .expect("script faults");
+        let status = reply.status();
+        let why = reply.text().await.unwrap_or_default();
+        assert!(
+            status.is_success(),
+            "scripting faults failed: {status}: {why}"
+        );
     }
 }
 
