@@ -104,14 +104,14 @@ impl ServeArgs {
     /// platform's variable, given as `port_env`). Reads the API keys and TLS
     /// files; fails on any setting that cannot work.
     pub fn settings(&self, port_env: Option<&str>) -> Result<Settings, ConfigError> {
-        let listen = self.listen_addr(port_env)?;
-        self.check_exposure(listen)?;
         let token = self
             .token
             .as_deref()
             .map(Token::parse)
             .transpose()
             .map_err(ConfigError::Token)?;
+        let listen = self.listen_addr(port_env)?;
+        self.check_exposure(listen)?;
         let default_token = match token {
             Some(token) => Some(token),
             None if self.simulate => Token::parse(defaults::SIMULATOR_TOKEN).ok(),
