@@ -6,8 +6,23 @@
 //! `success` with `batch_size` images (or `failed` for prompts containing
 //! `[sim:fail]`). `GET /_sim/stats` counts every request, injected faults
 //! included; `POST /_sim/faults` scripts the next replies; `GET
-//! /_sim/creates` shows the create bodies received; `GET /_sim/jobs` gives
-//! each job's creation time and duration.
+//! /_sim/creates` shows the accepted creates, each as `{"headers", "body"}`;
+//! `GET /_sim/requests` shows the headers of the latest request to each
+//! endpoint, as `{"create": headers, "status": headers}` (`null` before the
+//! first), whatever its reply; `GET /_sim/jobs` gives each job's creation
+//! time and duration.
+//!
+//! A finished job's `imgUrl`s point at the simulator itself, at the address
+//! the status request was sent to (its `Host` header):
+//! `http://HOST/_sim/images/<markId>-<i>.png`, `imgName` being the last
+//! part. `GET /_sim/images/<name>` answers a real PNG of the job's width and
+//! height (a gradient), so images can be downloaded offline; a name of no
+//! finished job's image gets 404.
+//!
+//! Recorded headers are an object with `platform`, `content-type`,
+//! `accept`, `user-agent`, `origin` and `referer` (each the text sent, or
+//! `null` when absent) and `authorization`: `true` when that header was
+//! present. The token itself is never recorded.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -22,7 +37,7 @@ use std::{
 use axum::{
     Json, Router,
     body::{Body, Bytes},
-    extract::State,
+    extract::{Path, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -31,8 +46,6 @@ use axum::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::{net::TcpListener, time::Instant};
-
-use crate::upstream::{CREATE_PATH, ImageWire, STATUS_PATH, TaskWire};
 
 /// Simulator knobs.
 #[derive(Debug, Clone)]
@@ -65,10 +78,20 @@ impl Default for SimConfig {
     }
 }
 
+/// Piclumen's create path.
+const CREATE_PATH: &str = "/api/gen/create";
+/// Piclumen's batch status path.
+const STATUS_PATH: &str = "/api/task/batch-process-task";
 /// How many recent create bodies `/_sim/creates` keeps.
 const KEEP_CREATES: usize = 200;
 /// Queue index of a new job.
 const QUEUE_START: i64 = 3;
+/// Largest image side the simulator draws (the server's own limit).
+const MAX_IMAGE_SIDE: i64 = 4096;
+/// How many image sizes stay encoded in memory.
+const KEEP_IMAGE_SIZES: usize = 16;
+/// Where the image route lives.
+const IMAGES_PATH: &str = "/_sim/images/";
 
 /// A scripted reply, consumed by the next matching request(s).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -124,6 +147,9 @@ struct World {
     jobs: HashMap<String, Job>,
     creates: VecDeque<Value>,
     faults: VecDeque<Fault>,
+    /// Headers of the latest create and status requests.
+    last_create: Option<Value>,
+    last_status: Option<Value>,
 }
 
 #[derive(Debug, Clone)]
@@ -131,11 +157,19 @@ struct Sim {
     config: Arc<SimConfig>,
     stats: Arc<Stats>,
     world: Arc<Mutex<World>>,
+    /// Encoded images by (width, height): every job of one size shares one.
+    images: Arc<Mutex<HashMap<(u32, u32), Bytes>>>,
 }
 
 impl Sim {
     fn world(&self) -> MutexGuard<'_, World> {
         self.world
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn images(&self) -> MutexGuard<'_, HashMap<(u32, u32), Bytes>> {
+        self.images
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -147,6 +181,7 @@ pub fn router(config: SimConfig) -> Router {
         config: Arc::new(config),
         stats: Arc::default(),
         world: Arc::default(),
+        images: Arc::default(),
     };
     Router::new()
         .route(CREATE_PATH, post(create))
@@ -154,7 +189,9 @@ pub fn router(config: SimConfig) -> Router {
         .route("/_sim/stats", get(stats))
         .route("/_sim/faults", post(add_faults))
         .route("/_sim/creates", get(creates))
+        .route("/_sim/requests", get(requests))
         .route("/_sim/jobs", get(jobs))
+        .route("/_sim/images/{name}", get(image))
         .with_state(sim)
 }
 
@@ -287,6 +324,8 @@ fn fault_reply(fault: &Fault) -> Option<Response> {
 
 async fn create(State(sim): State<Sim>, headers: HeaderMap, body: Bytes) -> Response {
     sim.stats.create_calls.fetch_add(1, Ordering::Relaxed);
+    let seen = recorded_headers(&headers);
+    sim.world().last_create = Some(seen.clone());
     let token = match gate(&sim, "create", &headers).await {
         Ok(token) => token,
         Err(reply) => return reply,
@@ -321,15 +360,30 @@ async fn create(State(sim): State<Sim>, headers: HeaderMap, body: Bytes) -> Resp
     if world.creates.len() == KEEP_CREATES {
         world.creates.pop_front();
     }
-    world.creates.push_back(json!({
-        "headers": {
-            "platform": header_text(&headers, "platform"),
-            "content-type": header_text(&headers, "content-type"),
-            "accept": header_text(&headers, "accept"),
-        },
-        "body": payload,
-    }));
+    world
+        .creates
+        .push_back(json!({ "headers": seen, "body": payload }));
     envelope(json!({ "markId": mark_id }))
+}
+
+/// The request headers worth checking, the token reduced to its presence.
+fn recorded_headers(headers: &HeaderMap) -> Value {
+    let mut seen = serde_json::Map::new();
+    for name in [
+        "platform",
+        "content-type",
+        "accept",
+        "user-agent",
+        "origin",
+        "referer",
+    ] {
+        seen.insert(name.to_owned(), header_text(headers, name));
+    }
+    seen.insert(
+        "authorization".to_owned(),
+        Value::Bool(headers.contains_key(header::AUTHORIZATION)),
+    );
+    Value::Object(seen)
 }
 
 fn header_text(headers: &HeaderMap, name: &str) -> Value {
@@ -341,6 +395,7 @@ fn header_text(headers: &HeaderMap, name: &str) -> Value {
 
 async fn status(State(sim): State<Sim>, headers: HeaderMap, body: Bytes) -> Response {
     sim.stats.status_calls.fetch_add(1, Ordering::Relaxed);
+    sim.world().last_status = Some(recorded_headers(&headers));
     let ids = serde_json::from_slice::<Vec<String>>(&body);
     if let Ok(ids) = &ids {
         sim.stats
@@ -354,12 +409,13 @@ async fn status(State(sim): State<Sim>, headers: HeaderMap, body: Bytes) -> Resp
     let Ok(ids) = ids else {
         return reject(StatusCode::BAD_REQUEST, "Bad Request");
     };
+    let host = request_host(&headers);
     let world = sim.world();
-    let data: Vec<TaskWire> = ids
+    let data: Vec<Value> = ids
         .iter()
         .filter_map(|id| {
             let job = world.jobs.get(id).filter(|j| j.token == token)?;
-            Some(task(id, job))
+            Some(task(id, job, &host))
         })
         .collect();
     envelope(json!(data))
@@ -373,47 +429,125 @@ fn jittered(duration: Duration, jitter: f64) -> Duration {
     duration.mul_f64(1.0 + rand::random_range(-jitter..=jitter))
 }
 
-fn task(mark_id: &str, job: &Job) -> TaskWire {
+/// The authority the request was sent to, for URLs that lead back here.
+fn request_host(headers: &HeaderMap) -> String {
+    headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.parse::<axum::http::uri::Authority>().is_ok())
+        .unwrap_or("localhost")
+        .to_owned()
+}
+
+fn image_name(mark_id: &str, index: i64) -> String {
+    format!("{mark_id}-{index}.png")
+}
+
+/// One entry of the status reply, with Piclumen's field names (written out
+/// here rather than shared with the client, so that a wrong name on either
+/// side shows up in the contract tests).
+fn task(mark_id: &str, job: &Job, host: &str) -> Value {
     let elapsed = job.created.elapsed().as_secs_f64();
     let total = job.duration.as_secs_f64();
     let queued = total * 0.4;
-    let mut wire = TaskWire {
-        mark_id: mark_id.to_owned(),
-        status: String::new(),
-        index: None,
-        prompt_id: None,
-        img_urls: None,
-        info: None,
-    };
     if elapsed < queued {
         let left = 1.0 - elapsed / queued;
-        wire.status = "pending".into();
-        wire.index = Some((QUEUE_START as f64 * left).ceil() as i64);
-    } else if elapsed < total {
-        wire.status = "running".into();
-        wire.prompt_id = Some(job.prompt_id.clone());
-    } else if job.fail {
-        wire.status = "failed".into();
-        wire.prompt_id = Some(job.prompt_id.clone());
-    } else {
-        wire.status = "success".into();
-        wire.prompt_id = Some(job.prompt_id.clone());
-        wire.img_urls = Some(
-            (0..job.batch_size)
-                .map(|i| {
-                    let name = format!("{mark_id}-{i}.webp");
-                    ImageWire {
-                        img_url: Some(format!("https://images.piclumen-sim.invalid/{name}")),
-                        img_name: Some(name),
-                        real_width: Some(job.width),
-                        real_height: Some(job.height),
-                        sensitive: job.nsfw.then(|| "NSFW".to_owned()),
-                    }
-                })
-                .collect(),
-        );
+        let index = (QUEUE_START as f64 * left).ceil() as i64;
+        return json!({"markId": mark_id, "status": "pending", "index": index, "info": null});
     }
-    wire
+    let status = if elapsed < total {
+        "running"
+    } else if job.fail {
+        "failed"
+    } else {
+        "success"
+    };
+    let mut entry = json!({"markId": mark_id, "status": status, "promptId": job.prompt_id});
+    if status == "success" {
+        let images: Vec<Value> = (0..job.batch_size)
+            .map(|i| {
+                let name = image_name(mark_id, i);
+                json!({
+                    "imgUrl": format!("http://{host}{IMAGES_PATH}{name}"),
+                    "imgName": name,
+                    "realWidth": job.width,
+                    "realHeight": job.height,
+                    "sensitive": if job.nsfw { json!("NSFW") } else { Value::Null },
+                })
+            })
+            .collect();
+        entry["img_urls"] = Value::Array(images);
+    }
+    entry
+}
+
+/// A finished job's image, as PNG.
+async fn image(State(sim): State<Sim>, Path(name): Path<String>) -> Response {
+    let size = {
+        let world = sim.world();
+        image_size(&world, &name)
+    };
+    let Some(size) = size else {
+        return (StatusCode::NOT_FOUND, "no such image").into_response();
+    };
+    let cached = sim.images().get(&size).cloned();
+    let png = match cached {
+        Some(png) => png,
+        None => {
+            // Encoding takes a while for big images: off the async threads.
+            let Ok(Ok(png)) = tokio::task::spawn_blocking(move || gradient_png(size)).await else {
+                return (StatusCode::INTERNAL_SERVER_ERROR, "cannot draw the image")
+                    .into_response();
+            };
+            let mut images = sim.images();
+            if images.len() >= KEEP_IMAGE_SIZES {
+                images.clear();
+            }
+            images.insert(size, png.clone());
+            png
+        }
+    };
+    ([(header::CONTENT_TYPE, "image/png")], png).into_response()
+}
+
+/// The size of the image `name` (`<markId>-<i>.png`), when that job has
+/// finished with at least `i + 1` images.
+fn image_size(world: &World, name: &str) -> Option<(u32, u32)> {
+    let (mark_id, index) = name.strip_suffix(".png")?.rsplit_once('-')?;
+    let index: i64 = index.parse().ok()?;
+    let job = world.jobs.get(mark_id)?;
+    let done = job.created.elapsed() >= job.duration && !job.fail;
+    if !done || !(0..job.batch_size).contains(&index) {
+        return None;
+    }
+    let side = |v: i64| u32::try_from(v.clamp(1, MAX_IMAGE_SIDE)).ok();
+    Some((side(job.width)?, side(job.height)?))
+}
+
+/// A left-to-right gradient: every row alike, so it compresses to little.
+fn gradient_png((width, height): (u32, u32)) -> Result<Bytes, png::EncodingError> {
+    let row: Vec<u8> = (0..width)
+        .flat_map(|x| {
+            let t = u8::try_from(u64::from(x) * 255 / u64::from(width.max(2) - 1)).unwrap_or(255);
+            [t, 96, 255 - t]
+        })
+        .collect();
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::new(&mut out, width, height);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    encoder.set_compression(png::Compression::Balanced);
+    encoder.set_filter(png::Filter::Up);
+    let mut writer = encoder.write_header()?;
+    {
+        let mut stream = writer.stream_writer()?;
+        for _ in 0..height {
+            std::io::Write::write_all(&mut stream, &row)?;
+        }
+        stream.finish()?;
+    }
+    writer.finish()?;
+    Ok(Bytes::from(out))
 }
 
 async fn stats(State(sim): State<Sim>) -> Json<Value> {
@@ -457,6 +591,177 @@ async fn jobs(State(sim): State<Sim>) -> Json<Value> {
     ))
 }
 
+async fn requests(State(sim): State<Sim>) -> Json<Value> {
+    let world = sim.world();
+    Json(json!({ "create": world.last_create, "status": world.last_status }))
+}
+
 async fn creates(State(sim): State<Sim>) -> Json<Value> {
     Json(Value::Array(sim.world().creates.iter().cloned().collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A simulator on a loopback port of its own, stopped when dropped.
+    struct Running {
+        url: String,
+        http: reqwest::Client,
+        _stop: tokio::sync::oneshot::Sender<()>,
+    }
+
+    async fn start(config: SimConfig) -> Running {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve(listener, config, async {
+            let _ = stopped.await;
+        }));
+        Running {
+            url,
+            http: reqwest::Client::new(),
+            _stop: stop,
+        }
+    }
+
+    impl Running {
+        async fn post(&self, path: &str, body: Value) -> reqwest::Response {
+            self.http
+                .post(format!("{}{path}", self.url))
+                .header(header::AUTHORIZATION, "t")
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(body.to_string())
+                .send()
+                .await
+                .expect("post")
+        }
+
+        async fn json(&self, response: reqwest::Response) -> Value {
+            let bytes = response.bytes().await.expect("body");
+            serde_json::from_slice(&bytes).expect("json")
+        }
+
+        async fn create(&self, body: Value) -> String {
+            let reply = self.post(CREATE_PATH, body).await;
+            let reply = self.json(reply).await;
+            reply["data"]["markId"].as_str().expect("markId").to_owned()
+        }
+
+        /// The job's status entry, polled until `state` (bounded).
+        async fn wait_for(&self, mark_id: &str, state: &str) -> Value {
+            for _ in 0..500 {
+                let reply = self.post(STATUS_PATH, json!([mark_id])).await;
+                let entry = self.json(reply).await["data"][0].clone();
+                if entry["status"] == state {
+                    return entry;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            panic!("{mark_id} never reached {state}");
+        }
+    }
+
+    fn quick() -> SimConfig {
+        SimConfig {
+            job_duration: Duration::from_millis(200),
+            ..SimConfig::default()
+        }
+    }
+
+    fn decode_png(bytes: &[u8]) -> (u32, u32, Vec<u8>) {
+        let decoder = png::Decoder::new(std::io::Cursor::new(bytes.to_vec()));
+        let mut reader = decoder.read_info().expect("png header");
+        let mut pixels = vec![0; reader.output_buffer_size().expect("size")];
+        let frame = reader.next_frame(&mut pixels).expect("png frame");
+        pixels.truncate(frame.buffer_size());
+        (frame.width, frame.height, pixels)
+    }
+
+    #[tokio::test]
+    async fn image_urls_lead_back_to_real_pngs_of_the_job_size() {
+        let sim = start(quick()).await;
+        let mark_id = sim
+            .create(json!({
+                "prompt": "p",
+                "resolution": {"width": 640, "height": 320, "batch_size": 2},
+            }))
+            .await;
+        let early = sim
+            .http
+            .get(format!("{}{IMAGES_PATH}{mark_id}-0.png", sim.url))
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(early.status(), StatusCode::NOT_FOUND, "not before success");
+
+        let entry = sim.wait_for(&mark_id, "success").await;
+        let images = entry["img_urls"].as_array().expect("img_urls");
+        assert_eq!(images.len(), 2);
+        for (i, image) in images.iter().enumerate() {
+            let name = format!("{mark_id}-{i}.png");
+            assert_eq!(image["imgName"], name.as_str());
+            assert_eq!(
+                image["imgUrl"],
+                format!("{}{IMAGES_PATH}{name}", sim.url).as_str()
+            );
+            let url = image["imgUrl"].as_str().expect("url");
+            let reply = sim.http.get(url).send().await.expect("get image");
+            assert_eq!(reply.status(), StatusCode::OK);
+            assert_eq!(reply.headers()[header::CONTENT_TYPE], "image/png");
+            let length: usize = reply.headers()[header::CONTENT_LENGTH]
+                .to_str()
+                .expect("ascii")
+                .parse()
+                .expect("number");
+            let bytes = reply.bytes().await.expect("image body");
+            assert_eq!(bytes.len(), length);
+            let (width, height, pixels) = decode_png(&bytes);
+            assert_eq!((width, height), (640, 320));
+            assert_eq!(pixels.len(), 640 * 320 * 3, "RGB, 8 bits");
+            assert!(bytes.len() < 16 * 1024, "small: {} bytes", bytes.len());
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_or_unfinished_image_names_get_404() {
+        let sim = start(quick()).await;
+        let done = sim.create(json!({"prompt": "p"})).await;
+        let failed = sim.create(json!({"prompt": "p [sim:fail]"})).await;
+        sim.wait_for(&done, "success").await;
+        sim.wait_for(&failed, "failed").await;
+        let ok = format!("{done}-0.png");
+        for name in [
+            ok.as_str(),
+            &format!("{done}-1.png"),
+            &format!("{done}--1.png"),
+            &format!("{done}-0.webp"),
+            &format!("{failed}-0.png"),
+            "nope-0.png",
+            "nothing",
+        ] {
+            let reply = sim
+                .http
+                .get(format!("{}{IMAGES_PATH}{name}", sim.url))
+                .send()
+                .await
+                .expect("get");
+            let expected = if name == ok {
+                StatusCode::OK
+            } else {
+                StatusCode::NOT_FOUND
+            };
+            assert_eq!(reply.status(), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn gradient_png_of_the_default_size_is_small_and_decodes() {
+        let bytes = gradient_png((1344, 768)).expect("encode");
+        let (width, height, pixels) = decode_png(&bytes);
+        assert_eq!((width, height), (1344, 768));
+        assert_eq!(&pixels[..3], &[0, 96, 255], "gradient starts blue");
+        assert_eq!(&pixels[1343 * 3..1344 * 3], &[255, 96, 0], "ends red");
+        assert!(bytes.len() < 16 * 1024, "{} bytes", bytes.len());
+    }
 }

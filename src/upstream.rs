@@ -307,26 +307,27 @@ struct CreateData {
 }
 
 /// One entry of the batch status reply.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TaskWire {
+#[derive(Debug, Deserialize)]
+struct TaskWire {
     /// The job id.
     #[serde(rename = "markId")]
-    pub mark_id: String,
+    mark_id: String,
     /// `pending`, `running`, `success`, `failed` or newer.
     #[serde(default)]
-    pub status: String,
+    status: String,
     /// Queue position while pending.
     #[serde(default)]
-    pub index: Option<i64>,
+    index: Option<i64>,
     /// Prompt id, once known.
-    #[serde(rename = "promptId", default, skip_serializing_if = "Option::is_none")]
-    pub prompt_id: Option<String>,
+    #[serde(rename = "promptId", default)]
+    prompt_id: Option<String>,
     /// Images, once done.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub img_urls: Option<Vec<ImageWire>>,
-    /// Extra data Piclumen sends while pending.
     #[serde(default)]
-    pub info: Option<Value>,
+    img_urls: Option<Vec<ImageWire>>,
+    /// Extra data Piclumen sends while pending (not used).
+    #[serde(default)]
+    #[allow(dead_code)]
+    info: Option<Value>,
 }
 
 impl TaskWire {
@@ -364,23 +365,23 @@ fn clamp_i32(v: i64) -> i32 {
 }
 
 /// One image of a finished job.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ImageWire {
+#[derive(Debug, Deserialize)]
+struct ImageWire {
     /// Download URL.
     #[serde(rename = "imgUrl", default)]
-    pub img_url: Option<String>,
+    img_url: Option<String>,
     /// File name.
     #[serde(rename = "imgName", default)]
-    pub img_name: Option<String>,
+    img_name: Option<String>,
     /// Width.
     #[serde(rename = "realWidth", default)]
-    pub real_width: Option<i64>,
+    real_width: Option<i64>,
     /// Height.
     #[serde(rename = "realHeight", default)]
-    pub real_height: Option<i64>,
+    real_height: Option<i64>,
     /// `"NSFW"` when flagged.
     #[serde(default)]
-    pub sensitive: Option<String>,
+    sensitive: Option<String>,
 }
 
 /// The create body, with the web app's field names.

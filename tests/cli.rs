@@ -105,7 +105,7 @@ fn generate_wait_against_serve_simulate() {
     assert!(
         lines[1..]
             .iter()
-            .all(|l| l.starts_with("https://") && l.contains(mark_id)),
+            .all(|l| l.starts_with("http://127.0.0.1:") && l.contains(mark_id)),
         "{stdout}"
     );
     // Progress went to stderr: the queue position and the states.

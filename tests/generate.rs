@@ -28,7 +28,15 @@ async fn defaults_reach_upstream_exactly() {
     let received = &creates[0];
     assert_eq!(
         received["headers"],
-        json!({"platform": "Web", "content-type": "application/json;charset=UTF-8", "accept": "application/json"})
+        json!({
+            "platform": "Web",
+            "content-type": "application/json;charset=UTF-8",
+            "accept": "application/json",
+            "user-agent": concat!("piclumen-grpc/", env!("CARGO_PKG_VERSION")),
+            "origin": null,
+            "referer": null,
+            "authorization": true,
+        })
     );
     // Byte for byte what the web app sends (whole numbers as integers).
     let expected = format!(

@@ -54,7 +54,14 @@ async fn watch_streams_each_change_and_ends_ok_on_success() {
     assert_eq!(last.upstream_status, "success");
     assert_eq!(last.images.len(), 3);
     for image in &last.images {
-        assert!(image.url.starts_with("https://") && image.url.contains(&mark_id));
+        assert!(
+            image
+                .url
+                .starts_with(&format!("{}/_sim/images/", h.sim.url()))
+                && image.url.contains(&mark_id),
+            "{}",
+            image.url
+        );
         assert_eq!((image.width, image.height), (1344, 768));
         assert!(image.nsfw);
     }
