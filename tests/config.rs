@@ -1152,3 +1152,38 @@ async fn batch_max_reaches_the_hub() {
     let (calls, ids) = poll_three_watches(None).await;
     assert!(ids > calls, "{ids} ids in {calls} calls");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_headers_from_the_environment_reach_piclumen() {
+    // The flags themselves are covered in tests/contract.rs; this is the
+    // environment's way in, as a container is usually configured.
+    let sim = Sim::start(long_jobs()).await;
+    let upstream = sim.url();
+    let server = start(
+        &["serve", "--listen", "127.0.0.1:0"],
+        &[
+            ("PICLUMEN_UPSTREAM_URL", &upstream),
+            ("PICLUMEN_USER_AGENT", "Mozilla/5.0 (env agent)"),
+            ("PICLUMEN_ORIGIN", "https://env.example"),
+            ("PICLUMEN_REFERER", "https://env.example/create"),
+            ("PICLUMEN_TOKEN", TOKEN),
+        ],
+    )
+    .await;
+    let mut client = server.client().await;
+    client
+        .generate_image(tonic::Request::new(generate("p")))
+        .await
+        .expect("generate with the default token");
+    let headers = &sim.creates().await[0]["headers"];
+    assert_eq!(
+        headers["user-agent"], "Mozilla/5.0 (env agent)",
+        "{headers}"
+    );
+    assert_eq!(headers["origin"], "https://env.example", "{headers}");
+    assert_eq!(
+        headers["referer"], "https://env.example/create",
+        "{headers}"
+    );
+    assert_eq!(headers["authorization"], true, "{headers}");
+}
