@@ -602,15 +602,18 @@ impl Running {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening on ").nth(1) {
-                    let addr = rest
-                        .split(|c: char| c.is_whitespace() || c == '"')
+                // Logged before it is announced, so a test that has the
+                // address also finds the line in the log.
+                let addr = line.split("listening on ").nth(1).map(|rest| {
+                    rest.split(|c: char| c.is_whitespace() || c == '"')
                         .next()
                         .unwrap_or_default()
-                        .to_owned();
+                        .to_owned()
+                });
+                sink.lock().expect("log lock").push(line);
+                if let Some(addr) = addr {
                     let _ = tx.send(addr);
                 }
-                sink.lock().expect("log lock").push(line);
             }
         });
         let addr = match rx.recv_timeout(Duration::from_secs(30)) {
