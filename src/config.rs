@@ -1,9 +1,22 @@
 //! The command line: one clap struct per subcommand, every flag also an
 //! environment variable. Durations are humantime strings (`300ms`, `2s`).
+//! Every default and bound lives in [`defaults`]; [`ServeArgs::settings`]
+//! and [`SimArgs::config`] are the one place flags become settings, and
+//! every value is checked (by the value parsers here or by those two)
+//! before anything listens.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub mod defaults;
+mod settings;
+
+pub use settings::{ConfigError, Settings, redact_userinfo};
+use settings::{
+    batch_max, duration_or_zero, heartbeat, human, log_filter, max_watches, poll_interval,
+    positive, positive_duration, rate,
+};
 
 /// Piclumen's production API.
 pub const PRODUCTION_URL: &str = "https://api.piclumen.com";
@@ -29,7 +42,7 @@ pub struct Cli {
     #[arg(long, env = "PICLUMEN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
     /// Log filter, e.g. `info` or `piclumen_grpc=debug` (RUST_LOG syntax).
-    #[arg(long, env = "PICLUMEN_LOG", default_value = "info", global = true)]
+    #[arg(long, env = "PICLUMEN_LOG", default_value = defaults::LOG, value_parser = log_filter, global = true)]
     pub log: String,
 }
 
@@ -60,42 +73,45 @@ pub enum Command {
     Check(JobArgs),
 }
 
-/// `serve` flags.
+/// `serve` flags. Turned into the server's settings by
+/// [`ServeArgs::settings`].
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Address to listen on. When unset: `0.0.0.0:$PORT` if PORT is set
     /// (hosting platforms inject it), else `0.0.0.0:50051`.
     #[arg(long, env = "PICLUMEN_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Base URL of the Piclumen API.
-    #[arg(long, env = "PICLUMEN_UPSTREAM_URL", default_value = PRODUCTION_URL)]
+    /// Base URL of the Piclumen API (http or https).
+    #[arg(long, env = "PICLUMEN_UPSTREAM_URL", default_value = defaults::UPSTREAM_URL)]
     pub upstream_url: String,
-    /// Default Piclumen token, used for calls without `authorization` metadata.
+    /// Default Piclumen token, used for calls without `authorization`
+    /// metadata. Printable ASCII, like a caller's.
     #[arg(long, env = "PICLUMEN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// Time between two polls of a watched job.
-    #[arg(long, env = "PICLUMEN_POLL_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    /// Time between two polls of a watched job (at least 250ms).
+    #[arg(long, env = "PICLUMEN_POLL_INTERVAL", default_value = human(defaults::POLL_INTERVAL), value_parser = poll_interval)]
     pub poll_interval: Duration,
-    /// Most mark ids in one batch-status call.
-    #[arg(long, env = "PICLUMEN_BATCH_MAX", default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    /// Most mark ids in one batch-status call (1 to 500).
+    #[arg(long, env = "PICLUMEN_BATCH_MAX", default_value_t = defaults::BATCH_MAX, value_parser = batch_max)]
     pub batch_max: u16,
     /// Longest a WatchImage stream stays open (then DEADLINE_EXCEEDED).
-    #[arg(long, env = "PICLUMEN_MAX_WATCH", default_value = "30m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PICLUMEN_MAX_WATCH", default_value = human(defaults::MAX_WATCH), value_parser = positive_duration)]
     pub max_watch: Duration,
-    /// Quiet time after which a watch resends its state as a heartbeat.
-    #[arg(long, env = "PICLUMEN_HEARTBEAT", default_value = "30s", value_parser = humantime::parse_duration)]
+    /// Quiet time after which a watch resends its state as a heartbeat (at
+    /// least 1s).
+    #[arg(long, env = "PICLUMEN_HEARTBEAT", default_value = human(defaults::HEARTBEAT), value_parser = heartbeat)]
     pub heartbeat: Duration,
     /// Most WatchImage streams open at once (beyond: RESOURCE_EXHAUSTED).
-    #[arg(long, env = "PICLUMEN_MAX_WATCHES", default_value_t = 20_000)]
+    #[arg(long, env = "PICLUMEN_MAX_WATCHES", default_value_t = defaults::MAX_WATCHES, value_parser = max_watches)]
     pub max_watches: usize,
     /// How long upstream trouble is retried before watches end UNAVAILABLE.
-    #[arg(long, env = "PICLUMEN_FAILURE_BUDGET", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PICLUMEN_FAILURE_BUDGET", default_value = human(defaults::FAILURE_BUDGET), value_parser = positive_duration)]
     pub failure_budget: Duration,
     /// Bound on one upstream HTTP call.
-    #[arg(long, env = "PICLUMEN_UPSTREAM_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PICLUMEN_UPSTREAM_TIMEOUT", default_value = human(defaults::UPSTREAM_TIMEOUT), value_parser = positive_duration)]
     pub upstream_timeout: Duration,
     /// Bound on opening a connection to the upstream.
-    #[arg(long, env = "PICLUMEN_UPSTREAM_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PICLUMEN_UPSTREAM_CONNECT_TIMEOUT", default_value = human(defaults::UPSTREAM_CONNECT_TIMEOUT), value_parser = positive_duration)]
     pub upstream_connect_timeout: Duration,
     /// `user-agent` sent upstream (default: piclumen-grpc/VERSION).
     #[arg(long, env = "PICLUMEN_USER_AGENT")]
@@ -107,40 +123,36 @@ pub struct ServeArgs {
     #[arg(long, env = "PICLUMEN_REFERER")]
     pub referer: Option<String>,
     /// How long a successful GenerateImage `request_id` is remembered.
-    #[arg(long, env = "PICLUMEN_IDEMPOTENCY_TTL", default_value = "10m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PICLUMEN_IDEMPOTENCY_TTL", default_value = human(defaults::IDEMPOTENCY_TTL), value_parser = positive_duration)]
     pub idempotency_ttl: Duration,
     /// Smallest accepted width or height, in pixels.
-    #[arg(long, env = "PICLUMEN_MIN_DIMENSION", default_value_t = 64)]
+    #[arg(long, env = "PICLUMEN_MIN_DIMENSION", default_value_t = defaults::MIN_DIMENSION, value_parser = positive::<i32>)]
     pub min_dimension: i32,
-    /// Largest accepted width or height, in pixels.
-    #[arg(long, env = "PICLUMEN_MAX_DIMENSION", default_value_t = 4096)]
+    /// Largest accepted width or height, in pixels (at least --min-dimension).
+    #[arg(long, env = "PICLUMEN_MAX_DIMENSION", default_value_t = defaults::MAX_DIMENSION, value_parser = positive::<i32>)]
     pub max_dimension: i32,
     /// Longest accepted prompt, in characters.
-    #[arg(long, env = "PICLUMEN_MAX_PROMPT_CHARS", default_value_t = 4000)]
+    #[arg(long, env = "PICLUMEN_MAX_PROMPT_CHARS", default_value_t = defaults::MAX_PROMPT_CHARS, value_parser = positive::<usize>)]
     pub max_prompt_chars: usize,
     /// On SIGTERM/SIGINT, how long in-flight calls may take before the
     /// process exits anyway.
-    #[arg(long, env = "PICLUMEN_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PICLUMEN_DRAIN_TIMEOUT", default_value = human(defaults::DRAIN_TIMEOUT), value_parser = positive_duration)]
     pub drain_timeout: Duration,
     /// Most GenerateImage calls in flight per token (beyond: RESOURCE_EXHAUSTED).
-    #[arg(long, env = "PICLUMEN_MAX_GENERATES_PER_TOKEN", default_value_t = 16)]
+    #[arg(long, env = "PICLUMEN_MAX_GENERATES_PER_TOKEN", default_value_t = defaults::MAX_GENERATES_PER_TOKEN, value_parser = positive::<usize>)]
     pub max_generates_per_token: usize,
     /// Largest request message accepted, in bytes.
-    #[arg(long, env = "PICLUMEN_MAX_REQUEST_BYTES", default_value_t = 1024 * 1024)]
+    #[arg(long, env = "PICLUMEN_MAX_REQUEST_BYTES", default_value_t = defaults::MAX_REQUEST_BYTES, value_parser = positive::<usize>)]
     pub max_request_bytes: usize,
     /// HTTP/2 ping interval on idle connections (keeps long watches alive
     /// through load balancers, finds dead peers).
-    #[arg(long, env = "PICLUMEN_HTTP2_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PICLUMEN_HTTP2_KEEPALIVE_INTERVAL", default_value = human(defaults::HTTP2_KEEPALIVE_INTERVAL), value_parser = positive_duration)]
     pub http2_keepalive_interval: Duration,
     /// How long a ping may go unanswered before the connection is closed.
-    #[arg(long, env = "PICLUMEN_HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PICLUMEN_HTTP2_KEEPALIVE_TIMEOUT", default_value = human(defaults::HTTP2_KEEPALIVE_TIMEOUT), value_parser = positive_duration)]
     pub http2_keepalive_timeout: Duration,
     /// Most concurrent calls (HTTP/2 streams) on one client connection.
-    #[arg(
-        long,
-        env = "PICLUMEN_MAX_STREAMS_PER_CONNECTION",
-        default_value_t = 1024
-    )]
+    #[arg(long, env = "PICLUMEN_MAX_STREAMS_PER_CONNECTION", default_value_t = defaults::MAX_STREAMS_PER_CONNECTION, value_parser = positive::<u32>)]
     pub max_streams_per_connection: u32,
     /// PEM certificate (chain) of the server; turns TLS on, with --tls-key.
     #[arg(long, env = "PICLUMEN_TLS_CERT", requires = "tls_key")]
@@ -182,70 +194,30 @@ pub struct ServeArgs {
     #[arg(long, env = "PICLUMEN_SIMULATE")]
     pub simulate: bool,
     /// With --simulate: time the simulated jobs take.
-    #[arg(long, env = "PICLUMEN_SIM_JOB_DURATION", default_value = "6s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PICLUMEN_SIM_JOB_DURATION", default_value = human(defaults::SIM_JOB_DURATION), value_parser = positive_duration)]
     pub sim_job_duration: Duration,
 }
 
-impl ServeArgs {
-    /// `--listen`, else `0.0.0.0:$PORT`, else `0.0.0.0:50051`.
-    pub fn listen_addr(&self, port_env: Option<&str>) -> Result<SocketAddr, String> {
-        if let Some(addr) = self.listen {
-            return Ok(addr);
-        }
-        let port = match port_env {
-            Some(p) => p
-                .trim()
-                .parse::<u16>()
-                .map_err(|e| format!("PORT={p:?} is not a port number: {e}"))?,
-            None => DEFAULT_PORT,
-        };
-        Ok(SocketAddr::from(([0, 0, 0, 0], port)))
-    }
-}
-
-impl ServeArgs {
-    /// Refuses a setup where anyone who reaches the port spends the
-    /// account's credits: a default token on a non-loopback address with no
-    /// caller authentication, unless the operator says so explicitly. The
-    /// simulator's demo token costs nothing and is exempt.
-    pub fn check_exposure(&self, listen: SocketAddr) -> Result<(), String> {
-        let caller_auth = self.api_keys_file.is_some() || self.tls_client_ca.is_some();
-        if self.token.is_some()
-            && !self.simulate
-            && !listen.ip().is_loopback()
-            && !caller_auth
-            && !self.allow_unauthenticated
-        {
-            return Err(format!(
-                "refusing to start: a default --token on {listen} lets anyone who reaches the port \
-                 spend the account's credits; turn on caller authentication (--api-keys-file or \
-                 --tls-client-ca), listen on loopback, or pass --allow-unauthenticated"
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// `sim` flags.
+/// `sim` flags. Turned into the simulator's settings by [`SimArgs::config`].
 #[derive(Debug, Args)]
 pub struct SimArgs {
     /// Address to listen on.
-    #[arg(long, env = "PICLUMEN_SIM_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "PICLUMEN_SIM_LISTEN", default_value_t = defaults::SIM_LISTEN)]
     pub listen: SocketAddr,
     /// Time from create to a finished job (40% queued, then running).
-    #[arg(long, env = "PICLUMEN_SIM_JOB_DURATION", default_value = "6s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PICLUMEN_SIM_JOB_DURATION", default_value = human(defaults::SIM_JOB_DURATION), value_parser = positive_duration)]
     pub job_duration: Duration,
     /// Each job's duration varies randomly by up to this fraction (0 to 1).
-    #[arg(long, env = "PICLUMEN_SIM_JOB_JITTER", default_value_t = 0.0, value_parser = rate)]
+    #[arg(long, env = "PICLUMEN_SIM_JOB_JITTER", default_value_t = defaults::SIM_JOB_JITTER, value_parser = rate)]
     pub job_jitter: f64,
     /// Delay added to every API reply.
-    #[arg(long, env = "PICLUMEN_SIM_LATENCY", default_value = "0ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PICLUMEN_SIM_LATENCY", default_value = human(defaults::SIM_LATENCY), value_parser = duration_or_zero)]
     pub latency: Duration,
     /// Share (0 to 1) of API requests answered with a random 5xx.
-    #[arg(long, env = "PICLUMEN_SIM_FAIL_5XX_RATE", default_value_t = 0.0, value_parser = rate)]
+    #[arg(long, env = "PICLUMEN_SIM_FAIL_5XX_RATE", default_value_t = defaults::SIM_FAIL_5XX_RATE, value_parser = rate)]
     pub fail_5xx_rate: f64,
     /// Share (0 to 1) of API requests answered 429 with `Retry-After: 1`.
-    #[arg(long, env = "PICLUMEN_SIM_FAIL_429_RATE", default_value_t = 0.0, value_parser = rate)]
+    #[arg(long, env = "PICLUMEN_SIM_FAIL_429_RATE", default_value_t = defaults::SIM_FAIL_429_RATE, value_parser = rate)]
     pub fail_429_rate: f64,
     /// Comma-separated accepted tokens; others get 401. Any non-empty token
     /// is accepted when unset.
@@ -256,15 +228,6 @@ pub struct SimArgs {
         hide_env_values = true
     )]
     pub tokens: Vec<String>,
-}
-
-fn rate(s: &str) -> Result<f64, String> {
-    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
-    if (0.0..=1.0).contains(&v) {
-        Ok(v)
-    } else {
-        Err(format!("{v} is not between 0 and 1"))
-    }
 }
 
 /// Connection flags shared by the client subcommands.

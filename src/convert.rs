@@ -51,9 +51,9 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            min_dimension: 64,
-            max_dimension: 4096,
-            max_prompt_chars: 4000,
+            min_dimension: crate::config::defaults::MIN_DIMENSION,
+            max_dimension: crate::config::defaults::MAX_DIMENSION,
+            max_prompt_chars: crate::config::defaults::MAX_PROMPT_CHARS,
         }
     }
 }

@@ -15,10 +15,34 @@ impl Token {
         (!raw.is_empty()).then(|| Self(raw.into()))
     }
 
+    /// Checks a token the way every token is checked, whoever gives it (a
+    /// caller's `authorization`, the server's default `--token`): non-empty
+    /// after trimming and printable ASCII only, so it is always a valid
+    /// header value and never smuggles a line break upstream.
+    pub fn parse(raw: &str) -> Result<Self, TokenError> {
+        let token = Self::new(raw).ok_or(TokenError::Empty)?;
+        if token.0.bytes().all(|b| b.is_ascii_graphic()) {
+            Ok(token)
+        } else {
+            Err(TokenError::NotPrintable)
+        }
+    }
+
     /// The token itself, for the one place that must send it upstream.
     pub fn expose(&self) -> &str {
         &self.0
     }
+}
+
+/// Why a token was refused. Never carries the token itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Nothing left after trimming.
+    #[error("is empty")]
+    Empty,
+    /// A space, a control character (a line break) or a non-ASCII one.
+    #[error("holds a character other than printable ASCII (a space, a line break, ...)")]
+    NotPrintable,
 }
 
 impl fmt::Debug for Token {
@@ -108,6 +132,18 @@ mod tests {
         assert_eq!(token.expose(), "secret-value");
         assert!(!format!("{token:?} {token}").contains("secret"));
         assert!(Token::new("   ").is_none());
+    }
+
+    #[test]
+    fn tokens_are_printable_ascii() {
+        assert_eq!(
+            Token::parse(" ok-token\n").map(|t| t.expose().to_owned()),
+            Ok("ok-token".into())
+        );
+        assert_eq!(Token::parse(" \t "), Err(TokenError::Empty));
+        for bad in ["two words", "line\nbreak", "tab\there", "caf\u{e9}"] {
+            assert_eq!(Token::parse(bad), Err(TokenError::NotPrintable), "{bad:?}");
+        }
     }
 
     #[test]

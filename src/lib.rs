@@ -3,7 +3,8 @@
 //! # Layout
 //!
 //! - `auth`: caller authentication (API keys) and TLS settings.
-//! - `config`: the command line (clap), every flag with an environment variable.
+//! - `config`: the command line (clap), every flag with an environment variable;
+//!   one home per default (`config::defaults`) and the flags-to-settings step.
 //! - `codec`: the prost codec with small per-call buffers.
 //! - `pb`: code generated from `proto/`, and the descriptor set for reflection.
 //! - `grpc_metrics`: per-RPC Prometheus metrics (grpc-go's names and labels).

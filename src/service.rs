@@ -162,9 +162,7 @@ impl ImageServiceImpl {
             _ if raw.eq_ignore_ascii_case("bearer") => "",
             _ => raw,
         };
-        let token = Token::new(raw)
-            .filter(|t| t.expose().bytes().all(|b| b.is_ascii_graphic()))
-            .ok_or(Error::MalformedToken)?;
+        let token = Token::parse(raw).map_err(|_| Error::MalformedToken)?;
         Ok(CallToken {
             token,
             is_default: false,

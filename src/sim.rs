@@ -66,12 +66,13 @@ pub struct SimConfig {
 
 impl Default for SimConfig {
     fn default() -> Self {
+        use crate::config::defaults;
         Self {
-            job_duration: Duration::from_secs(6),
-            job_jitter: 0.0,
-            latency: Duration::ZERO,
-            fail_5xx_rate: 0.0,
-            fail_429_rate: 0.0,
+            job_duration: defaults::SIM_JOB_DURATION,
+            job_jitter: defaults::SIM_JOB_JITTER,
+            latency: defaults::SIM_LATENCY,
+            fail_5xx_rate: defaults::SIM_FAIL_5XX_RATE,
+            fail_429_rate: defaults::SIM_FAIL_429_RATE,
             tokens: Vec::new(),
         }
     }

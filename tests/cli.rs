@@ -91,7 +91,7 @@ fn generate_wait_against_serve_simulate() {
         "--sim-job-duration",
         "1s",
         "--poll-interval",
-        "200ms",
+        "250ms",
     ]);
     let url = format!("http://{}", server.addr);
     let output = Command::new(BIN)
@@ -310,7 +310,7 @@ fn port_env_sets_the_listen_address_and_metrics_are_served() {
             "serve",
             "--simulate",
             "--poll-interval",
-            "200ms",
+            "250ms",
             "--sim-job-duration",
             "500ms",
             "--metrics-listen",

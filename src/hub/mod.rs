@@ -30,8 +30,6 @@ use tokio::{
 use crate::{job::JobStatus, job::Token, upstream::UpstreamError};
 pub use source::{BoxFuture, StatusSource};
 
-/// How long newcomers are gathered into one call, unless configured.
-pub const DEFAULT_GATHER: Duration = Duration::from_millis(50);
 /// Most calls in flight per token.
 pub const DEFAULT_MAX_CALLS: usize = 64;
 /// Most calls carrying checks in flight per token; checks arriving beyond
