@@ -1,9 +1,11 @@
 //! The command line: one clap struct per subcommand, every flag also an
 //! environment variable. Durations are humantime strings (`300ms`, `2s`).
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::idempotency::StoreLocation;
 
 /// Piclumen's production API.
 pub const PRODUCTION_URL: &str = "https://api.piclumen.com";
@@ -95,9 +97,19 @@ pub struct ServeArgs {
     /// `referer` header sent upstream, if any.
     #[arg(long, env = "PICLUMEN_REFERER")]
     pub referer: Option<String>,
-    /// How long a successful GenerateImage `request_id` is remembered.
+    /// How long a GenerateImage `request_id`'s outcome is remembered.
     #[arg(long, env = "PICLUMEN_IDEMPOTENCY_TTL", default_value = "10m", value_parser = humantime::parse_duration)]
     pub idempotency_ttl: Duration,
+    /// Where `request_id` outcomes are kept: `memory` (this process only) or
+    /// `redis://HOST:PORT[/DB]` / `rediss://...` (shared by replicas).
+    #[arg(
+        long,
+        env = "PICLUMEN_IDEMPOTENCY_STORE",
+        default_value = "memory",
+        hide_env_values = true,
+        value_parser = StoreLocation::from_str
+    )]
+    pub idempotency_store: StoreLocation,
     /// Smallest accepted width or height, in pixels.
     #[arg(long, env = "PICLUMEN_MIN_DIMENSION", default_value_t = 64)]
     pub min_dimension: i32,

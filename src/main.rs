@@ -15,7 +15,7 @@ use piclumen_grpc::{
     service::ServiceConfig,
     sim::{self, SimConfig},
     telemetry,
-    upstream::{Client, ClientConfig},
+    upstream::{Client, ClientConfig, redact_url},
 };
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
@@ -107,6 +107,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             max_watches: args.max_watches,
             max_generates_per_token: args.max_generates_per_token,
             idempotency_ttl: args.idempotency_ttl,
+            idempotency_store: args.idempotency_store.clone(),
         },
         hub: HubConfig {
             poll_interval: args.poll_interval,
@@ -127,7 +128,8 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     info!(
-        upstream = %upstream_url,
+        upstream = %redact_url(&upstream_url),
+        idempotency_store = %config.service.idempotency_store,
         tls = args.tls_cert.is_some(),
         mutual_tls = args.tls_client_ca.is_some(),
         api_keys = args.api_keys_file.is_some(),
