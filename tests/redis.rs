@@ -17,6 +17,7 @@ use std::{
 
 use common::*;
 use piclumen_grpc::{idempotency::StoreLocation, pb, server::ServerConfig};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use serde_json::json;
 use tonic::{Code, Request};
 use tracing_subscriber::{
@@ -61,22 +62,67 @@ impl Redis {
 
     fn start_on(port: u16) -> Self {
         let dir = TempDir::new("redis");
+        let redis = Self::spawn(port, &["--port", &port.to_string()], dir);
+        redis.wait_ready(|| ping(port));
+        redis
+    }
+
+    /// A server speaking TLS only, with a certificate for 127.0.0.1 signed
+    /// by a CA made here; returns it and the CA's PEM file.
+    fn start_tls() -> (Self, PathBuf) {
+        let port = unused_addr().port();
+        let dir = TempDir::new("redis-tls");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca =
+            CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("ca");
+        let key = KeyPair::generate().expect("key");
+        let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .expect("params")
+            .signed_by(&key, &ca)
+            .expect("sign");
+        let file = |name: &str, text: String| {
+            let path = dir.0.join(name);
+            std::fs::write(&path, text).expect("write pem");
+            path.to_string_lossy().into_owned()
+        };
+        let ca_file = file("ca.pem", ca.pem());
+        let cert_file = file("server.pem", cert.pem());
+        let key_file = file("server.key", key.serialize_pem());
+        let args = [
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            &cert_file,
+            "--tls-key-file",
+            &key_file,
+            "--tls-ca-cert-file",
+            &ca_file,
+            "--tls-auth-clients",
+            "no",
+        ];
+        let redis = Self::spawn(port, &args, dir);
+        redis.wait_ready(|| TcpStream::connect(("127.0.0.1", port)).is_ok());
+        (redis, PathBuf::from(ca_file))
+    }
+
+    fn spawn(port: u16, args: &[&str], dir: TempDir) -> Self {
         let child = Command::new(redis_server_binary())
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+            .args(args)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(&dir.0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn redis-server");
-        let redis = Self {
+        Self {
             port,
             child: Some(child),
             _dir: dir,
-        };
-        redis.wait_ready();
-        redis
+        }
     }
 
     fn url(&self) -> String {
@@ -87,11 +133,11 @@ impl Redis {
         self.url().parse().expect("redis url")
     }
 
-    /// Answers PING within 10 s, or the test fails.
-    fn wait_ready(&self) {
+    /// `ready` holds within 10 s, or the test fails.
+    fn wait_ready(&self, ready: impl Fn() -> bool) {
         let end = std::time::Instant::now() + Duration::from_secs(10);
         loop {
-            if ping(self.port) {
+            if ready() {
                 return;
             }
             assert!(
@@ -451,4 +497,36 @@ async fn a_claim_whose_owner_died_expires() {
         .into_inner();
     assert!(!created.mark_id.is_empty());
     assert_eq!(sim.stat("create_calls").await, 2);
+}
+
+#[tokio::test]
+async fn rediss_urls_speak_tls() {
+    let (redis, ca) = Redis::start_tls();
+    let sim = Sim::start(sim_config()).await;
+    let upstream = sim.url();
+    let store = format!("rediss://127.0.0.1:{}", redis.port);
+    let ca = ca.to_string_lossy().into_owned();
+    // The store trusts the system's roots; SSL_CERT_FILE points them at our CA.
+    let env = [
+        ("PICLUMEN_IDEMPOTENCY_STORE", store.as_str()),
+        ("SSL_CERT_FILE", ca.as_str()),
+    ];
+    let a = Replica::start(&["--upstream-url", &upstream], &env);
+    let b = Replica::start(&["--upstream-url", &upstream], &env);
+    let first = a
+        .client()
+        .await
+        .generate_image(call(TOKEN, "tls", Duration::from_secs(10)))
+        .await
+        .expect("created through a TLS store")
+        .into_inner();
+    let retry = b
+        .client()
+        .await
+        .generate_image(call(TOKEN, "tls", Duration::from_secs(10)))
+        .await
+        .expect("the other replica reads it back")
+        .into_inner();
+    assert_eq!(retry, first);
+    assert_eq!(sim.stat("create_calls").await, 1);
 }
