@@ -1,7 +1,8 @@
 //! GenerateImage with a `request_id` never pays twice (in-memory store):
 //! creates outlive their callers, outcomes are shared, an unknown outcome
-//! is remembered, a create that never left is forgotten, and the per-token
-//! guard counts creates in flight upstream. Over real sockets.
+//! is remembered, a create that never left is forgotten, the per-token
+//! guard counts creates in flight upstream, and error classes say what
+//! happened without the server's internals. Over real sockets.
 
 mod common;
 
@@ -297,4 +298,32 @@ async fn the_guard_counts_creates_whose_callers_left() {
         .into_inner();
     assert_ne!(second.mark_id, first.mark_id);
     assert_eq!(h.sim.stat("create_calls").await, 2);
+}
+
+#[tokio::test]
+async fn a_request_that_cannot_be_built_is_not_unreachable_nor_retried() {
+    let mut config = server_config();
+    config.hub.failure_budget = Duration::from_secs(60);
+    // A host with a space cannot make a URL: reqwest refuses to build it.
+    let server = Server::start(config, "http://bad host".into()).await;
+    let mut client = server.client().await;
+    for _ in 0..2 {
+        let status = client
+            .generate_image(authed(TOKEN, with_id("p", "unbuildable")))
+            .await
+            .expect_err("cannot be built");
+        assert_status(&status, Code::Internal, "UPSTREAM_REQUEST_INVALID");
+        assert!(!status.message().contains("cannot reach"), "{status:?}");
+        assert!(!status.message().contains("bad host"), "{status:?}");
+    }
+    // WatchImage does not ride it out as transient trouble: it ends at once
+    // with the same, long before the 60 s failure budget.
+    let started = Instant::now();
+    let (_, end) = collect_watch(&mut client, TOKEN, "m").await;
+    assert_status(
+        &end.expect_err("ends"),
+        Code::Internal,
+        "UPSTREAM_REQUEST_INVALID",
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
 }
