@@ -17,7 +17,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, metadata::MetadataMap};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     auth::{API_KEY_HEADER, ApiKeys},
@@ -244,7 +244,11 @@ impl ImageService for ImageServiceImpl {
                 )
                 .await
         };
-        let created = created.inspect_err(|e| warn!(error = %e, "GenerateImage failed"))?;
+        let created = created.inspect_err(|e| match e {
+            // Logged once per outage by the store, not once per call.
+            Error::IdempotencyStoreUnavailable => debug!(error = %e, "GenerateImage failed"),
+            _ => warn!(error = %e, "GenerateImage failed"),
+        })?;
         info!(mark_id = %created.mark_id, seed = created.seed, "generation started");
         Ok(Response::new(pb::GenerateImageResponse {
             mark_id: created.mark_id,

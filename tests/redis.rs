@@ -356,6 +356,11 @@ async fn a_redis_outage_fails_request_ids_closed_and_heals() {
         1,
         "one log line per outage"
     );
+    assert_eq!(
+        log_lines(&["WARN", "request_id store is unreachable"]),
+        0,
+        "no warning per call"
+    );
 
     // Everything without a request_id goes on.
     let plain = client
