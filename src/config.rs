@@ -5,7 +5,7 @@
 //! every value is checked (by the value parsers here or by those two)
 //! before anything listens.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -17,6 +17,7 @@ use settings::{
     batch_max, duration_or_zero, heartbeat, human, log_filter, max_watches, poll_interval,
     positive, positive_duration, rate,
 };
+use crate::idempotency::StoreLocation;
 
 /// Piclumen's production API.
 pub const PRODUCTION_URL: &str = "https://api.piclumen.com";
@@ -122,9 +123,19 @@ pub struct ServeArgs {
     /// `referer` header sent upstream, if any.
     #[arg(long, env = "PICLUMEN_REFERER")]
     pub referer: Option<String>,
-    /// How long a successful GenerateImage `request_id` is remembered.
+    /// How long a GenerateImage `request_id`'s outcome is remembered.
     #[arg(long, env = "PICLUMEN_IDEMPOTENCY_TTL", default_value = human(defaults::IDEMPOTENCY_TTL), value_parser = positive_duration)]
     pub idempotency_ttl: Duration,
+    /// Where `request_id` outcomes are kept: `memory` (this process only) or
+    /// `redis://HOST:PORT[/DB]` / `rediss://...` (shared by replicas).
+    #[arg(
+        long,
+        env = "PICLUMEN_IDEMPOTENCY_STORE",
+        default_value = "memory",
+        hide_env_values = true,
+        value_parser = StoreLocation::from_str
+    )]
+    pub idempotency_store: StoreLocation,
     /// Smallest accepted width or height, in pixels.
     #[arg(long, env = "PICLUMEN_MIN_DIMENSION", default_value_t = defaults::MIN_DIMENSION, value_parser = positive::<i32>)]
     pub min_dimension: i32,

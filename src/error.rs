@@ -63,6 +63,25 @@ pub enum Error {
         /// failure is the operator's to fix, not the caller's.
         default_token: bool,
     },
+    /// A GenerateImage with this `request_id` was sent to Piclumen but no
+    /// usable reply came (timeout, broken connection, a gateway's 502/504):
+    /// the job may exist, and a retry with the same key must not pay again.
+    #[error(
+        "a GenerateImage with this request_id was sent to Piclumen but no usable reply came \
+         ({cause}): the job may exist (and cost credits) but its mark id is unknown; this \
+         request_id keeps giving this answer for the rest of its window, and a call with a new \
+         request_id creates regardless"
+    )]
+    CreateOutcomeUnknown {
+        /// What happened to the create, as its first caller was told.
+        cause: String,
+    },
+    /// The shared `request_id` store cannot be reached: nothing was created.
+    #[error(
+        "the request_id store is unreachable, so nothing was created; retry shortly (a call \
+         without request_id still creates, without protection against duplicates)"
+    )]
+    IdempotencyStoreUnavailable,
     /// Piclumen stayed unreachable for longer than the failure budget.
     #[error("Piclumen unreachable for over {budget:?}; last error: {last}")]
     UpstreamOutage {
@@ -73,9 +92,29 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// True when a create that failed this way may have started a job
+    /// nonetheless: it may have reached Piclumen and no definite answer came.
+    pub fn create_outcome_unknown(&self) -> bool {
+        match self {
+            Self::Upstream { source, .. } => {
+                source.may_have_reached_upstream() && !source.is_definite_answer()
+            }
+            _ => false,
+        }
+    }
+}
+
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
         let message = error.to_string();
+        if let Error::Upstream { source, .. } = &error
+            && let Some(detail) = source.detail()
+        {
+            // The chain stays in the log line of this call (its span has the
+            // request id); the caller gets the short message only.
+            tracing::warn!(error = %message, detail, "upstream transport failure");
+        }
         let mut details = ErrorDetails::new();
         let (code, reason) = match &error {
             Error::InvalidArgument { field, message } => {
@@ -95,6 +134,10 @@ impl From<Error> for Status {
             Error::DeadlineExceeded(_) => (Code::DeadlineExceeded, "DEADLINE_EXCEEDED"),
             Error::ResourceExhausted(_) => (Code::ResourceExhausted, "SERVER_LIMIT"),
             Error::UpstreamOutage { .. } => (Code::Unavailable, "UPSTREAM_UNAVAILABLE"),
+            Error::CreateOutcomeUnknown { .. } => (Code::Aborted, "CREATE_OUTCOME_UNKNOWN"),
+            Error::IdempotencyStoreUnavailable => {
+                (Code::Unavailable, "IDEMPOTENCY_STORE_UNAVAILABLE")
+            }
             Error::Upstream {
                 source,
                 default_token,
@@ -129,7 +172,10 @@ fn upstream_code(
         }
         UpstreamError::Http { status: 400, .. } => (Code::InvalidArgument, "UPSTREAM_BAD_REQUEST"),
         UpstreamError::Http { .. } => (Code::Internal, "UPSTREAM_HTTP_ERROR"),
-        UpstreamError::Connect(_) => (Code::Unavailable, "UPSTREAM_UNAVAILABLE"),
+        UpstreamError::Build { .. } => (Code::Internal, "UPSTREAM_REQUEST_INVALID"),
+        UpstreamError::Connect { .. } | UpstreamError::Interrupted { .. } => {
+            (Code::Unavailable, "UPSTREAM_UNAVAILABLE")
+        }
         UpstreamError::Timeout(_) => (Code::DeadlineExceeded, "UPSTREAM_TIMEOUT"),
         UpstreamError::Rejected { .. } => (Code::FailedPrecondition, "UPSTREAM_REJECTED"),
         UpstreamError::Decode { .. } => (Code::Internal, "UPSTREAM_BAD_REPLY"),

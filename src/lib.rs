@@ -13,7 +13,7 @@
 //! - `service`: `ImageService`: tokens, deadlines, validation, streams.
 //! - `convert`: proto <-> domain <-> upstream JSON, with Piclumen's defaults.
 //! - `error`: the one error enum and its mapping to `tonic::Status`.
-//! - `idempotency`: `request_id` dedupe for GenerateImage.
+//! - `idempotency`: `request_id` dedupe for GenerateImage (in memory or Redis).
 //! - `http_api`: the first version's HTTP/JSON endpoints, Swagger UI, on the same service.
 //! - `hub`: shared, batched polling behind WatchImage.
 //! - `job`: domain types: jobs, states, the redacting `Token`.

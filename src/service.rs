@@ -4,7 +4,6 @@
 
 use std::{
     collections::HashMap,
-    hash::{Hash, Hasher},
     pin::Pin,
     sync::{Arc, Mutex},
     time::Duration,
@@ -18,18 +17,18 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, metadata::MetadataMap};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     auth::{API_KEY_HEADER, ApiKeys},
     convert::{self, Limits},
     error::Error,
     hub::{Hub, HubError, Snapshot},
-    idempotency::{Created, IdempotencyStore},
+    idempotency::{Created, Fingerprint, IdempotencyStore, StoreLocation},
     job::{JobStatus, Token},
     pb::{self, image_service_server::ImageService},
     request_id::InSpan,
-    upstream::{Client, UpstreamError},
+    upstream::{Client, CreatePayload, UpstreamError},
 };
 
 /// Settings of the service itself.
@@ -47,10 +46,12 @@ pub struct ServiceConfig {
     pub heartbeat: Duration,
     /// Most WatchImage streams open at once.
     pub max_watches: usize,
-    /// Most GenerateImage calls in flight per token.
+    /// Most creates in flight upstream per token.
     pub max_generates_per_token: usize,
-    /// How long a successful `request_id` is remembered.
+    /// How long a `request_id`'s outcome is remembered.
     pub idempotency_ttl: Duration,
+    /// Where `request_id` outcomes are kept.
+    pub idempotency_store: StoreLocation,
 }
 
 /// The service; cheap to clone.
@@ -66,7 +67,7 @@ struct Inner {
     hub: Hub,
     store: IdempotencyStore,
     watch_slots: Arc<Semaphore>,
-    /// GenerateImage calls in flight, per token.
+    /// Creates in flight upstream, per token.
     generating: Arc<Mutex<HashMap<Token, usize>>>,
     /// Cancelled when the server starts draining.
     draining: CancellationToken,
@@ -125,7 +126,11 @@ impl ImageServiceImpl {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                store: IdempotencyStore::new(config.idempotency_ttl),
+                store: IdempotencyStore::open(
+                    &config.idempotency_store,
+                    config.idempotency_ttl,
+                    client.timeout(),
+                ),
                 watch_slots: Arc::new(Semaphore::new(config.max_watches)),
                 generating: Arc::default(),
                 config,
@@ -196,12 +201,12 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
-fn fingerprint(req: &pb::GenerateImageRequest) -> u64 {
+/// The request's parameters (all but `request_id`), hashed stably: protobuf
+/// encoding is deterministic here (fields in tag order, `Struct` maps sorted).
+fn fingerprint(req: &pb::GenerateImageRequest) -> Fingerprint {
     let mut params = req.clone();
     params.request_id.clear();
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    params.encode_to_vec().hash(&mut hasher);
-    hasher.finish()
+    Fingerprint::of(&params.encode_to_vec())
 }
 
 /// Boxed stream of WatchImage responses.
@@ -215,28 +220,39 @@ impl ImageService for ImageServiceImpl {
     ) -> Result<Response<pb::GenerateImageResponse>, Status> {
         let call = self.admit(request.metadata())?;
         let deadline = call_deadline(request.metadata());
-        let _slot = self.generate_slot(&call.token)?;
         let req = request.into_inner();
         let payload = convert::create_payload(&req, &self.inner.config.limits)?;
-        let client = self.inner.client.clone();
-        let token = call.clone();
-        let create = async move {
-            let seed = payload.seed;
-            client
-                .create(&token.token, &payload, deadline)
-                .await
-                .map(|mark_id| Created { mark_id, seed })
-                .map_err(|e| token.upstream_at(e, deadline))
-        };
         let created = if req.request_id.is_empty() {
-            create.await
+            // No key: the create is the handler's own and ends with it.
+            let _slot = self.generate_slot(&call.token)?;
+            self.create(&call, payload, deadline).await
         } else {
+            // The create runs in the store's task, to its own end (bounded
+            // by --upstream-timeout only), holding the token's place.
+            let start = || {
+                let slot = self.generate_slot(&call.token)?;
+                let create = self.create(&call, payload.clone(), None);
+                Ok(async move {
+                    let _slot = slot;
+                    create.await
+                })
+            };
             self.inner
                 .store
-                .run(&call.token, &req.request_id, fingerprint(&req), create)
+                .run(
+                    &call.token,
+                    &req.request_id,
+                    &fingerprint(&req),
+                    deadline,
+                    start,
+                )
                 .await
         };
-        let created = created.inspect_err(|e| warn!(error = %e, "GenerateImage failed"))?;
+        let created = created.inspect_err(|e| match e {
+            // Logged once per outage by the store, not once per call.
+            Error::IdempotencyStoreUnavailable => debug!(error = %e, "GenerateImage failed"),
+            _ => warn!(error = %e, "GenerateImage failed"),
+        })?;
         info!(mark_id = %created.mark_id, seed = created.seed, "generation started");
         Ok(Response::new(pb::GenerateImageResponse {
             mark_id: created.mark_id,
@@ -376,15 +392,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl ImageServiceImpl {
-    /// Takes one of the token's GenerateImage places, so one caller cannot
-    /// flood Piclumen (and spend the account) with parallel generations.
+    /// Takes one of the token's places for a create in flight upstream, so
+    /// one caller cannot flood Piclumen (and spend the account) with parallel
+    /// generations. The place is held by the create itself, however soon its
+    /// caller gives up.
     fn generate_slot(&self, token: &Token) -> Result<GenerateSlot, Error> {
         let limit = self.inner.config.max_generates_per_token;
         let mut generating = lock(&self.inner.generating);
         let n = generating.entry(token.clone()).or_insert(0);
         if *n >= limit {
             return Err(Error::ResourceExhausted(format!(
-                "this token already has {limit} GenerateImage calls in flight; retry when one ends"
+                "this token already has {limit} GenerateImage creates in flight; retry when one ends"
             )));
         }
         *n += 1;
@@ -392,6 +410,26 @@ impl ImageServiceImpl {
             token: token.clone(),
             generating: Arc::clone(&self.inner.generating),
         })
+    }
+
+    /// One upstream create, bounded by `deadline` (when given) and
+    /// `--upstream-timeout`.
+    fn create(
+        &self,
+        call: &CallToken,
+        payload: CreatePayload,
+        deadline: Option<Instant>,
+    ) -> impl Future<Output = Result<Created, Error>> + Send + 'static {
+        let client = self.inner.client.clone();
+        let call = call.clone();
+        async move {
+            let seed = payload.seed;
+            client
+                .create(&call.token, &payload, deadline)
+                .await
+                .map(|mark_id| Created { mark_id, seed })
+                .map_err(|e| call.upstream_at(e, deadline))
+        }
     }
 }
 

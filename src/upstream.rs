@@ -20,6 +20,10 @@ pub const STATUS_PATH: &str = "/api/task/batch-process-task";
 const BODY_PREFIX: usize = 256;
 
 /// Everything that can go wrong talking to Piclumen.
+///
+/// Messages (`Display`) are for callers: they say what happened without the
+/// server's internals. Transport variants keep the full error chain in
+/// `detail` (URL stripped) for the server's log only.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum UpstreamError {
     /// HTTP 401: the token is bad or expired.
@@ -42,9 +46,27 @@ pub enum UpstreamError {
         /// The first bytes of the body.
         body: String,
     },
-    /// No connection, or it broke before the reply was complete.
-    #[error("cannot reach Piclumen: {0}")]
-    Connect(String),
+    /// The request could not even be built (a header value or the URL is
+    /// not valid): nothing was sent, and sending again would fail the same.
+    #[error("the request to Piclumen could not be built (a server configuration problem)")]
+    Build {
+        /// The error chain, for the server's log.
+        detail: String,
+    },
+    /// No connection could be made (refused, DNS failure, connect timeout,
+    /// TLS handshake): the request surely never reached Piclumen.
+    #[error("cannot reach Piclumen: no connection could be made")]
+    Connect {
+        /// The error chain, for the server's log.
+        detail: String,
+    },
+    /// The request was sent but the connection broke before the reply was
+    /// complete: Piclumen may have acted on it.
+    #[error("the connection to Piclumen broke before its reply was complete")]
+    Interrupted {
+        /// The error chain, for the server's log.
+        detail: String,
+    },
     /// No complete reply within the time allowed.
     #[error("Piclumen did not answer within {0:?}")]
     Timeout(Duration),
@@ -70,9 +92,50 @@ impl UpstreamError {
     /// Trouble that may pass by itself: worth retrying for an idempotent call.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::RateLimited { .. } | Self::Connect(_) | Self::Timeout(_) => true,
+            Self::RateLimited { .. }
+            | Self::Connect { .. }
+            | Self::Interrupted { .. }
+            | Self::Timeout(_) => true,
             Self::Http { status, .. } => *status >= 500 || *status == 408,
             _ => false,
+        }
+    }
+
+    /// False only when the request surely never reached Piclumen: it could
+    /// not be built, or no connection could be made.
+    pub fn may_have_reached_upstream(&self) -> bool {
+        !matches!(self, Self::Build { .. } | Self::Connect { .. })
+    }
+
+    /// True when Piclumen's own server gave a definite answer: a refusal
+    /// (401, 403, 429, other 4xx, a rejected envelope) or a failure it
+    /// reports itself (500, 503, ...). False when the request may have been
+    /// acted on without a usable reply: no complete reply (timeout, broken
+    /// connection), a gateway saying the server behind it did not answer
+    /// properly (502, 504), or a 2xx reply we cannot read.
+    pub fn is_definite_answer(&self) -> bool {
+        match self {
+            Self::Unauthorized
+            | Self::Forbidden
+            | Self::RateLimited { .. }
+            | Self::Rejected { .. } => true,
+            Self::Http { status, .. } => !matches!(status, 502 | 504),
+            Self::Build { .. }
+            | Self::Connect { .. }
+            | Self::Interrupted { .. }
+            | Self::Timeout(_)
+            | Self::Decode { .. } => false,
+        }
+    }
+
+    /// The full error chain of a transport failure, for the server's log
+    /// (never for callers).
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            Self::Build { detail } | Self::Connect { detail } | Self::Interrupted { detail } => {
+                Some(detail)
+            }
+            _ => None,
         }
     }
 }
@@ -152,6 +215,11 @@ impl Client {
         })
     }
 
+    /// The bound on one whole call (`--upstream-timeout`).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Starts a generation and returns its mark id. Never retried here: the
     /// request may have reached Piclumen and cost credits.
     pub async fn create(
@@ -209,9 +277,8 @@ impl Client {
         if timeout.is_zero() {
             return Err(UpstreamError::Timeout(timeout));
         }
-        let body = serde_json::to_vec(body).map_err(|e| UpstreamError::Decode {
-            error: format!("cannot encode request: {e}"),
-            body: String::new(),
+        let body = serde_json::to_vec(body).map_err(|e| UpstreamError::Build {
+            detail: format!("cannot encode the request body: {e}"),
         })?;
         let url = match endpoint {
             Endpoint::Create => &self.create_url,
@@ -225,13 +292,13 @@ impl Client {
             .send();
         // One bound on the whole exchange, headers and body alike.
         let exchange = async {
-            let response = request.await.map_err(|e| transport_error(&e, timeout))?;
+            let response = request.await.map_err(|e| transport_error(e, timeout))?;
             let status = response.status();
             let retry_after = retry_after(response.headers());
             let bytes = response
                 .bytes()
                 .await
-                .map_err(|e| transport_error(&e, timeout))?;
+                .map_err(|e| transport_error(e, timeout))?;
             Ok::<_, UpstreamError>((status, retry_after, bytes))
         };
         let started = std::time::Instant::now();
@@ -317,20 +384,47 @@ impl Endpoint {
 /// Duration histogram of upstream calls.
 const DURATION: &str = "piclumen_upstream_request_duration_seconds";
 
-fn transport_error(e: &reqwest::Error, timeout: Duration) -> UpstreamError {
+/// Classifies a reqwest failure: not built, never connected (so never
+/// sent), timed out, or broken after sending.
+fn transport_error(e: reqwest::Error, timeout: Duration) -> UpstreamError {
+    // A connect timeout is both: it is a connect error first (never sent).
+    if e.is_connect() {
+        return UpstreamError::Connect { detail: chain(e) };
+    }
     if e.is_timeout() {
         return UpstreamError::Timeout(timeout);
     }
-    // The chain holds the useful part ("connection refused"); the token is
-    // only ever in a header, never in these messages.
+    if e.is_builder() {
+        return UpstreamError::Build { detail: chain(e) };
+    }
+    UpstreamError::Interrupted { detail: chain(e) }
+}
+
+/// The error and its sources as one line, without the URL (which may carry
+/// credentials); the token is only ever in a header, never in these.
+fn chain(e: reqwest::Error) -> String {
+    let e = e.without_url();
     let mut message = e.to_string();
-    let mut source = std::error::Error::source(e);
+    let mut source = std::error::Error::source(&e);
     while let Some(s) = source {
         message.push_str(": ");
         message.push_str(&s.to_string());
         source = s.source();
     }
-    UpstreamError::Connect(message)
+    message
+}
+
+/// `url` with any `user:password@` removed, for logs.
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) if !parsed.username().is_empty() || parsed.password().is_some() => {
+            let _ = parsed.set_username("");
+            let _ = parsed.set_password(None);
+            parsed.to_string()
+        }
+        Ok(_) => url.to_owned(),
+        Err(_) => "(not a valid URL)".to_owned(),
+    }
 }
 
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {

@@ -236,17 +236,24 @@ async fn five_hundred_watches_finish_under_twenty_percent_faults() {
             let mut client = clients[i % clients.len()].clone();
             tokio::spawn(async move {
                 // Callers retry GenerateImage with a request_id, so a retry
-                // never starts a second job.
-                let request = pb::GenerateImageRequest {
+                // never starts a second job; after a gateway error (502/504)
+                // the outcome is unknown and the caller decides to create
+                // again with a new request_id (the simulator's injected
+                // faults create nothing).
+                let mut request = pb::GenerateImageRequest {
                     request_id: format!("chaos-{i}"),
                     ..generate("chaos")
                 };
                 let mut mark_id = None;
-                for _ in 0..50 {
+                for n in 0..50 {
                     match client.generate_image(authed(TOKEN, request.clone())).await {
                         Ok(r) => {
                             mark_id = Some(r.into_inner().mark_id);
                             break;
+                        }
+                        Err(s) if s.code() == Code::Aborted => {
+                            assert_status(&s, Code::Aborted, "CREATE_OUTCOME_UNKNOWN");
+                            request.request_id = format!("chaos-{i}-{n}");
                         }
                         Err(s) => {
                             assert!(

@@ -123,6 +123,7 @@ impl Default for ServiceConfig {
             max_watches: MAX_WATCHES,
             max_generates_per_token: MAX_GENERATES_PER_TOKEN,
             idempotency_ttl: IDEMPOTENCY_TTL,
+            idempotency_store: Default::default(),
         }
     }
 }

@@ -163,6 +163,7 @@ impl ServeArgs {
                 max_watches: self.max_watches,
                 max_generates_per_token: self.max_generates_per_token,
                 idempotency_ttl: self.idempotency_ttl,
+                idempotency_store: self.idempotency_store.clone(),
             },
             hub: HubConfig {
                 poll_interval: self.poll_interval,

@@ -64,6 +64,7 @@ pub fn server_config() -> ServerConfig {
             max_watches: 20_000,
             max_generates_per_token: 16,
             idempotency_ttl: Duration::from_secs(600),
+            idempotency_store: Default::default(),
         },
         hub: HubConfig {
             poll_interval: Duration::from_millis(200),
