@@ -5,18 +5,44 @@
 # cargo fuzz needs nightly-only compiler flags (sanitizers); no nightly
 # toolchain is assumed here, so the stable compiler is allowed them with
 # RUSTC_BOOTSTRAP=1 for this build only. Each run is capped in memory
-# (-rss_limit_mb) and input size, so an unbounded allocation fails the run.
+# (-rss_limit_mb, which also bounds a single allocation) and input size.
+#
+# Exits non-zero when any target crashes, panics, goes past its memory cap
+# or does not build: with the first failing target's cargo-fuzz exit status.
+# Every target runs even after a failure, so one report shows them all. The
+# summary lines are printed here; each target's full log stays in
+# fuzz/target/fuzz-logs/TARGET.log and a crashing input in fuzz/artifacts/.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 seconds=${1:-60}
-if [[ "$(cargo fuzz --version 2>/dev/null)" != "cargo-fuzz 0.13.2" ]]; then
-  cargo install cargo-fuzz --version 0.13.2 --locked
+CARGO_FUZZ_VERSION=0.13.2
+if [[ "$(cargo fuzz --version 2>/dev/null)" != "cargo-fuzz $CARGO_FUZZ_VERSION" ]]; then
+  cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked
 fi
 export RUSTC_BOOTSTRAP=1
+logs="$PWD/target/fuzz-logs"
+mkdir -p "$logs"
+
+first_failure=0
+failed=()
 for target in upstream_reply request_mapping; do
   echo "== fuzzing $target for ${seconds}s"
-  cargo fuzz run -O "$target" -- -max_total_time="$seconds" -rss_limit_mb=1024 -max_len=65536 2>&1 |
-    grep -E '^Done|DONE|ERROR|panicked|SUMMARY|==[0-9]+==' || true
-  # cargo fuzz exits non-zero on a crash; pipefail carries it here.
+  log="$logs/$target.log"
+  status=0
+  cargo fuzz run -O "$target" -- -max_total_time="$seconds" -rss_limit_mb=1024 -max_len=65536 \
+    >"$log" 2>&1 || status=$?
+  # The summary: libFuzzer's last lines, sanitizer reports, panics, build errors.
+  # grep exits 1 when nothing matches; that says nothing about the run.
+  grep -E '^Done|DONE|ERROR|panicked|SUMMARY|==[0-9]+==|^error' "$log" || [[ $? -eq 1 ]]
+  if ((status != 0)); then
+    echo "FAILED  $target: cargo fuzz exited with $status; last lines of $log:"
+    tail -n 30 "$log" | sed 's/^/    /'
+    failed+=("$target")
+    ((first_failure != 0)) || first_failure=$status
+  fi
 done
+if ((${#failed[@]} > 0)); then
+  echo "fuzzing: ${#failed[@]} target(s) failed: ${failed[*]}"
+  exit "$first_failure"
+fi
 echo "fuzzing: no crash"

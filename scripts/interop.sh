@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The interop suite: our users' real tools against a real piclumen-grpc.
 #   - grpcurl runs the README's example block verbatim against `serve --simulate`
-#   - buf lint, buf format and buf breaking (against the main branch's proto)
+#   - buf lint, buf format and buf breaking against the released contract (scripts/buf-breaking.sh)
 #   - ghz drives each RPC briefly
 #   - the generated Go, Python, Node.js and Java clients run their scenario
 #     against a server whose upstream (the simulator) accepts one token only
@@ -93,15 +93,7 @@ run grpcurl-error-details bash -c '
 echo "== buf"
 run buf-lint bash -c 'cd proto && buf lint'
 run buf-format bash -c 'cd proto && buf format --diff --exit-code'
-breaking() {
-  if git rev-parse --verify --quiet main >/dev/null; then
-    buf breaking proto --against '.git#branch=main,subdir=proto'
-  else
-    echo "no local main branch: comparing against HEAD"
-    buf breaking proto --against '.git#ref=HEAD,subdir=proto'
-  fi
-}
-run buf-breaking breaking
+run buf-breaking scripts/buf-breaking.sh
 
 echo "== ghz"
 ghz_rpc() {

@@ -25,16 +25,22 @@ go_tool() {
   mkdir -p "$TOOLS/stamps" && echo "$target" >"$stamp"
 }
 
+# install_buf: buf at its pinned version (scripts/buf-breaking.sh needs only this).
+install_buf() {
+  if [[ "$(buf --version 2>/dev/null)" != "$BUF_VERSION" ]]; then
+    echo "installing @bufbuild/buf@$BUF_VERSION"
+    mkdir -p "$TOOLS"
+    npm install --no-save --no-audit --no-fund --prefix "$TOOLS/npm" "@bufbuild/buf@$BUF_VERSION" >/dev/null
+  fi
+}
+
 install_tools() {
   mkdir -p "$TOOLS"
   go_tool grpcurl "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_VERSION"
   go_tool ghz "github.com/bojand/ghz/cmd/ghz@$GHZ_VERSION"
   go_tool protoc-gen-go "google.golang.org/protobuf/cmd/protoc-gen-go@$PROTOC_GEN_GO_VERSION"
   go_tool protoc-gen-go-grpc "google.golang.org/grpc/cmd/protoc-gen-go-grpc@$PROTOC_GEN_GO_GRPC_VERSION"
-  if [[ "$(buf --version 2>/dev/null)" != "$BUF_VERSION" ]]; then
-    echo "installing @bufbuild/buf@$BUF_VERSION"
-    npm install --no-save --no-audit --no-fund --prefix "$TOOLS/npm" "@bufbuild/buf@$BUF_VERSION" >/dev/null
-  fi
+  install_buf
   if [[ ! -x "$TOOLS/venv/bin/python" ]]; then
     python3 -m venv "$TOOLS/venv"
   fi

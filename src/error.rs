@@ -167,6 +167,8 @@ fn upstream_code(
             }
             (Code::ResourceExhausted, "UPSTREAM_RATE_LIMITED")
         }
+        // 408: Piclumen gave up waiting for the request; like a 5xx, that
+        // passes (`UpstreamError::is_transient` agrees, so watches retry it).
         UpstreamError::Http { status, .. } if *status >= 500 || *status == 408 => {
             (Code::Unavailable, "UPSTREAM_UNAVAILABLE")
         }

@@ -56,6 +56,13 @@ fn cases() -> Vec<Case> {
             "UPSTREAM_RATE_LIMITED",
             "429",
         ),
+        // 408 Request Timeout: the upstream gave up waiting, which passes.
+        c(
+            json!({"http_status": 408, "body": "too slow"}),
+            Code::Unavailable,
+            "UPSTREAM_UNAVAILABLE",
+            "408",
+        ),
         c(
             json!({"http_status": 500, "body": "oops"}),
             Code::Unavailable,
@@ -168,6 +175,55 @@ async fn rate_limit_carries_retry_info() {
     assert_eq!(
         details.retry_info().expect("RetryInfo").retry_delay,
         Some(Duration::from_secs(7))
+    );
+}
+
+#[tokio::test]
+async fn rate_limit_without_retry_after_carries_no_retry_info() {
+    let h = Harness::start().await;
+    h.sim
+        .script(json!([{"endpoint": "any", "http_status": 429, "body": "{}", "times": 2}]))
+        .await;
+    let mut client = h.client().await;
+    let generate = client
+        .generate_image(authed(TOKEN, generate("p")))
+        .await
+        .expect_err("429");
+    let check = client
+        .check_image(authed(
+            TOKEN,
+            pb::CheckImageRequest {
+                mark_id: "m1".into(),
+            },
+        ))
+        .await
+        .expect_err("429");
+    for status in [generate, check] {
+        assert_status(&status, Code::ResourceExhausted, "UPSTREAM_RATE_LIMITED");
+        // No delay was given: the server must not invent one.
+        assert!(
+            status.get_error_details().retry_info().is_none(),
+            "RetryInfo without Retry-After: {status:?}"
+        );
+    }
+    assert_eq!(h.sim.stat("scripted_faults").await, 2);
+}
+
+#[tokio::test]
+async fn a_watch_retries_past_a_408() {
+    let h = Harness::start().await;
+    let mut client = h.client().await;
+    let mark_id = start_job(&mut client, TOKEN, "p").await;
+    h.sim
+        .script(json!([{"endpoint": "status", "http_status": 408, "body": "too slow", "times": 2}]))
+        .await;
+    let (messages, end) = collect_watch(&mut client, TOKEN, &mark_id).await;
+    end.expect("a 408 is transient: the watch rides it out");
+    assert_eq!(states(&messages).last(), Some(&pb::JobState::Succeeded));
+    assert_eq!(
+        h.sim.stat("scripted_faults").await,
+        2,
+        "both 408s were answered"
     );
 }
 

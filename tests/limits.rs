@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use piclumen_grpc::pb::{self, image_service_client::ImageServiceClient};
+use serde_json::json;
 use tonic::Code;
 
 async fn still_healthy(client: &mut ImageServiceClient<tonic::transport::Channel>) {
@@ -43,21 +44,31 @@ async fn total_watches_are_capped() {
     let status = end.expect_err("over the limit");
     assert_status(&status, Code::ResourceExhausted, "SERVER_LIMIT");
     open.pop();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let request = authed(TOKEN, pb::WatchImageRequest { mark_id });
-    client
-        .watch_image(request)
-        .await
-        .expect("a freed place is reusable");
+    // The place frees once the server sees the stream go.
+    let reused = eventually(Duration::from_secs(30), || {
+        let mut client = client.clone();
+        let request = authed(
+            TOKEN,
+            pb::WatchImageRequest {
+                mark_id: mark_id.clone(),
+            },
+        );
+        async move { client.watch_image(request).await.is_ok() }
+    })
+    .await;
+    assert!(reused, "a freed place is reusable");
 }
 
 #[tokio::test]
 async fn generate_calls_in_flight_are_capped_per_token() {
-    let mut sim = sim_config();
-    sim.latency = Duration::from_millis(400);
     let mut config = server_config();
     config.service.max_generates_per_token = 2;
-    let h = Harness::with(sim, config).await;
+    let h = Harness::with(sim_config(), config).await;
+    // The first two creates are held long enough for the other three to
+    // arrive and be refused.
+    h.sim
+        .script(json!([{"endpoint": "create", "delay_ms": 3000, "times": 2}]))
+        .await;
     let client = h.client().await;
     let calls: Vec<_> = (0..5)
         .map(|_| {
@@ -65,9 +76,16 @@ async fn generate_calls_in_flight_are_capped_per_token() {
             tokio::spawn(async move { client.generate_image(authed(TOKEN, generate("p"))).await })
         })
         .collect();
-    // Another token is not affected by the first one's limit.
+    // Another token is not affected by the first one's limit, reached once
+    // both held calls are at the simulator.
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            h.sim.stat("scripted_faults").await == 2
+        })
+        .await,
+        "two calls in flight"
+    );
     let mut other = client.clone();
-    tokio::time::sleep(Duration::from_millis(50)).await;
     other
         .generate_image(authed(OTHER_TOKEN, generate("p")))
         .await
@@ -224,11 +242,16 @@ async fn freezable_proxy(
     (addr, frozen, closed_rx)
 }
 
-#[tokio::test]
+// Server, simulator, proxy and client share this runtime: more than one
+// worker, so that a busy machine does not delay a ping's answer past its
+// timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keepalive_pings_close_connections_to_dead_peers() {
     let mut config = server_config();
     config.http2_keepalive_interval = Duration::from_millis(200);
-    config.http2_keepalive_timeout = Duration::from_millis(200);
+    // Generous for a live peer's answer, and still well inside the live
+    // window below: a peer that never answered would be closed within it.
+    config.http2_keepalive_timeout = Duration::from_secs(1);
     let h = Harness::with(long_jobs(), config).await;
     let mut direct = h.client().await;
     let mark_id = start_job(&mut direct, TOKEN, "long").await;
@@ -245,12 +268,13 @@ async fn keepalive_pings_close_connections_to_dead_peers() {
         .expect("watch")
         .into_inner();
     watch.message().await.expect("first").expect("message");
-    // A live peer answers the server's pings: the connection stays up.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // A live peer answers the server's pings: the connection stays up over
+    // many ping intervals and more than interval + timeout.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(closed.try_recv().is_err(), "a live connection was closed");
-    // A silent peer does not: the server closes the connection soon.
+    // A silent peer does not: the server closes the connection.
     frozen.store(true, std::sync::atomic::Ordering::SeqCst);
-    tokio::time::timeout(Duration::from_secs(5), &mut closed)
+    tokio::time::timeout(Duration::from_secs(30), &mut closed)
         .await
         .expect("the server closed the dead connection")
         .expect("closed");

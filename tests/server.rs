@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use piclumen_grpc::pb;
+use piclumen_grpc::pb::{self, image_service_client::ImageServiceClient};
 use serde_json::json;
 use tonic::Code;
 use tonic_health::pb::{
@@ -144,10 +144,24 @@ async fn reflection_v1alpha_answers_for_older_clients() {
     );
 }
 
+/// A refused call during the drain: UNAVAILABLE, with reason `SHUTTING_DOWN`
+/// when the service answers it. A call that finds the connection already
+/// closed gets the transport's own UNAVAILABLE, which carries no details.
+fn assert_refused_for_shutdown(status: &tonic::Status) {
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    if !status.details().is_empty() {
+        assert_status(status, Code::Unavailable, "SHUTTING_DOWN");
+    }
+}
+
 #[tokio::test]
 async fn shutdown_drains_unary_calls_ends_watches_and_flips_health() {
     let sim = long_jobs();
-    let mut h = Harness::with(sim, server_config()).await;
+    let mut config = server_config();
+    // Far beyond the bound below: the server must stop because the drain
+    // completed, not because its timeout cut it short.
+    config.drain_timeout = Duration::from_secs(120);
+    let mut h = Harness::with(sim, config).await;
     let mut client = h.client().await;
     let mut health = HealthClient::new(h.server.channel().await);
     let mut health_watch = health
@@ -199,7 +213,7 @@ async fn shutdown_drains_unary_calls_ends_watches_and_flips_health() {
         .map(|c| {
             let mut c = c.clone();
             tokio::spawn(async move {
-                let mut codes = Vec::new();
+                let mut answers = Vec::new();
                 for _ in 0..200 {
                     let request = authed(
                         TOKEN,
@@ -207,24 +221,22 @@ async fn shutdown_drains_unary_calls_ends_watches_and_flips_health() {
                             mark_id: "x".into(),
                         },
                     );
-                    let code = c
-                        .check_image(request)
-                        .await
-                        .map_or_else(|s| s.code(), |_| Code::Ok);
-                    codes.push(code);
-                    if code == Code::Unavailable {
+                    let answer = c.check_image(request).await.map(|_| ());
+                    let refused = matches!(&answer, Err(s) if s.code() == Code::Unavailable);
+                    answers.push(answer);
+                    if refused {
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                codes
+                answers
             })
         })
         .collect();
 
     // A unary call in flight when the drain starts still completes.
     h.sim
-        .script(json!([{"endpoint": "create", "delay_ms": 600}]))
+        .script(json!([{"endpoint": "create", "delay_ms": 2000}]))
         .await;
     let mut slow_client = client.clone();
     let in_flight = tokio::spawn(async move {
@@ -232,9 +244,15 @@ async fn shutdown_drains_unary_calls_ends_watches_and_flips_health() {
             .generate_image(authed(TOKEN, generate("slow")))
             .await
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // In flight: the simulator holds it (the delay starts as the fault fires).
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            h.sim.stat("scripted_faults").await == 1
+        })
+        .await,
+        "the slow GenerateImage never reached the simulator"
+    );
 
-    let started = std::time::Instant::now();
     h.server.shutdown();
     let status = final_status(&mut watch)
         .await
@@ -247,13 +265,15 @@ async fn shutdown_drains_unary_calls_ends_watches_and_flips_health() {
             .expect("each watch gets a final status");
         assert_status(&status, Code::Unavailable, "SHUTTING_DOWN");
     }
-    for codes in load {
+    for answers in load {
         // NOT_FOUND is the load's normal answer; then UNAVAILABLE once refused.
-        for code in codes.await.expect("join") {
-            assert!(
-                matches!(code, Code::NotFound | Code::Unavailable),
-                "{code:?}"
-            );
+        for answer in answers.await.expect("join") {
+            let status = answer.expect_err("the load asks for an unknown job");
+            if status.code() == Code::NotFound {
+                assert_status(&status, Code::NotFound, "JOB_NOT_FOUND");
+            } else {
+                assert_refused_for_shutdown(&status);
+            }
         }
     }
     assert_eq!(
@@ -265,6 +285,10 @@ async fn shutdown_drains_unary_calls_ends_watches_and_flips_health() {
             .status(),
         ServingStatus::NotServing
     );
+    // The health watch never ends by itself: close it, so that nothing is
+    // left to hold the drain.
+    drop(health_watch);
+    drop(health);
     let created = in_flight
         .await
         .expect("join")
@@ -280,17 +304,115 @@ async fn shutdown_drains_unary_calls_ends_watches_and_flips_health() {
             },
         ))
         .await;
-    assert!(refused.is_err(), "new calls are refused while draining");
+    assert_refused_for_shutdown(&refused.expect_err("new calls are refused while draining"));
 
-    // The health watch stream never ends by itself: the drain timeout (5 s
-    // here) bounds the wait for it.
+    // Every stream has ended: the drain completes on its own, long before
+    // its 120 s timeout.
     let task = &mut h.server.task;
-    tokio::time::timeout(Duration::from_secs(8), task)
+    tokio::time::timeout(Duration::from_secs(60), task)
         .await
-        .expect("server stops within the drain bound")
+        .expect("the drain completes once every call has ended")
         .expect("join")
         .expect("clean exit");
-    assert!(started.elapsed() < Duration::from_secs(7));
+}
+
+/// A call that reaches the service after the drain began (its stream opened
+/// before, its message sent after) is answered UNAVAILABLE, `SHUTTING_DOWN`.
+#[tokio::test]
+async fn a_call_arriving_during_the_drain_gets_shutting_down() {
+    use tonic::codegen::http::uri::PathAndQuery;
+    let sim = long_jobs();
+    let mut h = Harness::with(sim, server_config()).await;
+    let mut client = h.client().await;
+    let mark_id = start_job(&mut client, TOKEN, "long").await;
+    // An open watch keeps the drain going while the late call arrives.
+    let mut watch = client
+        .watch_image(authed(TOKEN, pb::WatchImageRequest { mark_id }))
+        .await
+        .expect("watch")
+        .into_inner();
+    watch.message().await.expect("first").expect("message");
+
+    // A CheckImage whose message waits for `send`; `opened` fires when the
+    // transport first asks for the message, that is once the stream's
+    // headers are on their way.
+    let (opened_tx, opened) = tokio::sync::oneshot::channel::<()>();
+    let (send, message) = tokio::sync::oneshot::channel::<pb::CheckImageRequest>();
+    let body = async_stream::stream! {
+        let _ = opened_tx.send(());
+        if let Ok(message) = message.await {
+            yield message;
+        }
+    };
+    let channel = h.server.channel().await;
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    let late = tokio::spawn(async move {
+        grpc.ready().await.expect("ready");
+        grpc.client_streaming::<_, _, pb::CheckImageResponse, _>(
+            authed(TOKEN, body),
+            PathAndQuery::from_static("/piclumen.v1.ImageService/CheckImage"),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+    });
+    bounded("opening the late call", opened)
+        .await
+        .expect("opened");
+    // A call answered on the same connection after it proves the server
+    // has read the late call's headers: its stream is open.
+    let probe = pb::CheckImageRequest {
+        mark_id: "probe".into(),
+    };
+    let status = ImageServiceClient::new(channel)
+        .check_image(authed(TOKEN, probe))
+        .await
+        .expect_err("unknown job");
+    assert_status(&status, Code::NotFound, "JOB_NOT_FOUND");
+
+    h.server.shutdown();
+    let status = final_status(&mut watch).await.expect("the watch ends");
+    assert_status(&status, Code::Unavailable, "SHUTTING_DOWN");
+    send.send(pb::CheckImageRequest {
+        mark_id: "x".into(),
+    })
+    .expect("late call still waiting");
+    let status = bounded("the late call", late)
+        .await
+        .expect("join")
+        .expect_err("refused");
+    assert_status(&status, Code::Unavailable, "SHUTTING_DOWN");
+}
+
+/// A stream that never ends cannot hold the process: the drain timeout
+/// ends `run`, and only then.
+#[tokio::test]
+async fn the_drain_timeout_bounds_a_stream_that_never_ends() {
+    let mut config = server_config();
+    config.drain_timeout = Duration::from_secs(1);
+    let mut h = Harness::with(sim_config(), config).await;
+    let mut health = HealthClient::new(h.server.channel().await);
+    let mut health_watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health watch")
+        .into_inner();
+    health_watch.message().await.expect("h").expect("h");
+    let started = std::time::Instant::now();
+    h.server.shutdown();
+    let task = &mut h.server.task;
+    tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .expect("the drain timeout ends the server")
+        .expect("join")
+        .expect("a timed-out drain still exits cleanly");
+    // The open health watch held the drain: the timeout ended it.
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "stopped after {:?}, before the drain timeout",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -317,7 +439,7 @@ async fn a_watch_reissued_on_another_instance_continues() {
     let status = final_status(&mut watch)
         .await
         .expect("the watch must not end OK during shutdown");
-    assert_eq!(status.code(), Code::Unavailable);
+    assert_status(&status, Code::Unavailable, "SHUTTING_DOWN");
     // The job lives at Piclumen, not in the server: another instance picks
     // it up from its current state.
     let mut other = second.client().await;

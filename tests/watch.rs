@@ -95,15 +95,29 @@ async fn check_image_follows_the_job() {
         .expect("job");
     assert_eq!(job.state(), JobState::Pending);
     assert!(job.queue_position > 0);
-    tokio::time::sleep(Duration::from_millis(1300)).await;
-    let job = client
-        .check_image(check(&mark_id))
-        .await
-        .expect("check")
-        .into_inner()
-        .job
-        .expect("job");
-    assert_eq!(job.state(), JobState::Succeeded);
+    // The simulated job takes 1.2 s; each check asks again.
+    let finished = || {
+        let mut client = client.clone();
+        let request = check(&mark_id);
+        async move {
+            let job = client
+                .check_image(request)
+                .await
+                .expect("check")
+                .into_inner()
+                .job
+                .expect("job");
+            (job.state() == JobState::Succeeded).then_some(job)
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            finished().await.is_some()
+        })
+        .await,
+        "the job never succeeded"
+    );
+    let job = finished().await.expect("still succeeded");
     assert_eq!(job.images.len(), 1);
 }
 
@@ -137,18 +151,23 @@ async fn cancelling_a_watch_stops_its_polling() {
         .into_inner();
     stream.message().await.expect("first").expect("message");
     // Polled every 200 ms while watched...
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    assert!(h.sim.stat("status_calls").await >= 3);
-    drop(stream);
-    // ...and not at all once the caller is gone (one round to notice).
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let after_cancel = h.sim.stat("status_calls").await;
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert_eq!(
-        h.sim.stat("status_calls").await,
-        after_cancel,
-        "polling stopped"
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            h.sim.stat("status_calls").await >= 3
+        })
+        .await,
+        "a watched job is polled"
     );
+    drop(stream);
+    // ...and not at all once the caller is gone: soon, no call for a while
+    // (three poll intervals).
+    let quiet = eventually(Duration::from_secs(30), || async {
+        let before = h.sim.stat("status_calls").await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        h.sim.stat("status_calls").await == before
+    })
+    .await;
+    assert!(quiet, "polling stopped");
 }
 
 #[tokio::test]

@@ -33,15 +33,31 @@ pub fn long_jobs() -> SimConfig {
     }
 }
 
+/// Longest wait of the helpers below for a call or a stream to end: far
+/// beyond any test's needs, so that a stall fails the test with a message
+/// instead of hanging the suite.
+pub const STALL_BOUND: Duration = Duration::from_secs(60);
+
+/// Awaits `future` for at most [`STALL_BOUND`]; panics naming `what` past it.
+pub async fn bounded<F: std::future::Future>(what: &str, future: F) -> F::Output {
+    match tokio::time::timeout(STALL_BOUND, future).await {
+        Ok(output) => output,
+        Err(_) => panic!("{what}: stalled, no end within {STALL_BOUND:?}"),
+    }
+}
+
 /// Reads a stream to its end: `None` when it ended OK, else the status.
 pub async fn final_status<T>(stream: &mut tonic::Streaming<T>) -> Option<Status> {
-    loop {
-        match stream.message().await {
-            Ok(Some(_)) => continue,
-            Ok(None) => return None,
-            Err(status) => return Some(status),
+    bounded("reading a stream to its end", async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
         }
-    }
+    })
+    .await
 }
 
 /// Simulator settings fast enough for tests.
@@ -276,12 +292,14 @@ pub async fn start_job(
     token: &str,
     prompt: &str,
 ) -> String {
-    client
-        .generate_image(authed(token, generate(prompt)))
-        .await
-        .expect("generate")
-        .into_inner()
-        .mark_id
+    bounded(
+        "GenerateImage",
+        client.generate_image(authed(token, generate(prompt))),
+    )
+    .await
+    .expect("generate")
+    .into_inner()
+    .mark_id
 }
 
 /// Follows a watch to its end: every message, then how the stream ended.
@@ -296,18 +314,21 @@ pub async fn collect_watch(
             mark_id: mark_id.into(),
         },
     );
-    let mut stream = match client.watch_image(request).await {
-        Ok(response) => response.into_inner(),
-        Err(status) => return (Vec::new(), Err(status)),
-    };
-    let mut messages = Vec::new();
-    loop {
-        match stream.message().await {
-            Ok(Some(m)) => messages.push(m),
-            Ok(None) => return (messages, Ok(())),
-            Err(status) => return (messages, Err(status)),
+    bounded(&format!("watching {mark_id}"), async {
+        let mut stream = match client.watch_image(request).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => return (Vec::new(), Err(status)),
+        };
+        let mut messages = Vec::new();
+        loop {
+            match stream.message().await {
+                Ok(Some(m)) => messages.push(m),
+                Ok(None) => return (messages, Ok(())),
+                Err(status) => return (messages, Err(status)),
+            }
         }
-    }
+    })
+    .await
 }
 
 pub fn states(messages: &[pb::WatchImageResponse]) -> Vec<pb::JobState> {
@@ -342,16 +363,17 @@ pub async fn assert_unary_calls_fail(
     code: Code,
     reason: &str,
 ) {
-    let status = client
-        .generate_image(authed(TOKEN, generate("p")))
-        .await
-        .expect_err("GenerateImage should fail");
+    let status = bounded(
+        "GenerateImage",
+        client.generate_image(authed(TOKEN, generate("p"))),
+    )
+    .await
+    .expect_err("GenerateImage should fail");
     assert_status(&status, code, reason);
     let check = pb::CheckImageRequest {
         mark_id: "m".into(),
     };
-    let status = client
-        .check_image(authed(TOKEN, check))
+    let status = bounded("CheckImage", client.check_image(authed(TOKEN, check)))
         .await
         .expect_err("CheckImage should fail");
     assert_status(&status, code, reason);
