@@ -355,8 +355,7 @@ async fn main() {
         args.extend(o.server_args.iter().map(String::as_str));
         start_pinned(&o.wrap, BIN, &args)
     };
-    let floor =
-        |sim: &str| start_pinned(&[], &o.floor, &["127.0.0.1:0", &format!("http://{sim}")]);
+    let floor = |sim: &str| start_pinned(&[], &o.floor, &["127.0.0.1:0", &format!("http://{sim}")]);
 
     let generate = pb::GenerateImageRequest {
         prompt: "a magical landscape".into(),

@@ -12,12 +12,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 pub mod defaults;
 mod settings;
 
+use crate::idempotency::StoreLocation;
 pub use settings::{ConfigError, Settings, redact_userinfo};
 use settings::{
     batch_max, duration_or_zero, heartbeat, human, log_filter, max_watches, poll_interval,
     positive, positive_duration, rate,
 };
-use crate::idempotency::StoreLocation;
 
 /// Piclumen's production API.
 pub const PRODUCTION_URL: &str = "https://api.piclumen.com";

@@ -78,7 +78,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         default_token = settings.server.service.default_token.is_some(),
         "listening on {local}"
     );
-    let http_listener = match args.http_listen {
+    let http_listener = match settings.http_listen {
         Some(addr) => {
             let http = TcpListener::bind(addr)
                 .await

@@ -194,7 +194,7 @@ fn every_flag_has_its_env_var_a_readme_row_and_its_documented_default() {
 fn serve_with_no_flags_runs_on_the_defaults() {
     let s = settings(&serve_args(&[]));
     assert_eq!(s.listen, SocketAddr::from(([0, 0, 0, 0], defaults::PORT)));
-    assert!(s.simulator.is_none() && s.metrics_listen.is_none());
+    assert!(s.simulator.is_none() && s.metrics_listen.is_none() && s.http_listen.is_none());
     // The Default impls are written from the constants, the settings from
     // the parsed flags: equal only if every flag lands in its own field.
     assert_eq!(
@@ -225,7 +225,9 @@ fn serve_with_no_flags_runs_on_the_defaults() {
         max_watches,
         max_generates_per_token,
         idempotency_ttl,
+        idempotency_store,
     } = service;
+    assert_eq!(idempotency_store.to_string(), "memory");
     assert!(default_token.is_none() && api_keys.is_none());
     assert_eq!(
         (
@@ -417,6 +419,32 @@ fn every_serve_flag_reaches_its_setting() {
             |a| {
                 with(a, |s| {
                     s.metrics_listen == Some(SocketAddr::from(([127, 0, 0, 1], 9100)))
+                })
+            },
+        ),
+        row("http-listen", &["--http-listen", "127.0.0.1:8000"], |a| {
+            with(a, |s| {
+                s.http_listen == Some(SocketAddr::from(([127, 0, 0, 1], 8000)))
+            })
+        }),
+        row(
+            "cors-allow-origin",
+            &[
+                "--cors-allow-origin",
+                "https://a.example,http://localhost:5173",
+            ],
+            |a| {
+                with(a, |s| {
+                    s.server.cors_allow_origins == ["https://a.example", "http://localhost:5173"]
+                })
+            },
+        ),
+        row(
+            "idempotency-store",
+            &["--idempotency-store", "redis://127.0.0.1:6379/2"],
+            |a| {
+                with(a, |s| {
+                    s.server.service.idempotency_store.to_string() == "redis://127.0.0.1:6379/2"
                 })
             },
         ),
@@ -820,6 +848,12 @@ fn env_cases(existing: &str) -> Vec<(&'static str, &'static str, String, Vec<Str
             "--allow-unauthenticated",
         ),
         ("PICLUMEN_METRICS_LISTEN", "nope", "--metrics-listen"),
+        ("PICLUMEN_HTTP_LISTEN", "nope", "--http-listen"),
+        (
+            "PICLUMEN_IDEMPOTENCY_STORE",
+            "mysql://h",
+            "--idempotency-store",
+        ),
         ("PICLUMEN_SIMULATE", "maybe", "--simulate"),
         ("PICLUMEN_SIM_JOB_DURATION", "0s", "--sim-job-duration"),
         ("PICLUMEN_LOG_FORMAT", "xml", "--log-format"),
@@ -843,6 +877,13 @@ fn env_cases(existing: &str) -> Vec<(&'static str, &'static str, String, Vec<Str
         "/nonexistent/piclumen-keys",
         &listen,
         "--api-keys-file (PICLUMEN_API_KEYS_FILE): cannot read API keys file /nonexistent/piclumen-keys",
+    );
+    case(
+        "serve",
+        "PICLUMEN_CORS_ALLOW_ORIGIN",
+        "https://a.example/path",
+        &listen,
+        "--cors-allow-origin \"https://a.example/path\" is not an origin",
     );
     let cert_only = [&listen[..], &["--tls-key", existing]].concat();
     case(

@@ -35,6 +35,8 @@ pub struct Settings {
     pub simulator: Option<SimConfig>,
     /// Where Prometheus metrics are served, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where the first version's HTTP API is served, if anywhere.
+    pub http_listen: Option<SocketAddr>,
 }
 
 /// A setting that cannot work, found before anything listens. Messages name
@@ -95,6 +97,9 @@ pub enum ConfigError {
     /// A TLS file cannot be read.
     #[error("--tls-cert/--tls-key/--tls-client-ca: {0}")]
     Tls(String),
+    /// A `--cors-allow-origin` value is not an origin.
+    #[error("{0}")]
+    Cors(String),
 }
 
 // === impl ServeArgs ===
@@ -149,6 +154,9 @@ impl ServeArgs {
             ),
             _ => None,
         };
+        // Checked here so a bad origin stops `serve` before it listens.
+        let _ = crate::server::cors_layer(&self.cors_allow_origin)
+            .map_err(|e| ConfigError::Cors(e.to_string()))?;
         let server = ServerConfig {
             service: ServiceConfig {
                 default_token,
@@ -197,6 +205,7 @@ impl ServeArgs {
             client,
             simulator,
             metrics_listen: self.metrics_listen,
+            http_listen: self.http_listen,
         })
     }
 
