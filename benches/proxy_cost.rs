@@ -435,6 +435,13 @@ async fn main() {
             ours.push(measure(&ours_proc, &sim.1, scenario, o.seconds).await);
             floors.push(measure(&floor_proc, &sim.1, scenario, o.seconds).await);
         }
+        if !o.wrap.is_empty() {
+            // Let a wrapping profiler finish its file before the kill.
+            let _ = Command::new("kill")
+                .args(["-INT", &ours_proc.0.id().to_string()])
+                .status();
+            std::thread::sleep(Duration::from_secs(5));
+        }
         let (ours, floor) = (median(ours), median(floors));
         for (label, r) in [("piclumen-grpc", &ours), ("floor", &floor)] {
             println!(

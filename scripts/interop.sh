@@ -130,5 +130,8 @@ run client-node node clients/node/client.js
 run client-web node clients/web/client.js
 run client-java bash -c 'cd clients/java && mvn -q -B compile exec:java'
 
+echo "== Swagger UI of the first version's HTTP API, in headless Chromium"
+run docs-chromium scripts/docs-check.sh "$LOGS/docs-check"
+
 echo "$passed passed, $failed failed"
 [[ $failed -eq 0 ]]

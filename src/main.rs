@@ -13,6 +13,11 @@ use piclumen_grpc::{
     upstream::Client,
 };
 use tokio::net::TcpListener;
+
+/// mimalloc: the server allocates and frees many small buffers per call;
+/// glibc's malloc and free were about a tenth of its CPU time under load.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tracing::{error, info, warn};
 
 #[tokio::main]

@@ -16,6 +16,15 @@ use crate::job::{Image, JobState, JobStatus, Token};
 pub const CREATE_PATH: &str = "/api/gen/create";
 /// Path of the batch status call.
 pub const STATUS_PATH: &str = "/api/task/batch-process-task";
+/// The environment variables reqwest reads proxies from.
+const PROXY_VARS: [&str; 6] = [
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+];
 /// How much of an unexpected reply body errors keep.
 const BODY_PREFIX: usize = 256;
 
@@ -191,7 +200,7 @@ impl Client {
             .user_agent
             .clone()
             .unwrap_or_else(|| concat!("piclumen-grpc/", env!("CARGO_PKG_VERSION")).into());
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .default_headers(headers)
             .user_agent(user_agent)
             .connect_timeout(config.connect_timeout)
@@ -199,9 +208,13 @@ impl Client {
             // A burst leaves many idle connections; close them after a
             // while so sockets and their tasks return to baseline.
             .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(64)
-            .build()
-            .map_err(|e| e.to_string())?;
+            .pool_max_idle_per_host(64);
+        // Proxy matching parses URLs on every call; skip it when the
+        // environment names no proxy (one is still honoured when set).
+        if !PROXY_VARS.iter().any(|v| std::env::var_os(v).is_some()) {
+            builder = builder.no_proxy();
+        }
+        let http = builder.build().map_err(|e| e.to_string())?;
         let base = config.base_url.trim_end_matches('/');
         let url = |path: &str| {
             reqwest::Url::parse(&format!("{base}{path}"))

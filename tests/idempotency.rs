@@ -304,8 +304,10 @@ async fn the_guard_counts_creates_whose_callers_left() {
 async fn a_request_that_cannot_be_built_is_not_unreachable_nor_retried() {
     let mut config = server_config();
     config.hub.failure_budget = Duration::from_secs(60);
-    // A host with a space cannot make a URL: reqwest refuses to build it.
-    let server = Server::start(config, "http://bad host".into()).await;
+    // A URL reqwest will not send (a scheme it does not speak): the
+    // request cannot be built. (`serve` refuses such a URL at start; the
+    // client's own classification is what is tested here.)
+    let server = Server::start(config, "file:///bad-host".into()).await;
     let mut client = server.client().await;
     for _ in 0..2 {
         let status = client

@@ -376,7 +376,7 @@ async fn grpc_metrics_count_calls_by_code_and_time_streams_to_their_end() {
         "--sim-job-duration",
         "1s",
         "--poll-interval",
-        "100ms",
+        "250ms",
         "--metrics-listen",
         &metrics_text,
     ]);

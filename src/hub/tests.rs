@@ -295,7 +295,8 @@ async fn an_outage_past_the_budget_ends_watches_after_few_calls() {
     }
     let elapsed = start.elapsed();
     assert!(elapsed >= config().failure_budget, "{elapsed:?}");
-    assert!(elapsed < config().failure_budget + Duration::from_secs(11));
+    // The last pause (at most 10 s, doubled by jitter) may straddle the end.
+    assert!(elapsed < config().failure_budget + Duration::from_secs(21));
     // 250 ms doubling to 10 s over a 20 s budget: a handful of calls.
     let n = fake.calls().len();
     assert!((4..=10).contains(&n), "{n} calls during the outage");
