@@ -23,12 +23,13 @@
 # By default the replay runs the stage's own command, a release build
 # (`cargo build --release --locked --bin piclumen-grpc`): that is what proves
 # the image builds, and it yields the binary step 2 runs. It fits CI: from
-# nothing it takes about 5 minutes of CPU (3.5 for the dependencies, 1.5 for
-# the crate's single-codegen-unit LTO build), some 4 minutes on an idle
-# 2-core machine. Its output stays in target/deploy-check, so later runs
-# rebuild only what changed. --check-only runs `cargo check` with the same
-# arguments instead: it still proves the manifest and sources complete, in
-# less time, without a binary (step 2 then checks the USER line only).
+# nothing it takes about 2 minutes on the project's 2-core machine (3.5
+# minutes of CPU, the crate's single-codegen-unit LTO build the longest
+# step). Its output stays in target/deploy-check, so later runs rebuild only
+# what changed (an unchanged tree: about a second). --check-only runs
+# `cargo check` with the same arguments instead: it still proves the
+# manifest and sources complete, without a binary (step 2 then checks the
+# USER line only), for machines where the build is too slow.
 #
 # Every line printed starts with "deploy-check:"; the exit status is non-zero
 # on the first failure.
