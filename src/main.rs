@@ -23,7 +23,7 @@ use tracing::{error, info, warn};
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init_logging(cli.log_format, &cli.log);
+    let _logging = telemetry::init_logging(cli.log_format, &cli.log);
     let result = match cli.command {
         Command::Serve(args) => serve(*args).await,
         Command::Sim(args) => run_sim(args).await,

@@ -4,21 +4,32 @@
 use std::{io::IsTerminal, net::SocketAddr};
 
 use metrics_exporter_prometheus::Matcher;
+use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::{EnvFilter, fmt};
 
 use crate::config::LogFormat;
 
-/// Installs the global tracing subscriber, writing to stderr.
-pub fn init_logging(format: LogFormat, filter: &str) {
+/// Installs the global tracing subscriber, writing to stderr. Lines are
+/// written by a background thread through a buffer flushed whenever its
+/// queue runs empty: under load many lines share one write instead of a
+/// system call each on the request path, and an idle server still shows
+/// each line at once. Nothing is dropped (a full queue blocks). Keep the
+/// guard until exit: dropping it flushes what is left.
+#[must_use = "dropping the guard stops logging; hold it until exit"]
+pub fn init_logging(format: LogFormat, filter: &str) -> WorkerGuard {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::BufWriter::new(std::io::stderr()));
     let builder = fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    guard
 }
 
 /// Buckets (seconds) of `grpc_server_handling_seconds`: Prometheus's

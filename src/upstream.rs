@@ -394,8 +394,7 @@ impl Endpoint {
     }
 }
 
-/// Duration histogram of upstream calls.
-const DURATION: &str = "piclumen_upstream_request_duration_seconds";
+use crate::telemetry::UPSTREAM_DURATION as DURATION;
 
 /// Classifies a reqwest failure: not built, never connected (so never
 /// sent), timed out, or broken after sending.

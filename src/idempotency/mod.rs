@@ -275,12 +275,18 @@ impl IdempotencyStore {
                 });
             }
             match record {
-                Record::Done { mark_id, seed, .. } => return Ok(Created { mark_id, seed }),
+                Record::Done { mark_id, seed, .. } => {
+                    hits().increment(1);
+                    return Ok(Created { mark_id, seed });
+                }
                 Record::Unknown { cause, .. } => return Err(Error::CreateOutcomeUnknown { cause }),
                 Record::Pending { .. } => {
                     let local = lock(&self.inner.running).get(&key).cloned();
                     match local {
-                        Some(rx) => return wait(rx).await,
+                        Some(rx) => {
+                            hits().increment(1);
+                            return wait(rx).await;
+                        }
                         // Another replica's create (or ours, a moment before
                         // it is registered): look again shortly.
                         None => tokio::time::sleep(POLL_EVERY).await,
@@ -535,4 +541,11 @@ mod tests {
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
     }
+}
+
+/// GenerateImage calls answered by a create already done or running for
+/// their key (no create of their own); resolved once, not per call.
+fn hits() -> &'static metrics::Counter {
+    static HITS: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
+    HITS.get_or_init(|| metrics::counter!("piclumen_idempotency_hits_total"))
 }
