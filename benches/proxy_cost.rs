@@ -401,6 +401,16 @@ async fn main() {
         ),
         (
             Scenario {
+                name: "CheckImage, 150 in flight, 120 jobs of one token, 20 ms upstream",
+                path: "/piclumen.v1.ImageService/CheckImage",
+                connections: 15,
+                streams: 10,
+                requests: checks(&many_jobs[..120]),
+            },
+            &slow_sim,
+        ),
+        (
+            Scenario {
                 name: "CheckImage, one at a time, 20 ms upstream",
                 path: "/piclumen.v1.ImageService/CheckImage",
                 connections: 1,

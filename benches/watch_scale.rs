@@ -171,13 +171,20 @@ async fn main() {
                 .expect("watch")
                 .into_inner();
             let mut first = true;
+            let mut previous: Option<JobState> = None;
             let mut seen = Vec::new();
             while let Some(update) = stream.message().await.expect("stream") {
                 if first {
                     let _ = first_tx.send(opened.elapsed().as_secs_f64());
                     first = false;
                 }
+                // Heartbeats repeat a state already delivered: only the
+                // first delivery of a state measures change-to-delivery.
+                if update.heartbeat {
+                    continue;
+                }
                 let state = update.job.expect("job").state();
+                let last_state = std::mem::replace(&mut previous, Some(state));
                 // The simulator switches to running at 40% of the job's
                 // duration and to success at 100%, from its creation.
                 let change = match state {
@@ -185,7 +192,7 @@ async fn main() {
                     JobState::Succeeded => Some(1.0),
                     _ => None,
                 };
-                if let Some(change) = change {
+                if let Some(change) = change.filter(|_| last_state != Some(state)) {
                     seen.push((created.mark_id.clone(), change, unix_ms()));
                 }
             }
