@@ -241,7 +241,7 @@ fn serve_with_no_flags_runs_on_the_defaults() {
         (max_watch, heartbeat, idempotency_ttl),
         (secs(30 * 60), secs(30), secs(600))
     );
-    assert_eq!((max_watches, max_generates_per_token), (20_000, 16));
+    assert_eq!((max_watches, max_generates_per_token), (30_000, 16));
     assert_eq!(s.client.base_url, "https://api.piclumen.com");
     assert_eq!(
         (s.client.timeout, s.client.connect_timeout),
