@@ -184,7 +184,7 @@ async fn main() {
                     continue;
                 }
                 let state = update.job.expect("job").state();
-                let last_state = std::mem::replace(&mut previous, Some(state));
+                let last_state = previous.replace(state);
                 // The simulator switches to running at 40% of the job's
                 // duration and to success at 100%, from its creation.
                 let change = match state {

@@ -206,11 +206,11 @@ impl Hub {
             let mut tokens = lock(&self.inner.tokens);
             let shared = self.shared(&mut tokens, token);
             let state = lock(&shared.state);
-            if let Some((status, at)) = state.known.get(mark_id) {
-                if at.elapsed() < self.inner.config.poll_interval {
-                    metrics.from_state.increment(1);
-                    return Ok(status.clone());
-                }
+            if let Some((status, at)) = state.known.get(mark_id)
+                && at.elapsed() < self.inner.config.poll_interval
+            {
+                metrics.from_state.increment(1);
+                return Ok(status.clone());
             }
             drop(state);
             let (tx, rx) = oneshot::channel();

@@ -286,40 +286,26 @@ impl Schedule {
             Verdict::Paused(until) => until,
             _ => call.sent_at + self.config.interval,
         };
-        self.calls -= 1;
-        if call.carries_checks {
-            self.check_calls -= 1;
-        }
-        for id in &call.ids {
-            if let Some(state) = self.watched.get_mut(id) {
-                if let Watch::InFlight(n) = *state {
-                    if n > 1 {
-                        *state = Watch::InFlight(n - 1);
-                    } else {
-                        *state = Watch::Due(again);
-                        self.due.insert((again, Arc::clone(id)));
-                    }
-                }
-            }
-        }
+        self.settle(call, again);
         verdict
     }
 
-    /// Releases a call's place without a reply: its ids are due now.
-    fn settle(&mut self, call: &Call, now: Instant) {
+    /// Releases a call's place; its watched ids are due at `again` (unless
+    /// another call still carries them).
+    fn settle(&mut self, call: &Call, again: Instant) {
         self.calls = self.calls.saturating_sub(1);
         if call.carries_checks {
             self.check_calls = self.check_calls.saturating_sub(1);
         }
         for id in &call.ids {
-            if let Some(state) = self.watched.get_mut(id) {
-                if let Watch::InFlight(n) = *state {
-                    if n > 1 {
-                        *state = Watch::InFlight(n - 1);
-                    } else {
-                        *state = Watch::Due(now);
-                        self.due.insert((now, Arc::clone(id)));
-                    }
+            if let Some(state) = self.watched.get_mut(id)
+                && let Watch::InFlight(n) = *state
+            {
+                if n > 1 {
+                    *state = Watch::InFlight(n - 1);
+                } else {
+                    *state = Watch::Due(again);
+                    self.due.insert((again, Arc::clone(id)));
                 }
             }
         }
@@ -394,11 +380,11 @@ impl Retry {
             *self = Self::new(self.jitter);
             return Verdict::Outage;
         }
-        if let (Some(at), Some(until)) = (self.paused_at, self.paused_until) {
-            if sent_at < at {
-                // Same trouble as the pause already running.
-                return Verdict::Paused(until.max(now));
-            }
+        if let (Some(at), Some(until)) = (self.paused_at, self.paused_until)
+            && sent_at < at
+        {
+            // Same trouble as the pause already running.
+            return Verdict::Paused(until.max(now));
         }
         let delay = retry_after
             .unwrap_or_else(|| self.backoff.next().unwrap_or(Duration::from_secs(10)))

@@ -502,6 +502,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// GenerateImage calls answered by a create already done or running for
+/// their key (no create of their own); resolved once, not per call.
+fn hits() -> &'static metrics::Counter {
+    static HITS: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
+    HITS.get_or_init(|| metrics::counter!("piclumen_idempotency_hits_total"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -541,11 +548,4 @@ mod tests {
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
     }
-}
-
-/// GenerateImage calls answered by a create already done or running for
-/// their key (no create of their own); resolved once, not per call.
-fn hits() -> &'static metrics::Counter {
-    static HITS: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
-    HITS.get_or_init(|| metrics::counter!("piclumen_idempotency_hits_total"))
 }
