@@ -210,28 +210,9 @@ async fn load(addr: &str, scenario: &Scenario, seconds: f64) -> (Vec<u32>, BTree
 }
 
 fn code_name(code: &str) -> String {
-    let names = [
-        "OK",
-        "Canceled",
-        "Unknown",
-        "InvalidArgument",
-        "DeadlineExceeded",
-        "NotFound",
-        "AlreadyExists",
-        "PermissionDenied",
-        "ResourceExhausted",
-        "FailedPrecondition",
-        "Aborted",
-        "OutOfRange",
-        "Unimplemented",
-        "Internal",
-        "Unavailable",
-        "DataLoss",
-        "Unauthenticated",
-    ];
     code.parse::<usize>()
         .ok()
-        .and_then(|n| names.get(n))
+        .and_then(|n| piclumen_grpc::grpc_metrics::CODE_NAMES.get(n))
         .map_or_else(|| code.to_owned(), |n| (*n).to_owned())
 }
 

@@ -44,7 +44,7 @@ use tower::{Layer, Service};
 pub const HANDLING_SECONDS: &str = "grpc_server_handling_seconds";
 
 /// Go's `codes.Code.String()`, indexed by code number.
-const CODE_NAMES: [&str; 17] = [
+pub const CODE_NAMES: [&str; 17] = [
     "OK",
     "Canceled",
     "Unknown",

@@ -3,39 +3,13 @@
 
 mod common;
 
-use std::{
-    io::Write,
-    sync::{Arc, Mutex, OnceLock},
-};
+use std::sync::OnceLock;
 
 use common::*;
 use piclumen_grpc::{job::Token, pb};
 use serde_json::json;
 use tonic::Code;
-use tracing_subscriber::{
-    EnvFilter, fmt::MakeWriter, layer::SubscriberExt, util::SubscriberInitExt,
-};
-
-/// Everything logged by this test binary, JSON and text lines alike.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("log buffer").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
+use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
 
 fn logs() -> &'static Captured {
     static LOGS: OnceLock<Captured> = OnceLock::new();
@@ -59,7 +33,7 @@ fn logs() -> &'static Captured {
 }
 
 fn log_text() -> String {
-    String::from_utf8_lossy(&logs().0.lock().expect("log buffer")).into_owned()
+    logs().text()
 }
 
 #[tokio::test]
@@ -224,46 +198,9 @@ async fn no_token_reaches_logs_or_errors() {
 // The metrics recorder is global to a process, so these run the real binary
 // (`serve --simulate --metrics-listen`) and count only its calls.
 
-/// A `serve` child process, killed (by its own handle) when dropped.
-struct Served {
-    child: std::process::Child,
-    addr: String,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `piclumen-grpc serve ARGS...` and waits for its `listening on`
-/// line.
+/// `serve ARGS...` as a child process (see `common::Served`).
 fn serve_binary(args: &[&str]) -> Served {
-    use std::io::{BufRead, BufReader};
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_piclumen-grpc"))
-        .arg("serve")
-        .args(args)
-        .env_remove("PICLUMEN_TOKEN")
-        .env_remove("PORT")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn serve");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                let addr = rest.split_whitespace().next().unwrap_or_default();
-                let _ = tx.send(addr.to_owned());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(std::time::Duration::from_secs(20))
-        .expect("listening line");
-    Served { child, addr }
+    Served::start(args, &[])
 }
 
 /// One sample of the Prometheus text format.

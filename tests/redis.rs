@@ -7,11 +7,11 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::TcpStream,
     path::PathBuf,
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex, OnceLock},
+    sync::OnceLock,
     time::Duration,
 };
 
@@ -20,11 +20,7 @@ use piclumen_grpc::{idempotency::StoreLocation, pb, server::ServerConfig};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use serde_json::json;
 use tonic::{Code, Request};
-use tracing_subscriber::{
-    EnvFilter, fmt::MakeWriter, layer::SubscriberExt, util::SubscriberInitExt,
-};
-
-const BIN: &str = env!("CARGO_BIN_EXE_piclumen-grpc");
+use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
 
 /// The `redis-server` binary, installed once per test run when missing.
 fn redis_server_binary() -> &'static PathBuf {
@@ -216,27 +212,6 @@ fn call(token: &str, id: &str, timeout: Duration) -> Request<pb::GenerateImageRe
     request
 }
 
-/// Everything this test binary logs, as text.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("log buffer").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
-
 fn logs() -> &'static Captured {
     static LOGS: OnceLock<Captured> = OnceLock::new();
     LOGS.get_or_init(|| {
@@ -255,7 +230,7 @@ fn logs() -> &'static Captured {
 
 /// Log lines containing every one of `parts`.
 fn log_lines(parts: &[&str]) -> usize {
-    let text = String::from_utf8_lossy(&logs().0.lock().expect("log buffer")).into_owned();
+    let text = logs().text();
     text.lines()
         .filter(|line| parts.iter().all(|p| line.contains(p)))
         .count()
@@ -414,54 +389,11 @@ async fn a_redis_outage_fails_request_ids_closed_and_heals() {
     );
 }
 
-/// A `serve` process, killed by its own handle when dropped.
-struct Replica {
-    child: Child,
-    addr: String,
-}
+/// A replica: `serve --listen 127.0.0.1:0 ARGS...` as a child process.
+type Replica = Served;
 
-impl Replica {
-    fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .args(args)
-            .env_remove("PICLUMEN_TOKEN")
-            .env_remove("PORT")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn serve");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening on ").nth(1) {
-                    let addr = rest.split_whitespace().next().unwrap_or_default();
-                    let _ = tx.send(addr.to_owned());
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("listening line");
-        Self { child, addr }
-    }
-
-    async fn client(
-        &self,
-    ) -> pb::image_service_client::ImageServiceClient<tonic::transport::Channel> {
-        pb::image_service_client::ImageServiceClient::connect(format!("http://{}", self.addr))
-            .await
-            .expect("connect")
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn replica(args: &[&str], env: &[(&str, &str)]) -> Replica {
+    Served::start(&[&["--listen", "127.0.0.1:0"], args].concat(), env)
 }
 
 #[tokio::test]
@@ -473,8 +405,8 @@ async fn a_claim_whose_owner_died_expires() {
     let args = ["--upstream-url", &upstream, "--upstream-timeout", "1s"];
     let store = redis.url();
     let env = [("PICLUMEN_IDEMPOTENCY_STORE", store.as_str())];
-    let mut owner = Replica::start(&args, &env);
-    let survivor = Replica::start(&args, &env);
+    let mut owner = replica(&args, &env);
+    let survivor = replica(&args, &env);
     sim.script(json!([{"endpoint": "create", "delay_ms": 3000}]))
         .await;
     let mut first = owner.client().await;
@@ -516,8 +448,8 @@ async fn rediss_urls_speak_tls() {
         ("PICLUMEN_IDEMPOTENCY_STORE", store.as_str()),
         ("SSL_CERT_FILE", ca.as_str()),
     ];
-    let a = Replica::start(&["--upstream-url", &upstream], &env);
-    let b = Replica::start(&["--upstream-url", &upstream], &env);
+    let a = replica(&["--upstream-url", &upstream], &env);
+    let b = replica(&["--upstream-url", &upstream], &env);
     let first = a
         .client()
         .await
