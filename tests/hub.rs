@@ -92,43 +92,44 @@ async fn rate(h: &Harness, window: Duration) -> (f64, f64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_watches_share_batched_polls() {
-    let mut sim = sim_config();
-    sim.job_duration = Duration::from_secs(5);
-    let h = Harness::with(sim, hub_config()).await;
+async fn hundreds_of_watches_share_batched_polls() {
+    // End to end and on the wall clock, so bounds are generous: the exact
+    // counts and timings are pinned on paused time in `src/hub/tests.rs`.
+    let h = Harness::with(long_jobs(), hub_config()).await;
     let clients = clients(&h, 8).await;
-    let ids = start_jobs(&clients, TOKEN, 1000).await;
+    let ids = start_jobs(&clients, TOKEN, 400).await;
     let mut streams = Vec::new();
     for (i, id) in ids.iter().enumerate() {
         let mut client = clients[i % clients.len()].clone();
         streams.push(open_watch(&mut client, TOKEN, id).await);
     }
-    let watchers: Vec<_> = streams
-        .into_iter()
-        .map(|s| tokio::spawn(drain(s)))
-        .collect();
-    // Steady state: ceil(1000 / 50) = 20 calls a round, 1000 ids a round.
-    tokio::time::sleep(INTERVAL * 2).await;
-    let (calls, ids_per_round) = rate(&h, INTERVAL * 5).await;
-    assert!(
-        (16.0..=24.0).contains(&calls),
-        "{calls} calls per round, expected about 20"
-    );
-    assert!(
-        (800.0..=1200.0).contains(&ids_per_round),
-        "{ids_per_round} ids per round, expected about 1000"
-    );
-    for w in watchers {
-        let (seen, end) = w.await.expect("join");
-        end.expect("watch ends OK");
-        assert_eq!(seen.last(), Some(&JobState::Succeeded));
+    // Every watch gets its first state.
+    for stream in &mut streams {
+        let first = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .expect("a first state in time")
+            .expect("stream")
+            .expect("message");
+        assert_eq!(first.job.expect("job").mark_id.len(), 32);
     }
+    // Steady state: ceil(400 / 50) = 8 calls a round, 400 ids a round (jobs
+    // outlast the test). Under load rounds may stretch, never multiply.
+    let (calls, ids_per_round) = rate(&h, INTERVAL * 10).await;
+    assert!(
+        calls <= 8.0 * 1.5,
+        "{calls} calls per round, expected about 8"
+    );
+    assert!(
+        ids_per_round <= 400.0 * 1.5,
+        "{ids_per_round} ids per round, expected about 400"
+    );
     let status_calls = h.sim.stat("status_calls").await;
     let status_ids = h.sim.stat("status_ids").await;
     assert!(
         status_ids / status_calls >= 25,
         "{status_ids} ids in {status_calls} calls: batches too small"
     );
+    drop(streams);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -202,22 +203,24 @@ async fn cancelled_watches_are_forgotten_within_two_rounds() {
         stream.message().await.expect("first").expect("message");
         streams.push(stream);
     }
-    let (_, before) = rate(&h, INTERVAL * 3).await;
-    assert!(
-        (160.0..=240.0).contains(&before),
-        "{before} ids a round for 200 watches"
-    );
+    let (_, before) = rate(&h, INTERVAL * 10).await;
+    assert!(before >= 100.0, "{before} ids a round for 200 watches");
     streams.truncate(100);
-    tokio::time::sleep(INTERVAL * 2).await;
-    let (_, after) = rate(&h, INTERVAL * 3).await;
-    assert!(
-        (80.0..=120.0).contains(&after),
-        "{after} ids a round for the 100 left"
-    );
+    // The 100 closed watches are forgotten: fewer ids a round than before.
+    // (Exact figures are pinned on paused time in `src/hub/tests.rs`.)
+    let forgotten = eventually(Duration::from_secs(20), || async {
+        let (_, after) = rate(&h, INTERVAL * 5).await;
+        after > 0.0 && after <= before * 0.75
+    })
+    .await;
+    assert!(forgotten, "closed watches are still polled");
     drop(streams);
-    tokio::time::sleep(INTERVAL * 2).await;
-    let (calls, _) = rate(&h, INTERVAL * 3).await;
-    assert_eq!(calls, 0.0, "an idle hub makes no upstream calls");
+    // An idle hub makes no upstream calls.
+    let idle = eventually(Duration::from_secs(20), || async {
+        rate(&h, INTERVAL * 3).await.0 == 0.0
+    })
+    .await;
+    assert!(idle, "an idle hub still calls upstream");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
