@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs each cargo-fuzz target for a bounded time (seconds, default 60):
-#   scripts/fuzz.sh 60        # CI's short run
+#   scripts/fuzz.sh 30        # CI's short run
 #   scripts/fuzz.sh 3600      # the longer run, before a release
 # cargo fuzz needs nightly-only compiler flags (sanitizers); no nightly
 # toolchain is assumed here, so the stable compiler is allowed them with
