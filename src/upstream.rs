@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use reqwest::header::{self, HeaderMap, HeaderValue};
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tokio::time::Instant;
 
@@ -481,18 +481,8 @@ pub struct BadEntry {
 /// shape we know becomes a `BadEntry` for its `markId` (entries without one
 /// are skipped), and the others still count.
 pub fn decode_status_entries(bytes: &[u8]) -> Result<Vec<StatusEntry>, UpstreamError> {
-    let envelope: RawEnvelope<'_> =
-        serde_json::from_slice(bytes).map_err(|e| UpstreamError::Decode {
-            error: e.to_string(),
-            body: body_prefix(bytes),
-        })?;
-    if envelope.status != 0 {
-        return Err(UpstreamError::Rejected {
-            code: envelope.status,
-            message: envelope.message,
-        });
-    }
-    let entries = envelope.data.unwrap_or_default();
+    // Entries stay raw (borrowed) until each is decoded on its own.
+    let entries: Vec<&serde_json::value::RawValue> = decode_envelope(bytes)?.unwrap_or_default();
     let mut out = Vec::with_capacity(entries.len());
     for raw in entries {
         match serde_json::from_str::<TaskWire>(raw.get()) {
@@ -519,23 +509,15 @@ pub fn decode_status_entries(bytes: &[u8]) -> Result<Vec<StatusEntry>, UpstreamE
 }
 
 #[derive(Debug, Deserialize)]
-struct RawEnvelope<'a> {
-    #[serde(default)]
-    status: i64,
-    #[serde(default)]
-    message: String,
-    #[serde(borrow, default)]
-    data: Option<Vec<&'a serde_json::value::RawValue>>,
-}
-
-#[derive(Debug, Deserialize)]
 struct IdOnly {
     #[serde(rename = "markId", default)]
     mark_id: Option<String>,
 }
 
 /// Decodes `{"status", "message", "data"}`; a non-zero status is a rejection.
-pub fn decode_envelope<T: DeserializeOwned>(bytes: &[u8]) -> Result<Option<T>, UpstreamError> {
+pub fn decode_envelope<'de, T: Deserialize<'de>>(
+    bytes: &'de [u8],
+) -> Result<Option<T>, UpstreamError> {
     let envelope: Envelope<T> =
         serde_json::from_slice(bytes).map_err(|e| UpstreamError::Decode {
             error: e.to_string(),
