@@ -25,12 +25,14 @@ use std::{
 };
 
 use bytes::Bytes;
-use common::{Proc, spawn, usage};
+use common::{
+    Process,
+    process::{self, BIN},
+    spawn, usage,
+};
 use piclumen_grpc::pb;
 use prost::Message;
 use tokio::net::TcpStream;
-
-const BIN: &str = env!("CARGO_BIN_EXE_piclumen-grpc");
 
 #[derive(Debug, Clone)]
 struct Opts {
@@ -78,7 +80,8 @@ fn opts() -> Opts {
     o
 }
 
-/// Runs `args` pinned to `cpu` when taskset exists.
+/// Runs `program` pinned to `cpu` when taskset exists, in the clean
+/// environment of `common::process`.
 fn pinned(cpu: &str, program: &str) -> Command {
     if Command::new("taskset")
         .arg("-V")
@@ -86,15 +89,15 @@ fn pinned(cpu: &str, program: &str) -> Command {
         .status()
         .is_ok_and(|s| s.success())
     {
-        let mut c = Command::new("taskset");
+        let mut c = process::program("taskset");
         c.args(["-c", cpu, program]);
         c
     } else {
-        Command::new(program)
+        process::program(program)
     }
 }
 
-fn start_pinned(wrap: &[String], program: &str, args: &[&str]) -> Proc {
+fn start_pinned(wrap: &[String], program: &str, args: &[&str]) -> Process {
     let mut cmd = match wrap.split_first() {
         Some((first, rest)) => {
             let mut c = pinned("0", first);
@@ -107,7 +110,7 @@ fn start_pinned(wrap: &[String], program: &str, args: &[&str]) -> Proc {
     cmd.args(args)
         .env("TOKIO_WORKER_THREADS", "1")
         .env("PICLUMEN_LOG", "info");
-    common::spawn_command(cmd)
+    Process::spawn(cmd)
 }
 
 /// One scenario: which RPC, how many connections and streams, which tokens
@@ -231,15 +234,15 @@ fn cpu_seconds(pid: u32) -> f64 {
     usage(pid).1
 }
 
-async fn measure(target: &Proc, sim: &str, scenario: &Scenario, seconds: f64) -> Outcome {
+async fn measure(target: &Process, sim: &str, scenario: &Scenario, seconds: f64) -> Outcome {
     // Warm up: connections, pools, caches.
-    load(&target.1, scenario, 0.5).await;
-    let cpu0 = cpu_seconds(target.0.id());
+    load(&target.addr, scenario, 0.5).await;
+    let cpu0 = cpu_seconds(target.pid());
     let up0 = sim_counters(sim).await;
     let started = Instant::now();
-    let (mut latencies, codes) = load(&target.1, scenario, seconds).await;
+    let (mut latencies, codes) = load(&target.addr, scenario, seconds).await;
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu1 = cpu_seconds(target.0.id());
+    let cpu1 = cpu_seconds(target.pid());
     let up1 = sim_counters(sim).await;
     latencies.sort_unstable();
     let calls = latencies.len() as u64;
@@ -343,9 +346,9 @@ async fn main() {
         ..Default::default()
     };
     let tokens: Vec<String> = (0..4).map(|i| format!("bench-token-{i}")).collect();
-    let one_job = seed_jobs(&instant_sim.1, &tokens[..1], 1).await;
-    let many_jobs = seed_jobs(&slow_sim.1, &tokens, 120).await;
-    let scenarios: Vec<(Scenario, &Proc)> = vec![
+    let one_job = seed_jobs(&instant_sim.addr, &tokens[..1], 1).await;
+    let many_jobs = seed_jobs(&slow_sim.addr, &tokens, 120).await;
+    let scenarios: Vec<(Scenario, &Process)> = vec![
         (
             Scenario {
                 name: "GenerateImage",
@@ -418,19 +421,17 @@ async fn main() {
         {
             continue;
         }
-        let ours_proc = serve(&sim.1);
-        let floor_proc = floor(&sim.1);
+        let ours_proc = serve(&sim.addr);
+        let floor_proc = floor(&sim.addr);
         let mut ours = Vec::new();
         let mut floors = Vec::new();
         for _ in 0..o.runs {
-            ours.push(measure(&ours_proc, &sim.1, scenario, o.seconds).await);
-            floors.push(measure(&floor_proc, &sim.1, scenario, o.seconds).await);
+            ours.push(measure(&ours_proc, &sim.addr, scenario, o.seconds).await);
+            floors.push(measure(&floor_proc, &sim.addr, scenario, o.seconds).await);
         }
         if !o.wrap.is_empty() {
             // Let a wrapping profiler finish its file before the kill.
-            let _ = Command::new("kill")
-                .args(["-INT", &ours_proc.0.id().to_string()])
-                .status();
+            ours_proc.signal("INT");
             std::thread::sleep(Duration::from_secs(5));
         }
         let (ours, floor) = (median(ours), median(floors));

@@ -182,7 +182,7 @@ async fn main() {
     ]);
     let metrics = unused_addr();
     let server = spawn_server(
-        &sim.1,
+        &sim.addr,
         &[
             "--poll-interval",
             "1s",
@@ -194,7 +194,7 @@ async fn main() {
             &metrics,
         ],
     );
-    let pid = server.0.id();
+    let pid = server.pid();
     let http = reqwest::Client::new();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let report = |label: &str, tasks: f64| {
@@ -207,7 +207,7 @@ async fn main() {
     report("idle start", tasks(&http, &metrics).await);
     let mut clients = Vec::new();
     for _ in 0..10 {
-        let channel = Channel::from_shared(format!("http://{}", server.1))
+        let channel = Channel::from_shared(format!("http://{}", server.addr))
             .expect("uri")
             .connect()
             .await

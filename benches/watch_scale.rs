@@ -98,7 +98,7 @@ async fn main() {
     let batch = args.batch_max.to_string();
     let max_watches = (args.watches + 100).to_string();
     let server = spawn_server(
-        &sim.1,
+        &sim.addr,
         &[
             "--poll-interval",
             &interval,
@@ -110,7 +110,7 @@ async fn main() {
             "1000",
         ],
     );
-    let server_pid = server.0.id();
+    let server_pid = server.pid();
     let (_, cpu_idle) = usage(server_pid);
     println!(
         "watches={} poll_interval={interval} batch_max={} job_duration={job}",
@@ -119,7 +119,7 @@ async fn main() {
 
     let mut clients = Vec::new();
     for _ in 0..args.connections {
-        let channel = Channel::from_shared(format!("http://{}", server.1))
+        let channel = Channel::from_shared(format!("http://{}", server.addr))
             .expect("uri")
             .connect()
             .await
@@ -224,10 +224,10 @@ async fn main() {
     tokio::time::sleep(args.poll_interval).await;
     let http = reqwest::Client::new();
     let window = args.poll_interval * 5;
-    let (c0, i0) = sim_stats(&http, &sim.1).await;
+    let (c0, i0) = sim_stats(&http, &sim.addr).await;
     let (_, cpu0) = usage(server_pid);
     tokio::time::sleep(window).await;
-    let (c1, i1) = sim_stats(&http, &sim.1).await;
+    let (c1, i1) = sim_stats(&http, &sim.addr).await;
     let (_, cpu1) = usage(server_pid);
     let holding = status_kib(server_pid, "VmRSS:");
     let rounds = window.as_secs_f64() / args.poll_interval.as_secs_f64();
@@ -251,7 +251,7 @@ async fn main() {
         seen.extend(t.await.expect("watch task"));
     }
     let body = http
-        .get(format!("http://{}/_sim/jobs", sim.1))
+        .get(format!("http://{}/_sim/jobs", sim.addr))
         .send()
         .await
         .expect("jobs")

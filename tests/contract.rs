@@ -5,12 +5,7 @@
 
 mod common;
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    time::Duration,
-};
+use std::time::Duration;
 
 use common::*;
 use piclumen_grpc::{
@@ -19,8 +14,6 @@ use piclumen_grpc::{
     upstream::{decode_create_reply, decode_status_reply},
 };
 use serde_json::{Value, json};
-
-const BIN: &str = env!("CARGO_BIN_EXE_piclumen-grpc");
 
 /// The contract's examples, verbatim (see tests/fixtures/README.md).
 const CREATE_BODY: &str = include_str!("fixtures/create_body.json");
@@ -239,60 +232,13 @@ async fn the_simulator_replies_with_the_contract_field_names() {
     assert_eq!(seen.last().map(String::as_str), Some("success"), "{seen:?}");
 }
 
-/// The binary, killed (by its own handle) when dropped.
-struct Running {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts the binary with `args` and waits for its `listening on ADDR` line.
-fn start_binary(args: &[&str]) -> Running {
-    let mut command = Command::new(BIN);
-    // Only the flags given here: no setting leaks in from the environment.
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("PICLUMEN_") || name == "PORT" {
-            command.env_remove(name);
-        }
-    }
-    let mut child = command
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                let addr = rest
-                    .split(|c: char| c.is_whitespace() || c == '"')
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned();
-                let _ = tx.send(addr);
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("listening line");
-    Running { child, addr }
-}
-
 #[tokio::test]
 async fn user_agent_origin_and_referer_flags_reach_both_endpoints() {
     let sim = Sim::start(sim_config()).await;
     let upstream = sim.url();
-    let server = start_binary(&[
-        "serve",
+    // Only the flags given here: no setting leaks in from the environment.
+    let server = Process::serve(
+        &[
         "--listen",
         "127.0.0.1:0",
         "--upstream-url",
@@ -302,8 +248,10 @@ async fn user_agent_origin_and_referer_flags_reach_both_endpoints() {
         "--origin",
         "https://app.example",
         "--referer",
-        "https://app.example/create",
-    ]);
+            "https://app.example/create",
+        ],
+        &[],
+    );
     let mut client = ImageServiceClient::connect(format!("http://{}", server.addr))
         .await
         .expect("connect");

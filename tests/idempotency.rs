@@ -332,44 +332,20 @@ async fn a_request_that_cannot_be_built_is_not_unreachable_nor_retried() {
 
 #[test]
 fn the_startup_line_leaves_out_upstream_credentials() {
-    use std::io::{BufRead, BufReader};
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_piclumen-grpc"))
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .args(["--upstream-url", "http://op:hunter2@127.0.0.1:9"])
-        .args(["--idempotency-store", "redis://:sesame@127.0.0.1:9/0"])
-        .env_remove("PICLUMEN_TOKEN")
-        .env_remove("PORT")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn serve");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let done = line.contains("listening on");
-            let _ = tx.send(line);
-            if done {
-                return;
-            }
-        }
-    });
-    let mut lines = Vec::new();
-    while let Ok(line) = rx.recv_timeout(Duration::from_secs(20)) {
-        let done = line.contains("listening on");
-        lines.push(line);
-        if done {
-            break;
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    let startup = lines
-        .iter()
-        .find(|l| l.contains("listening on"))
-        .unwrap_or_else(|| panic!("no startup line in {lines:?}"));
+    let server = Process::serve(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream-url",
+            "http://op:hunter2@127.0.0.1:9",
+            "--idempotency-store",
+            "redis://:sesame@127.0.0.1:9/0",
+        ],
+        &[],
+    );
+    let startup = server.listening_line();
     assert!(startup.contains("127.0.0.1:9"), "{startup}");
-    for line in &lines {
+    for line in &server.startup_log() {
         assert!(
             !line.contains("hunter2") && !line.contains("sesame"),
             "{line}"

@@ -198,9 +198,9 @@ async fn no_token_reaches_logs_or_errors() {
 // The metrics recorder is global to a process, so these run the real binary
 // (`serve --simulate --metrics-listen`) and count only its calls.
 
-/// `serve ARGS...` as a child process (see `common::Served`).
-fn serve_binary(args: &[&str]) -> Served {
-    Served::start(args, &[])
+/// `serve ARGS...` as a child process (see `common::process`).
+fn serve_binary(args: &[&str]) -> Process {
+    Process::serve(args, &[])
 }
 
 /// One sample of the Prometheus text format.

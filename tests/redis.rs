@@ -390,10 +390,10 @@ async fn a_redis_outage_fails_request_ids_closed_and_heals() {
 }
 
 /// A replica: `serve --listen 127.0.0.1:0 ARGS...` as a child process.
-type Replica = Served;
+type Replica = Process;
 
 fn replica(args: &[&str], env: &[(&str, &str)]) -> Replica {
-    Served::start(&[&["--listen", "127.0.0.1:0"], args].concat(), env)
+    Process::serve(&[&["--listen", "127.0.0.1:0"], args].concat(), env)
 }
 
 #[tokio::test]
@@ -422,8 +422,7 @@ async fn a_claim_whose_owner_died_expires() {
         .await
     );
     // The owner dies with its create in flight; its claim stays behind.
-    let _ = owner.child.kill();
-    let _ = owner.child.wait();
+    owner.kill();
     let _ = started.await;
 
     let mut client = survivor.client().await;

@@ -1,51 +1,19 @@
-//! Helpers shared by the benchmarks: child processes of our binary and
-//! their resource use, read from /proc.
+//! Helpers shared by the benchmarks: child processes of our binary
+//! (started by the tests' own helper, `tests/common/process.rs`) and their
+//! resource use, read from /proc.
 #![allow(dead_code, unreachable_pub)]
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
-};
+#[path = "../../tests/common/process.rs"]
+pub mod process;
 
-const BIN: &str = env!("CARGO_BIN_EXE_piclumen-grpc");
+pub use process::{Process, command};
 
-/// A child process and the address it listens on; killed when dropped.
-pub struct Proc(pub Child, pub String);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts the binary and waits for its `listening on` line.
-pub fn spawn(args: &[&str]) -> Proc {
-    let mut command = Command::new(BIN);
-    command
-        .args(args)
-        .env("PICLUMEN_LOG", "warn,piclumen_grpc=info");
-    spawn_command(command)
-}
-
-/// Starts `command` and waits for its `listening on` line on stderr.
-pub fn spawn_command(mut command: Command) -> Proc {
-    let mut child = command
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let addr = loop {
-        let line = lines.next().expect("process exited").expect("read");
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest.split_whitespace().next().expect("addr").to_owned();
-        }
-    };
-    // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Proc(child, addr)
+/// Starts the binary with `args` (info logging from our crate, warnings
+/// from the rest) and waits for its `listening on` line.
+pub fn spawn(args: &[&str]) -> Process {
+    let mut command = command(args);
+    command.env("PICLUMEN_LOG", "warn,piclumen_grpc=info");
+    Process::spawn(command)
 }
 
 /// A `/proc/PID/status` figure in KiB (`VmRSS`, `VmHWM`).
@@ -77,7 +45,7 @@ pub fn usage(pid: u32) -> (u64, f64) {
 
 /// Starts `serve` on a free loopback port against the simulator at
 /// `sim_addr`, with `extra` flags.
-pub fn spawn_server(sim_addr: &str, extra: &[&str]) -> Proc {
+pub fn spawn_server(sim_addr: &str, extra: &[&str]) -> Process {
     let upstream = format!("http://{sim_addr}");
     let mut args = vec![
         "serve",

@@ -1,6 +1,9 @@
 //! Test harness: a simulator and a server on loopback port 0, each with its
-//! own shutdown, plus helpers for clients, metadata and simulator stats.
+//! own shutdown, plus helpers for clients, metadata and simulator stats;
+//! the binary itself is started through [`process`].
 #![allow(dead_code, unreachable_pub, missing_docs)]
+
+pub mod process;
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -18,6 +21,8 @@ use serde_json::Value;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::{Code, Request, Status, transport::Channel};
 use tonic_types::StatusExt;
+
+pub use process::Process;
 
 /// Token every test uses unless it says otherwise.
 pub const TOKEN: &str = "token-a";
@@ -424,55 +429,11 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
     }
 }
 
-/// A `piclumen-grpc serve` child process, killed (by its own handle) when
-/// dropped.
-pub struct Served {
-    pub child: std::process::Child,
-    pub addr: String,
-}
-
-impl Served {
-    /// Starts `serve ARGS...` with `env` (no default token, no `PORT`) and
-    /// waits for its `listening on` line.
-    pub fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
-        use std::io::{BufRead, BufReader};
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_piclumen-grpc"))
-            .arg("serve")
-            .args(args)
-            .env_remove("PICLUMEN_TOKEN")
-            .env_remove("PORT")
-            .envs(env.iter().copied())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn serve");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening on ").nth(1) {
-                    let addr = rest.split_whitespace().next().unwrap_or_default();
-                    let _ = tx.send(addr.to_owned());
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("listening line");
-        Self { child, addr }
-    }
-
-    /// A client of this server.
+impl Process {
+    /// A gRPC client of this process (a `serve`).
     pub async fn client(&self) -> ImageServiceClient<Channel> {
         ImageServiceClient::connect(format!("http://{}", self.addr))
             .await
             .expect("connect")
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
