@@ -3,6 +3,8 @@
 //! the binary itself is started through [`process`].
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod args;
+pub mod client;
 pub mod process;
 
 use std::{net::SocketAddr, time::Duration};

@@ -84,7 +84,11 @@ fn addr_in_json(value: &Value) -> Option<String> {
     match value {
         Value::String(text) => addr_in_text(text),
         Value::Array(items) => items.iter().find_map(addr_in_json),
-        Value::Object(fields) => fields.values().find_map(addr_in_json),
+        // The message first: another field could quote such a line.
+        Value::Object(fields) => fields
+            .get("message")
+            .and_then(addr_in_json)
+            .or_else(|| fields.values().find_map(addr_in_json)),
         _ => None,
     }
 }
@@ -241,7 +245,8 @@ impl Process {
     pub fn listening_line(&self) -> String {
         let log = self.log.lock().expect("log lock");
         let line = log.lines.get(self.listening - 1);
-        line.cloned().expect("the listening line is among the lines kept")
+        line.cloned()
+            .expect("the listening line is among the lines kept")
     }
 
     /// Sends signal `name` (`TERM`, `INT`, ...) with `kill -NAME PID`.
