@@ -11,7 +11,8 @@ use std::path::Path;
 use common::{
     Harness, TOKEN,
     client::{
-        files_in, image_host, one_json_object, png_size, run_client, script_success, stderr_of,
+        files_in, image_host, one_json_object, png_size, run_client, run_client_with_umask,
+        script_success, stderr_of,
     },
     process, unused_addr,
 };
@@ -387,4 +388,79 @@ async fn a_failed_download_exits_3_and_leaves_no_file() {
             .all(|n| !n.contains("escape")),
         "nothing outside DIR"
     );
+}
+
+/// Saved images get what a plain `File::create` gets under the caller's
+/// umask (0666 less the mask), as `curl -o` or `cp` leave them, and a
+/// failed download under the same mask still leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_saves_images_with_the_mode_of_the_callers_umask() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let h = Harness::start().await;
+    let server = format!("http://{}", h.server.addr);
+    let host = image_host().await;
+    let ok = format!("{host}/ok.png");
+    let cut = format!("{host}/cut.png");
+    let scratch = tempfile::tempdir().expect("tempdir");
+    for (umask, mode) in [("0022", 0o644), ("0077", 0o600), ("0002", 0o664)] {
+        let token = format!("mode-{umask}");
+        let mark_id = format!("mark-{umask}");
+        script_success(&h, &token, &mark_id, &[(&ok, "a.png"), (&ok, "b.png")]).await;
+        let dir = scratch.path().join(&token);
+        let dir_text = dir.to_string_lossy().into_owned();
+        let output = run_client_with_umask(
+            umask,
+            &[
+                "watch", "--server", &server, "--token", &token, &mark_id, "--out", &dir_text,
+            ],
+        )
+        .await;
+        assert_eq!(output.status.code(), Some(0), "{}", stderr_of(&output));
+        let saved = files_in(&dir);
+        assert_eq!(saved, ["a.png", "b.png"], "umask {umask}");
+        for name in saved {
+            let found = std::fs::metadata(dir.join(&name))
+                .expect("saved image")
+                .permissions()
+                .mode()
+                & 0o777;
+            assert_eq!(
+                found, mode,
+                "umask {umask}: {name} is {found:o}, not {mode:o}"
+            );
+        }
+
+        let failed_token = format!("mode-cut-{umask}");
+        let failed_mark = format!("mark-cut-{umask}");
+        script_success(
+            &h,
+            &failed_token,
+            &failed_mark,
+            &[(&ok, "c.png"), (&cut, "d.png")],
+        )
+        .await;
+        let dir = scratch.path().join(&failed_token);
+        let dir_text = dir.to_string_lossy().into_owned();
+        let output = run_client_with_umask(
+            umask,
+            &[
+                "watch",
+                "--server",
+                &server,
+                "--token",
+                &failed_token,
+                &failed_mark,
+                "--out",
+                &dir_text,
+            ],
+        )
+        .await;
+        assert_eq!(output.status.code(), Some(3), "{}", stderr_of(&output));
+        assert_eq!(
+            files_in(&dir),
+            Vec::<String>::new(),
+            "umask {umask}: no file left"
+        );
+    }
 }

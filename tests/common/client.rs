@@ -23,6 +23,14 @@ pub async fn run_client(args: &[&str]) -> Output {
         .expect("join")
 }
 
+/// [`run_client`] under the file-creation mask `umask`.
+pub async fn run_client_with_umask(umask: &str, args: &[&str]) -> Output {
+    let mut command = process::command_with_umask(umask, args);
+    tokio::task::spawn_blocking(move || command.output().expect("run client"))
+        .await
+        .expect("join")
+}
+
 pub fn stderr_of(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }

@@ -65,6 +65,17 @@ pub fn command(args: &[&str]) -> Command {
     command
 }
 
+/// [`command`] run under the file-creation mask `umask` (octal, as the
+/// shell's `umask` takes it), through `sh` so the test process's own mask
+/// is never changed under its other threads.
+pub fn command_with_umask(umask: &str, args: &[&str]) -> Command {
+    let mut command = program("sh");
+    command
+        .args(["-c", "umask \"$0\" && exec \"$@\"", umask, BIN])
+        .args(args);
+    command
+}
+
 /// The address in a `listening on ADDR` log line, text or JSON. A JSON line
 /// is decoded and its string fields searched, so the address comes out
 /// without the quotes and escapes around it.
