@@ -23,7 +23,7 @@ const RETENTION: Duration = Duration::from_secs(10 * 60);
 /// `proxy_cost`'s GenerateImage creates about 25,000 jobs a second that
 /// never finish (100,000 s), about a million in a default run, and then
 /// checks jobs seeded before them: the bound sits well above that, at
-/// roughly 1 GB of jobs, only to stop a runaway.
+/// about 2 GB of jobs (some 540 bytes each), only to stop a runaway.
 const MAX_JOBS: usize = 4_000_000;
 /// How many recent create bodies `/_sim/creates` keeps.
 const KEEP_CREATES: usize = 200;
