@@ -376,3 +376,32 @@ async fn fault_scripts_with_a_misspelled_key_or_no_effect_are_refused() {
     sim.script(json!([{"http_status": 503}])).await;
     assert_eq!(sim.stat("faults_queued").await, 1);
 }
+
+#[tokio::test]
+async fn fault_scripts_beyond_a_thousand_queued_faults_are_refused() {
+    let sim = Sim::start(sim_config()).await;
+    let script = |n: usize| json!(vec![json!({"endpoint": "status", "http_status": 503}); n]);
+    let refused = |script: Value| {
+        let post = sim
+            .http
+            .post(format!("{}/_sim/faults", sim.url()))
+            .header("content-type", "application/json")
+            .body(script.to_string())
+            .send();
+        async move {
+            let reply = post.await.expect("post");
+            let status = reply.status();
+            let body = reply.text().await.expect("body");
+            assert_eq!(status, 400, "{body}");
+            assert!(body.starts_with("invalid fault script: "), "{body}");
+            assert!(body.contains("at most 1000"), "{body}");
+        }
+    };
+    refused(script(1001)).await;
+    assert_eq!(sim.stat("faults_queued").await, 0, "none of it queued");
+    // A full queue refuses more until faults are used up.
+    sim.script(script(1000)).await;
+    assert_eq!(sim.stat("faults_queued").await, 1000);
+    refused(script(1)).await;
+    assert_eq!(sim.stat("faults_queued").await, 1000);
+}
