@@ -115,7 +115,8 @@ impl Connection {
         };
         let token = args
             .token
-            .as_deref()
+            .as_ref()
+            .map(|t| t.expose())
             .filter(|t| !t.is_empty())
             .map(|t| {
                 format!("Bearer {t}")

@@ -12,8 +12,11 @@ use clap::{Args, Parser, Subcommand};
 pub mod defaults;
 mod settings;
 
-use crate::idempotency::StoreLocation;
-pub use settings::{ConfigError, Settings, redact_userinfo};
+/// The one URL redactor (`upstream::redact_url`), by the name the
+/// configuration's users have called it.
+pub use crate::upstream::redact_url as redact_userinfo;
+use crate::{idempotency::StoreLocation, job::Secret};
+pub use settings::{ConfigError, Settings};
 use settings::{
     batch_max, duration_or_zero, heartbeat, human, log_filter, max_watches, poll_interval,
     positive, positive_duration, rate,
@@ -76,11 +79,11 @@ pub struct ServeArgs {
     pub listen: Option<SocketAddr>,
     /// Base URL of the Piclumen API (http or https).
     #[arg(long, env = "PICLUMEN_UPSTREAM_URL", default_value = defaults::UPSTREAM_URL)]
-    pub upstream_url: String,
+    pub upstream_url: Secret,
     /// Default Piclumen token, used for calls without `authorization`
     /// metadata. Printable ASCII, like a caller's.
     #[arg(long, env = "PICLUMEN_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     /// Time between two polls of a watched job (at least 250ms).
     #[arg(long, env = "PICLUMEN_POLL_INTERVAL", default_value = human(defaults::POLL_INTERVAL), value_parser = poll_interval)]
     pub poll_interval: Duration,
@@ -230,7 +233,7 @@ pub struct SimArgs {
         value_delimiter = ',',
         hide_env_values = true
     )]
-    pub tokens: Vec<String>,
+    pub tokens: Vec<Secret>,
 }
 
 /// Connection flags shared by the client subcommands.
@@ -246,7 +249,7 @@ pub struct ClientArgs {
     pub server: String,
     /// Piclumen token to send (the server's default token is used when unset).
     #[arg(long, env = "PICLUMEN_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    pub token: Option<Secret>,
 }
 
 /// `generate` flags.
@@ -397,5 +400,35 @@ mod tests {
     fn tls_flags_come_in_pairs() {
         assert!(Cli::try_parse_from(["piclumen-grpc", "serve", "--tls-cert", "c"]).is_err());
         assert!(Cli::try_parse_from(["piclumen-grpc", "serve", "--tls-client-ca", "ca"]).is_err());
+    }
+
+    #[test]
+    fn secret_flags_stay_out_of_debug() {
+        let url = "http://op:hunter2@127.0.0.1:9";
+        let args = serve(&[
+            "--token",
+            "tok-secret",
+            "--upstream-url",
+            url,
+            "--listen",
+            "127.0.0.1:1",
+        ]);
+        let settings = args.settings(None).expect("settings");
+        assert_eq!(settings.client.base_url.expose(), url);
+        let parse = |args: &[&str]| Cli::try_parse_from(args).expect("parse");
+        let sim = parse(&["piclumen-grpc", "sim", "--tokens", "tok-secret,other"]);
+        let watch = parse(&["piclumen-grpc", "watch", "--token", "tok-secret", "m"]);
+        for shown in [
+            format!("{args:?}"),
+            format!("{settings:?}"),
+            format!("{sim:?}"),
+            format!("{watch:?}"),
+        ] {
+            assert!(!shown.contains("tok-secret"), "{shown}");
+            assert!(
+                !shown.contains("hunter2") && !shown.contains("op:"),
+                "{shown}"
+            );
+        }
     }
 }

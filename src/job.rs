@@ -1,5 +1,6 @@
 //! Domain types shared by the hub, the upstream client and the service: a
-//! Piclumen job's state, its images, and the caller's token. No proto, no JSON.
+//! Piclumen job's state, its images, the caller's token and the other
+//! secrets of the settings. No proto, no JSON.
 
 use std::{fmt, sync::Arc};
 
@@ -54,6 +55,44 @@ impl fmt::Debug for Token {
 impl fmt::Display for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("<redacted>")
+    }
+}
+
+/// A secret setting as given (a flag's token, a URL that may carry
+/// `user:password@`), not yet checked. `Debug` redacts it and there is no
+/// `Display`: [`Secret::expose`] is the one way to its text.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret's text, for the places that must use it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Secret {
+    fn from(text: String) -> Self {
+        Self(text)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(text: &str) -> Self {
+        Self(text.to_owned())
+    }
+}
+
+/// Lets settings be compared with the text they were given (in tests).
+impl PartialEq<&str> for Secret {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
     }
 }
 
@@ -132,6 +171,19 @@ mod tests {
         assert_eq!(token.expose(), "secret-value");
         assert!(!format!("{token:?} {token}").contains("secret"));
         assert!(Token::new("   ").is_none());
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let secret = Secret::from("http://op:hunter2@127.0.0.1:9");
+        assert_eq!(secret.expose(), "http://op:hunter2@127.0.0.1:9");
+        assert_eq!(secret, "http://op:hunter2@127.0.0.1:9");
+        let shown = format!("{secret:?} {:?}", Some(&secret));
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("op:"),
+            "{shown}"
+        );
+        assert_eq!(shown, "Secret(<redacted>) Some(Secret(<redacted>))");
     }
 
     #[test]

@@ -6,11 +6,11 @@ use std::process::ExitCode;
 use clap::Parser;
 use piclumen_grpc::{
     cli,
-    config::{Cli, Command, ServeArgs, SimArgs, redact_userinfo},
+    config::{Cli, Command, ServeArgs, SimArgs},
     server,
     sim::{self, SimConfig},
     telemetry,
-    upstream::Client,
+    upstream::{Client, redact_url},
 };
 use tokio::net::TcpListener;
 
@@ -57,9 +57,9 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .settings(std::env::var("PORT").ok().as_deref())
         .map_err(|e| e.to_string())?;
     if let Some(config) = settings.simulator.take() {
-        settings.client.base_url = format!("http://{}", start_simulator(config).await?);
+        settings.client.base_url = format!("http://{}", start_simulator(config).await?).into();
         warn!(
-            upstream = %settings.client.base_url,
+            upstream = %redact_url(settings.client.base_url.expose()),
             "SIMULATION MODE: the upstream is the built-in Piclumen simulator, not Piclumen; images are not real"
         );
     }
@@ -75,7 +75,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     info!(
-        upstream = %redact_userinfo(&settings.client.base_url),
+        upstream = %redact_url(settings.client.base_url.expose()),
         idempotency_store = %settings.server.service.idempotency_store,
         tls = settings.server.tls.is_some(),
         mutual_tls = args.tls_client_ca.is_some(),

@@ -11,7 +11,7 @@ use common::*;
 use piclumen_grpc::{
     job::{Image, JobState, JobStatus},
     pb::{self, image_service_client::ImageServiceClient},
-    upstream::{decode_create_reply, decode_status_reply},
+    upstream::{decode_create_reply, decode_status_entries},
 };
 use serde_json::{Value, json};
 
@@ -110,9 +110,18 @@ fn the_example_create_reply_decodes_to_its_mark_id() {
     );
 }
 
+/// A status reply through the poller's decoder, every entry readable.
+fn decoded_jobs(reply: &str) -> Vec<JobStatus> {
+    decode_status_entries(reply.as_bytes())
+        .expect("decodes")
+        .into_iter()
+        .map(|entry| entry.expect("every entry decodes"))
+        .collect()
+}
+
 #[test]
 fn the_example_status_reply_decodes_every_field() {
-    let jobs = decode_status_reply(STATUS_REPLY.as_bytes()).expect("decodes");
+    let jobs = decoded_jobs(STATUS_REPLY);
     let pending = JobStatus {
         mark_id: "7d1f…".into(),
         state: JobState::Pending,
@@ -140,7 +149,7 @@ fn the_example_status_reply_decodes_every_field() {
     // The same reply with the image flagged.
     let mut flagged = fixture(STATUS_REPLY);
     flagged["data"][1]["img_urls"][0]["sensitive"] = json!("NSFW");
-    let jobs = decode_status_reply(flagged.to_string().as_bytes()).expect("decodes");
+    let jobs = decoded_jobs(&flagged.to_string());
     assert!(jobs[1].images[0].nsfw, "\"NSFW\" marks the image");
     assert_eq!(
         JobStatus {

@@ -4,7 +4,7 @@
 //! anything listens, so a bad setting is an error at start, never a tight
 //! polling loop or a token retried for the whole failure budget.
 
-use std::{borrow::Cow, fmt::Display, net::SocketAddr, str::FromStr, time::Duration};
+use std::{fmt::Display, net::SocketAddr, str::FromStr, time::Duration};
 
 use reqwest::{Url, header::HeaderValue};
 use tracing_subscriber::EnvFilter;
@@ -14,7 +14,7 @@ use crate::{
     auth::{self, ApiKeys},
     convert::Limits,
     hub::HubConfig,
-    job::{Token, TokenError},
+    job::{Secret, Token, TokenError},
     server::ServerConfig,
     service::ServiceConfig,
     sim::SimConfig,
@@ -111,8 +111,8 @@ impl ServeArgs {
     pub fn settings(&self, port_env: Option<&str>) -> Result<Settings, ConfigError> {
         let token = self
             .token
-            .as_deref()
-            .map(Token::parse)
+            .as_ref()
+            .map(|token| Token::parse(token.expose()))
             .transpose()
             .map_err(ConfigError::Token)?;
         let listen = self.listen_addr(port_env)?;
@@ -128,7 +128,7 @@ impl ServeArgs {
                 max: self.max_dimension,
             });
         }
-        check_upstream_url(&self.upstream_url)?;
+        check_upstream_url(self.upstream_url.expose())?;
         for (flag, value) in [
             ("--user-agent", &self.user_agent),
             ("--origin", &self.origin),
@@ -257,21 +257,6 @@ fn check_upstream_url(url: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// The URL with any `user:password@` replaced by `***@`, for log lines: an
-/// operator may put credentials in the upstream URL, and logs are read by
-/// more people than the configuration.
-pub fn redact_userinfo(url: &str) -> Cow<'_, str> {
-    let Some(scheme_end) = url.find("://") else {
-        return Cow::Borrowed(url);
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-    match authority.rfind('@') {
-        Some(at) => Cow::Owned(format!("{}://***{}", &url[..scheme_end], &rest[at..])),
-        None => Cow::Borrowed(url),
-    }
-}
-
 // === impl SimArgs ===
 
 impl SimArgs {
@@ -281,6 +266,7 @@ impl SimArgs {
         let tokens = self
             .tokens
             .iter()
+            .map(Secret::expose)
             .filter(|t| !t.trim().is_empty())
             .map(|t| Token::parse(t).map(|t| t.expose().to_owned()))
             .collect::<Result<_, _>>()

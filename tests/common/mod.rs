@@ -107,7 +107,7 @@ pub fn server_config() -> ServerConfig {
 
 pub fn client_config(base_url: String) -> ClientConfig {
     ClientConfig {
-        base_url,
+        base_url: base_url.into(),
         timeout: Duration::from_secs(5),
         connect_timeout: Duration::from_secs(2),
         user_agent: None,

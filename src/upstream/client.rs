@@ -1,0 +1,228 @@
+//! The Piclumen client itself: one `reqwest::Client` with the web app's
+//! headers, the two endpoints' URLs parsed once, and one POST that bounds
+//! the whole exchange, records its metrics and sorts out the answer. The
+//! create call is never retried here: it may have cost credits.
+
+use std::time::Duration;
+
+use reqwest::header::{self, HeaderMap, HeaderValue};
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::{
+    CreatePayload, StatusEntry, UpstreamError, defaults,
+    error::transport_error,
+    metrics::Endpoint,
+    redact_url,
+    wire::{body_prefix, decode_create_reply, decode_status_entries},
+};
+use crate::job::{Secret, Token};
+
+/// Path of the create call.
+pub const CREATE_PATH: &str = "/api/gen/create";
+/// Path of the batch status call.
+pub const STATUS_PATH: &str = "/api/task/batch-process-task";
+/// The environment variables reqwest reads proxies from.
+const PROXY_VARS: [&str; 6] = [
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+];
+
+/// Settings of the client, from the command line.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Base URL, e.g. `https://api.piclumen.com`; a secret, since an
+    /// operator may put `user:password@` in it.
+    pub base_url: Secret,
+    /// Bound on one whole call.
+    pub timeout: Duration,
+    /// Bound on establishing a connection.
+    pub connect_timeout: Duration,
+    /// Optional `user-agent`.
+    pub user_agent: Option<String>,
+    /// Optional `origin`.
+    pub origin: Option<String>,
+    /// Optional `referer`.
+    pub referer: Option<String>,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            base_url: defaults::UPSTREAM_URL.into(),
+            timeout: defaults::UPSTREAM_TIMEOUT,
+            connect_timeout: defaults::UPSTREAM_CONNECT_TIMEOUT,
+            user_agent: None,
+            origin: None,
+            referer: None,
+        }
+    }
+}
+
+/// The Piclumen client. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    /// Parsed once: building and parsing a URL per call costs more than the
+    /// rest of the request setup.
+    create_url: reqwest::Url,
+    status_url: reqwest::Url,
+    timeout: Duration,
+}
+
+impl Client {
+    /// Builds the client; fails only on a malformed header value.
+    pub fn new(config: &ClientConfig) -> Result<Self, String> {
+        let mut headers = HeaderMap::new();
+        headers.insert("platform", HeaderValue::from_static("Web"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json;charset=UTF-8"),
+        );
+        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        for (name, value) in [
+            (header::ORIGIN, &config.origin),
+            (header::REFERER, &config.referer),
+        ] {
+            if let Some(value) = value {
+                let value = HeaderValue::from_str(value).map_err(|e| format!("{name}: {e}"))?;
+                headers.insert(name, value);
+            }
+        }
+        let user_agent = config
+            .user_agent
+            .clone()
+            .unwrap_or_else(|| concat!("piclumen-grpc/", env!("CARGO_PKG_VERSION")).into());
+        let mut builder = reqwest::Client::builder()
+            .default_headers(headers)
+            .user_agent(user_agent)
+            .connect_timeout(config.connect_timeout)
+            .tcp_nodelay(true)
+            // A burst leaves many idle connections; close them after a
+            // while so sockets and their tasks return to baseline.
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(64);
+        // Proxy matching parses URLs on every call; skip it when the
+        // environment names no proxy (one is still honoured when set).
+        if !PROXY_VARS.iter().any(|v| std::env::var_os(v).is_some()) {
+            builder = builder.no_proxy();
+        }
+        let http = builder.build().map_err(|e| e.to_string())?;
+        let base = config.base_url.expose().trim_end_matches('/');
+        let url = |path: &str| {
+            reqwest::Url::parse(&format!("{base}{path}"))
+                .map_err(|e| format!("upstream URL {:?}: {e}", redact_url(base)))
+        };
+        Ok(Self {
+            http,
+            create_url: url(CREATE_PATH)?,
+            status_url: url(STATUS_PATH)?,
+            timeout: config.timeout,
+        })
+    }
+
+    /// The bound on one whole call (`--upstream-timeout`).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Starts a generation and returns its mark id. Never retried here: the
+    /// request may have reached Piclumen and cost credits.
+    pub async fn create(
+        &self,
+        token: &Token,
+        payload: &CreatePayload,
+        deadline: Option<Instant>,
+    ) -> Result<String, UpstreamError> {
+        let body = self
+            .post(Endpoint::Create, token, payload, deadline)
+            .await?;
+        decode_create_reply(&body)
+    }
+
+    /// Asks for the state of several jobs at once, bounded by the client's
+    /// own timeout. Each entry is decoded on its own (one malformed entry
+    /// fails only itself); ids missing from the answer are unknown to the
+    /// token's account and simply absent.
+    pub async fn batch_status_entries(
+        &self,
+        token: &Token,
+        mark_ids: &[std::sync::Arc<str>],
+    ) -> Result<Vec<StatusEntry>, UpstreamError> {
+        let ids: Vec<&str> = mark_ids.iter().map(|id| &**id).collect();
+        let body = self.post(Endpoint::Status, token, &ids, None).await?;
+        decode_status_entries(&body)
+    }
+
+    /// One POST; returns the body of a 2xx reply.
+    async fn post(
+        &self,
+        endpoint: Endpoint,
+        token: &Token,
+        body: &(impl Serialize + ?Sized),
+        deadline: Option<Instant>,
+    ) -> Result<bytes::Bytes, UpstreamError> {
+        let timeout = match deadline {
+            Some(d) => self
+                .timeout
+                .min(d.saturating_duration_since(Instant::now())),
+            None => self.timeout,
+        };
+        if timeout.is_zero() {
+            return Err(UpstreamError::Timeout(timeout));
+        }
+        let body = serde_json::to_vec(body).map_err(|e| UpstreamError::Build {
+            detail: format!("cannot encode the request body: {e}"),
+        })?;
+        let url = match endpoint {
+            Endpoint::Create => &self.create_url,
+            Endpoint::Status => &self.status_url,
+        };
+        let request = self
+            .http
+            .post(url.clone())
+            .header(header::AUTHORIZATION, token.expose())
+            .body(body)
+            .send();
+        // One bound on the whole exchange, headers and body alike.
+        let exchange = async {
+            let response = request.await.map_err(|e| transport_error(e, timeout))?;
+            let status = response.status();
+            let retry_after = retry_after(response.headers());
+            let bytes = response
+                .bytes()
+                .await
+                .map_err(|e| transport_error(e, timeout))?;
+            Ok::<_, UpstreamError>((status, retry_after, bytes))
+        };
+        let started = std::time::Instant::now();
+        let outcome = tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| UpstreamError::Timeout(timeout))
+            .and_then(|r| r);
+        endpoint.record(
+            outcome.as_ref().ok().map(|(status, _, _)| status.as_u16()),
+            started.elapsed(),
+        );
+        let (status, retry_after, bytes) = outcome?;
+        match status.as_u16() {
+            200..=299 => Ok(bytes),
+            401 => Err(UpstreamError::Unauthorized),
+            403 => Err(UpstreamError::Forbidden),
+            429 => Err(UpstreamError::RateLimited { retry_after }),
+            code => Err(UpstreamError::Http {
+                status: code,
+                body: body_prefix(&bytes),
+            }),
+        }
+    }
+}
+
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?;
+    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+}

@@ -1,0 +1,97 @@
+//! The Piclumen HTTP/JSON client, knowing nothing of gRPC (`crate::error`
+//! maps its errors to status codes). Its rooms:
+//!
+//! - `client`: the `reqwest` client, its settings, the two endpoints;
+//! - `payload`: the create body the service sends;
+//! - `wire`: Piclumen's replies and their decoders (the status decoder is
+//!   the one the poller uses);
+//! - `error`: `UpstreamError` and how to tell its kinds apart;
+//! - `metrics`: calls and durations per endpoint;
+//! - `redact`: the one URL redactor, for every log line with a URL.
+//!
+//! Here: the [`Upstream`] trait the service calls through, and the
+//! client's defaults.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::time::Instant;
+
+use crate::job::Token;
+
+mod client;
+mod error;
+mod metrics;
+mod payload;
+mod redact;
+mod wire;
+
+pub use client::{CREATE_PATH, Client, ClientConfig, STATUS_PATH};
+pub use error::UpstreamError;
+pub use payload::{CreatePayload, ResolutionWire, StyleListWire};
+pub use redact::redact_url;
+pub use wire::{BadEntry, StatusEntry, decode_create_reply, decode_status_entries};
+
+/// A boxed future, as the [`Upstream`] trait's calls return.
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+/// What the rest of the service needs from Piclumen: starting a generation
+/// and asking for job states. [`Client`] is the production implementation;
+/// tests put a scripted fake behind it to run the service on paused time.
+pub trait Upstream: Send + Sync + 'static {
+    /// Starts a generation and returns its mark id; never retried (it may
+    /// have cost credits).
+    fn create(
+        &self,
+        token: &Token,
+        payload: &CreatePayload,
+        deadline: Option<Instant>,
+    ) -> BoxFuture<Result<String, UpstreamError>>;
+
+    /// The states of `mark_ids` for `token`, each entry decoded on its own;
+    /// ids absent from the answer are unknown to the token's account.
+    fn batch_status(
+        &self,
+        token: &Token,
+        mark_ids: &[Arc<str>],
+    ) -> BoxFuture<Result<Vec<StatusEntry>, UpstreamError>>;
+
+    /// The bound on one whole call (`--upstream-timeout`).
+    fn timeout(&self) -> Duration;
+}
+
+impl Upstream for Client {
+    fn create(
+        &self,
+        token: &Token,
+        payload: &CreatePayload,
+        deadline: Option<Instant>,
+    ) -> BoxFuture<Result<String, UpstreamError>> {
+        let (client, token, payload) = (self.clone(), token.clone(), payload.clone());
+        Box::pin(async move { Client::create(&client, &token, &payload, deadline).await })
+    }
+
+    fn batch_status(
+        &self,
+        token: &Token,
+        mark_ids: &[Arc<str>],
+    ) -> BoxFuture<Result<Vec<StatusEntry>, UpstreamError>> {
+        let (client, token, ids) = (self.clone(), token.clone(), mark_ids.to_vec());
+        Box::pin(async move { client.batch_status_entries(&token, &ids).await })
+    }
+
+    fn timeout(&self) -> Duration {
+        Client::timeout(self)
+    }
+}
+
+/// The client's defaults (the `serve` flags' defaults read these).
+pub mod defaults {
+    use std::time::Duration;
+
+    /// Piclumen's production API, `--upstream-url`'s default.
+    pub const UPSTREAM_URL: &str = "https://api.piclumen.com";
+    /// `--upstream-timeout`.
+    pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+    /// `--upstream-connect-timeout`.
+    pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+}
