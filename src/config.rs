@@ -423,6 +423,10 @@ mod tests {
             format!("{settings:?}"),
             format!("{sim:?}"),
             format!("{watch:?}"),
+            match &sim.command {
+                Command::Sim(args) => format!("{:?}", args.config().expect("sim config")),
+                other => panic!("not sim: {other:?}"),
+            },
         ] {
             assert!(!shown.contains("tok-secret"), "{shown}");
             assert!(

@@ -323,7 +323,7 @@ async fn caller_deadline_bounds_the_upstream_call() {
 #[tokio::test]
 async fn rejected_default_token_is_internal_for_the_caller() {
     let mut sim = sim_config();
-    sim.tokens = vec![TOKEN.into()];
+    sim.tokens = vec![piclumen_grpc::job::Token::parse(TOKEN).expect("token")];
     let sim = Sim::start(sim).await;
     let mut config = server_config();
     config.service.default_token = Token::new("expired-server-token");

@@ -472,7 +472,8 @@ fn every_sim_flag_reaches_its_setting() {
             a.config().is_ok_and(|c| c.fail_429_rate == 0.75)
         }),
         ("tokens", &["--tokens", "a,,b"], |a| {
-            a.config().is_ok_and(|c| c.tokens == ["a", "b"])
+            a.config()
+                .is_ok_and(|c| c.tokens.iter().map(|t| t.expose()).eq(["a", "b"]))
         }),
     ];
     let root = Cli::command();

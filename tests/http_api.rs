@@ -382,7 +382,7 @@ async fn an_invalid_field_is_400_and_never_reaches_piclumen() {
 #[tokio::test]
 async fn a_token_piclumen_rejects_is_401() {
     let sim = SimConfig {
-        tokens: vec![TOKEN.to_owned()],
+        tokens: vec![piclumen_grpc::job::Token::parse(TOKEN).expect("token")],
         ..sim_config()
     };
     let legacy = Legacy::with(sim, server_config()).await;

@@ -115,7 +115,7 @@ async fn no_token_reaches_logs_or_errors() {
     const BAD: &str = "canary-bad-91c2d4";
     const DEFAULT: &str = "canary-default-55e1b0";
     let mut sim = sim_config();
-    sim.tokens = vec![GOOD.into()];
+    sim.tokens = vec![piclumen_grpc::job::Token::parse(GOOD).expect("token")];
     let sim = Sim::start(sim).await;
     let mut config = server_config();
     config.service.default_token = Token::new(DEFAULT);

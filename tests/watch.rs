@@ -282,7 +282,7 @@ async fn a_long_outage_ends_watches_with_unavailable() {
 #[tokio::test]
 async fn watch_of_a_rejected_token_is_unauthenticated() {
     let mut sim = sim_config();
-    sim.tokens = vec![TOKEN.into()];
+    sim.tokens = vec![piclumen_grpc::job::Token::parse(TOKEN).expect("token")];
     let h = Harness::with(sim, server_config()).await;
     let mut client = h.client().await;
     let (_, end) = collect_watch(&mut client, "intruder", "any-id").await;

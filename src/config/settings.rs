@@ -268,7 +268,7 @@ impl SimArgs {
             .iter()
             .map(Secret::expose)
             .filter(|t| !t.trim().is_empty())
-            .map(|t| Token::parse(t).map(|t| t.expose().to_owned()))
+            .map(Token::parse)
             .collect::<Result<_, _>>()
             .map_err(ConfigError::SimToken)?;
         Ok(SimConfig {

@@ -81,7 +81,7 @@ pub struct SimConfig {
     /// Share of API requests answered 429 with `Retry-After: 1`.
     pub fail_429_rate: f64,
     /// Accepted tokens; empty accepts any non-empty token.
-    pub tokens: Vec<String>,
+    pub tokens: Vec<crate::job::Token>,
 }
 
 impl Default for SimConfig {
@@ -210,8 +210,8 @@ async fn gate(sim: &Sim, endpoint: &str, headers: &HeaderMap) -> Result<String, 
     if let Some(reply) = sim.faults.meet(endpoint, &token, &sim.calls).await {
         return Err(reply);
     }
-    let allowed =
-        !token.is_empty() && (sim.config.tokens.is_empty() || sim.config.tokens.contains(&token));
+    let allowed = !token.is_empty()
+        && (sim.config.tokens.is_empty() || sim.config.tokens.iter().any(|t| t.expose() == token));
     if !allowed {
         Calls::count(&sim.calls.unauthorized, 1);
         return Err(reject(StatusCode::UNAUTHORIZED, "Unauthorized"));
