@@ -177,12 +177,8 @@ async fn generate_image(
             }
         }
     }
-    let core = service.core();
-    let created = match core.admit(&credentials(token, &headers)) {
-        Ok(call) => core.generate(&call, message, None).await,
-        Err(refused) => Err(refused),
-    };
-    match created {
+    let credentials = credentials(token, &headers);
+    match service.core().generate(&credentials, message, None).await {
         Ok(created) => Json(GenerationStarted {
             statuscode: StatusCode::OK.as_u16(),
             message: STARTED.into(),
@@ -232,12 +228,8 @@ async fn check_image(
     let (Some(token), Some(mark_id)) = (token, mark_id) else {
         return validation_error(details);
     };
-    let core = service.core();
-    let status = match core.admit(&credentials(token, &headers)) {
-        Ok(call) => core.check(&call, mark_id, None).await,
-        Err(refused) => Err(refused),
-    };
-    match status {
+    let credentials = credentials(token, &headers);
+    match service.core().check(&credentials, mark_id, None).await {
         Ok(status) => job_response(status),
         Err(error) => error_of(error),
     }

@@ -4,20 +4,19 @@
 use serde_json::{Value, json};
 use tonic::Code;
 
-use super::{GenerateImageBody, http_status};
+use utoipa::OpenApi;
+
+use super::{ApiDoc, GenerateImageBody, http_status};
 use crate::{error::Error, pb};
 
 #[test]
 fn the_first_versions_example_maps_to_its_values() {
-    let body = br#"{"prompt": "a magical landscape", "highPixels": false,
-        "model_id": "23887bba-507e-4249-a0e3-6951e4027f2b", "negative_prompt": "",
-        "resolution": {"width": 1344, "height": 768, "batch_size": 1},
-        "model_ability": {}, "seed": 9896923949, "steps": 6, "cfg": 1,
-        "sampler_name": "euler", "scheduler": "normal", "ponyTags": {},
-        "denoise": 1, "hires_fix_denoise": 0.5, "hires_scale": 2,
-        "multi_img2img_info": {"style_list": []}, "img_control_info":
-        {"style_list": []}, "continueCreate": false}"#;
-    let request = GenerateImageBody::parse(body)
+    // The example the OpenAPI document shows is the first version's own.
+    let doc = serde_json::to_value(ApiDoc::openapi()).expect("document");
+    let example = &doc["components"]["schemas"]["GenerateImageBody"]["example"];
+    assert!(example.is_object(), "{example}");
+    let body = serde_json::to_vec(example).expect("example");
+    let request = GenerateImageBody::parse(&body)
         .expect("valid body")
         .into_request()
         .expect("in range");

@@ -107,7 +107,7 @@ fn visible_ascii(value: &[u8]) -> Result<&str, Error> {
 
 /// The token a call runs with, and whether it is the server's own.
 #[derive(Debug, Clone)]
-pub struct CallToken {
+pub(super) struct CallToken {
     pub(super) token: Token,
     pub(super) is_default: bool,
 }

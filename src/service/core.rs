@@ -77,8 +77,8 @@ impl Core {
     }
 
     /// Admits a call: refused while draining, then the API key (when the
-    /// server requires one), then the token.
-    pub fn admit(&self, credentials: &Credentials<'_>) -> Result<CallToken, Error> {
+    /// server requires one), then the token. Every call below starts here.
+    pub(super) fn admit(&self, credentials: &Credentials<'_>) -> Result<CallToken, Error> {
         if self.draining.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
@@ -89,14 +89,16 @@ impl Core {
         )
     }
 
-    /// GenerateImage: validates and converts `req`, then creates once; with
-    /// a `request_id`, a retry gets the first call's outcome instead.
+    /// GenerateImage: admits the caller, validates and converts `req`, then
+    /// creates once; with a `request_id`, a retry gets the first call's
+    /// outcome instead.
     pub async fn generate(
         &self,
-        call: &CallToken,
+        credentials: &Credentials<'_>,
         mut req: pb::GenerateImageRequest,
         deadline: Option<Instant>,
     ) -> Result<Created, Error> {
+        let call = &self.admit(credentials)?;
         let payload = convert::create_payload(&req, &self.config.limits)?;
         let created = if req.request_id.is_empty() {
             // No key: the create is the call's own and ends with it.
@@ -148,13 +150,14 @@ impl Core {
         })
     }
 
-    /// CheckImage: the job's state, from the hub.
+    /// CheckImage: admits the caller, then the job's state, from the hub.
     pub async fn check(
         &self,
-        call: &CallToken,
+        credentials: &Credentials<'_>,
         mark_id: &str,
         deadline: Option<Instant>,
     ) -> Result<JobStatus, Error> {
+        let call = self.admit(credentials)?;
         let mark_id = convert::mark_id(mark_id)?;
         self.hub
             .check(&call.token, &mark_id, deadline)
@@ -162,14 +165,15 @@ impl Core {
             .map_err(|e| call.hub_error(e))
     }
 
-    /// WatchImage: takes a watch slot and joins the job's channel; the
-    /// stream holds both until it ends.
+    /// WatchImage: admits the caller, takes a watch slot and joins the
+    /// job's channel; the stream holds both until it ends.
     pub fn watch(
         &self,
-        call: CallToken,
+        credentials: &Credentials<'_>,
         mark_id: &str,
         caller_deadline: Option<Instant>,
     ) -> Result<impl Stream<Item = Result<WatchEvent, Error>> + Send + use<>, Error> {
+        let call = self.admit(credentials)?;
         let mark_id = convert::mark_id(mark_id)?;
         let slot = self.watch_slots.take()?;
         let subscription = self.hub.subscribe(&call.token, &mark_id);

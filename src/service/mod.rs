@@ -22,20 +22,17 @@ use std::{pin::Pin, sync::Arc, time::Duration};
 
 use futures_util::{Stream, StreamExt};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 
 use crate::{
     auth::API_KEY_HEADER,
     convert,
-    hub::Hub,
     pb::{self, image_service_server::ImageService},
     request_id::InSpan,
-    upstream::Upstream,
 };
 
 pub use self::{
-    admission::{CallToken, Credentials, TokenInput},
+    admission::{Credentials, TokenInput},
     core::Core,
     settings::{ServiceConfig, defaults},
     watch::WatchEvent,
@@ -48,15 +45,10 @@ pub struct ImageServiceImpl {
 }
 
 impl ImageServiceImpl {
-    /// Builds the service; `draining` is cancelled at shutdown.
-    pub fn new(
-        config: ServiceConfig,
-        upstream: Arc<dyn Upstream>,
-        hub: Hub,
-        draining: CancellationToken,
-    ) -> Self {
+    /// The RPCs over `core`.
+    pub fn new(core: Core) -> Self {
         Self {
-            core: Arc::new(Core::new(config, upstream, hub, draining)),
+            core: Arc::new(core),
         }
     }
 
@@ -113,11 +105,10 @@ impl ImageService for ImageServiceImpl {
         &self,
         request: Request<pb::GenerateImageRequest>,
     ) -> Result<Response<pb::GenerateImageResponse>, Status> {
-        let call = self.core.admit(&credentials(request.metadata()))?;
-        let deadline = call_deadline(request.metadata());
+        let (metadata, _, message) = request.into_parts();
         let created = self
             .core
-            .generate(&call, request.into_inner(), deadline)
+            .generate(&credentials(&metadata), message, call_deadline(&metadata))
             .await?;
         Ok(Response::new(pb::GenerateImageResponse {
             mark_id: created.mark_id,
@@ -129,11 +120,11 @@ impl ImageService for ImageServiceImpl {
         &self,
         request: Request<pb::CheckImageRequest>,
     ) -> Result<Response<pb::CheckImageResponse>, Status> {
-        let call = self.core.admit(&credentials(request.metadata()))?;
-        let deadline = call_deadline(request.metadata());
+        let metadata = request.metadata();
+        let mark_id = &request.get_ref().mark_id;
         let status = self
             .core
-            .check(&call, &request.get_ref().mark_id, deadline)
+            .check(&credentials(metadata), mark_id, call_deadline(metadata))
             .await?;
         Ok(Response::new(pb::CheckImageResponse {
             job: Some(convert::into_proto_job(status)),
@@ -146,11 +137,12 @@ impl ImageService for ImageServiceImpl {
         &self,
         request: Request<pb::WatchImageRequest>,
     ) -> Result<Response<Self::WatchImageStream>, Status> {
-        let call = self.core.admit(&credentials(request.metadata()))?;
-        let deadline = call_deadline(request.metadata());
-        let events = self
-            .core
-            .watch(call, &request.get_ref().mark_id, deadline)?;
+        let metadata = request.metadata();
+        let events = self.core.watch(
+            &credentials(metadata),
+            &request.get_ref().mark_id,
+            call_deadline(metadata),
+        )?;
         let responses = events.map(|event| {
             event
                 .map(|event| pb::WatchImageResponse {

@@ -19,9 +19,9 @@ use tonic::Code;
 use super::*;
 use crate::{
     error::Error,
-    hub::HubConfig,
+    hub::{Hub, HubConfig},
     job::{Image, JobState, JobStatus, Token},
-    upstream::{BoxFuture, CreatePayload, StatusEntry, UpstreamError},
+    upstream::{BoxFuture, CreatePayload, StatusEntry, Upstream, UpstreamError},
 };
 
 const POLL: Duration = Duration::from_secs(2);
@@ -168,31 +168,34 @@ fn bare(token: &str) -> Credentials<'_> {
 }
 
 impl Harness {
-    fn call(&self, token: &str) -> CallToken {
-        self.core.admit(&bare(token)).expect("admitted")
-    }
-
     fn watch(
         &self,
         mark_id: &str,
     ) -> Result<impl Stream<Item = Result<WatchEvent, Error>> + use<>, Error> {
-        self.core.watch(self.call("t"), mark_id, None)
+        self.core.watch(&bare("t"), mark_id, None)
     }
 
     /// A GenerateImage of `token` running on its own task.
-    fn generate(&self, token: &str) -> tokio::task::JoinHandle<Result<String, Error>> {
+    fn generate(&self, token: &'static str) -> tokio::task::JoinHandle<Result<String, Error>> {
         let core = Arc::clone(&self.core);
-        let call = self.call(token);
         tokio::spawn(async move {
             let request = pb::GenerateImageRequest {
                 prompt: "a lighthouse".into(),
                 ..Default::default()
             };
-            core.generate(&call, request, None)
+            core.generate(&bare(token), request, None)
                 .await
                 .map(|created| created.mark_id)
         })
     }
+}
+
+/// A harness allowing `max_generates_per_token` creates per token.
+fn create_limit(max_generates_per_token: usize) -> Harness {
+    harness(ServiceConfig {
+        max_generates_per_token,
+        ..ServiceConfig::default()
+    })
 }
 
 async fn next<S: Stream + Unpin>(stream: &mut S) -> Option<S::Item> {
@@ -337,10 +340,7 @@ async fn a_malformed_mark_id_takes_no_slot() {
 
 #[tokio::test(start_paused = true)]
 async fn the_create_beyond_the_limit_is_refused_until_one_finishes() {
-    let h = harness(ServiceConfig {
-        max_generates_per_token: 2,
-        ..ServiceConfig::default()
-    });
+    let h = create_limit(2);
     let first = h.generate("a");
     let second = h.generate("a");
     h.fake.started(2).await;
@@ -377,11 +377,8 @@ async fn the_create_beyond_the_limit_is_refused_until_one_finishes() {
 
 #[tokio::test(start_paused = true)]
 async fn a_create_holds_its_place_after_its_caller_gives_up() {
-    let h = harness(ServiceConfig {
-        max_generates_per_token: 1,
-        ..ServiceConfig::default()
-    });
-    let call = h.call("a");
+    let h = create_limit(1);
+    let call = bare("a");
     let request = pb::GenerateImageRequest {
         prompt: "p".into(),
         request_id: "key-1".into(),
