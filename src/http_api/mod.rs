@@ -190,7 +190,6 @@ async fn generate_image(
 }
 
 /// Reports on a generation (the first version's endpoint).
-/// Reports on a generation (the first version's endpoint).
 #[utoipa::path(
     post,
     path = "/check-image",
