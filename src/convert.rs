@@ -294,15 +294,15 @@ fn json_to_value(v: &Value) -> prost_types::Value {
     prost_types::Value { kind: Some(kind) }
 }
 
-/// A domain job as the proto `ImageJob`.
-pub fn to_proto_job(status: &JobStatus) -> pb::ImageJob {
+/// A domain job as the proto `ImageJob` (taken by value: its strings move).
+pub fn into_proto_job(status: JobStatus) -> pb::ImageJob {
     pb::ImageJob {
-        mark_id: status.mark_id.clone(),
+        mark_id: status.mark_id,
         state: to_proto_state(status.state) as i32,
         queue_position: status.queue_position,
-        images: status.images.iter().map(to_proto_image).collect(),
-        upstream_status: status.upstream_status.clone(),
-        prompt_id: status.prompt_id.clone(),
+        images: status.images.into_iter().map(into_proto_image).collect(),
+        upstream_status: status.upstream_status,
+        prompt_id: status.prompt_id,
     }
 }
 
@@ -316,10 +316,10 @@ fn to_proto_state(state: JobState) -> pb::JobState {
     }
 }
 
-fn to_proto_image(image: &job::Image) -> pb::Image {
+fn into_proto_image(image: job::Image) -> pb::Image {
     pb::Image {
-        url: image.url.clone(),
-        name: image.name.clone(),
+        url: image.url,
+        name: image.name,
         width: image.width,
         height: image.height,
         nsfw: image.nsfw,

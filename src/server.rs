@@ -26,7 +26,7 @@ use crate::{
     hub::{Hub, HubConfig},
     pb::{self, image_service_server::ImageServiceServer},
     request_id::RequestIdLayer,
-    service::{ImageServiceImpl, ServiceConfig},
+    service::{Core, ImageServiceImpl, ServiceConfig},
     upstream::Client,
 };
 
@@ -253,8 +253,10 @@ pub async fn run_with_http(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let draining = CancellationToken::new();
-    let hub = Hub::new(config.hub.clone(), std::sync::Arc::new(client.clone()));
-    let service = ImageServiceImpl::new(config.service.clone(), client, hub, draining.clone());
+    let upstream: std::sync::Arc<dyn crate::upstream::Upstream> = std::sync::Arc::new(client);
+    let hub = Hub::new(config.hub.clone(), std::sync::Arc::new(upstream.clone()));
+    let core = Core::new(config.service.clone(), upstream, hub, draining.clone());
+    let service = ImageServiceImpl::new(core);
     let service_for_http = service.clone();
 
     let (health, health_service) = tonic_health::server::health_reporter();

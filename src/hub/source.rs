@@ -6,7 +6,7 @@ use std::{future::Future, pin::Pin, sync::Arc};
 
 use crate::{
     job::Token,
-    upstream::{Client, UpstreamError},
+    upstream::{Upstream, UpstreamError},
 };
 
 pub use crate::upstream::{BadEntry, StatusEntry as Entry};
@@ -25,15 +25,12 @@ pub trait StatusSource: Send + Sync + 'static {
     ) -> BoxFuture<Result<Vec<Entry>, UpstreamError>>;
 }
 
-impl StatusSource for Client {
+impl StatusSource for Arc<dyn Upstream> {
     fn batch_status(
         &self,
         token: &Token,
         ids: &[Arc<str>],
     ) -> BoxFuture<Result<Vec<Entry>, UpstreamError>> {
-        let client = self.clone();
-        let token = token.clone();
-        let ids: Vec<Arc<str>> = ids.to_vec();
-        Box::pin(async move { client.batch_status_entries(&token, &ids).await })
+        Upstream::batch_status(&**self, token, ids)
     }
 }

@@ -1,0 +1,199 @@
+//! The service's transport-free core, shared by the gRPC calls and the
+//! first version's HTTP API: admission (draining, API key, token), request
+//! validation and conversion, GenerateImage with its per-token create limit
+//! and `request_id` idempotency, CheckImage through the hub, and the start
+//! of a watch. It takes plain inputs and returns domain types and
+//! `crate::error::Error`; it builds no `Status` and reads no header.
+
+use std::sync::Arc;
+
+use futures_util::Stream;
+use prost::Message;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{
+    ServiceConfig,
+    admission::{self, CallToken, Credentials, WatchSlots},
+    in_flight::CreatesInFlight,
+    watch::{Watch, WatchEvent},
+};
+use crate::{
+    convert,
+    error::Error,
+    hub::Hub,
+    idempotency::{Created, Fingerprint, IdempotencyStore},
+    job::JobStatus,
+    pb,
+    upstream::{CreatePayload, Upstream},
+};
+
+/// The core; shared behind an `Arc` by both front ends.
+pub struct Core {
+    config: ServiceConfig,
+    upstream: Arc<dyn Upstream>,
+    hub: Hub,
+    store: IdempotencyStore,
+    watch_slots: WatchSlots,
+    creates: CreatesInFlight,
+    /// Cancelled when the server starts draining.
+    draining: CancellationToken,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("config", &self.config)
+            .field("hub", &self.hub)
+            .field("store", &self.store)
+            .field("draining", &self.draining.is_cancelled())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Core {
+    /// A core creating through `upstream` and watching through `hub`;
+    /// `draining` is cancelled at shutdown.
+    pub fn new(
+        config: ServiceConfig,
+        upstream: Arc<dyn Upstream>,
+        hub: Hub,
+        draining: CancellationToken,
+    ) -> Self {
+        Self {
+            store: IdempotencyStore::open(
+                &config.idempotency_store,
+                config.idempotency_ttl,
+                upstream.timeout(),
+            ),
+            watch_slots: WatchSlots::new(config.max_watches),
+            creates: CreatesInFlight::new(config.max_generates_per_token),
+            config,
+            upstream,
+            hub,
+            draining,
+        }
+    }
+
+    /// Admits a call: refused while draining, then the API key (when the
+    /// server requires one), then the token. Every call below starts here.
+    pub(super) fn admit(&self, credentials: &Credentials<'_>) -> Result<CallToken, Error> {
+        if self.draining.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        admission::resolve(
+            self.config.api_keys.as_ref(),
+            self.config.default_token.as_ref(),
+            credentials,
+        )
+    }
+
+    /// GenerateImage: admits the caller, validates and converts `req`, then
+    /// creates once; with a `request_id`, a retry gets the first call's
+    /// outcome instead.
+    pub async fn generate(
+        &self,
+        credentials: &Credentials<'_>,
+        mut req: pb::GenerateImageRequest,
+        deadline: Option<Instant>,
+    ) -> Result<Created, Error> {
+        let call = &self.admit(credentials)?;
+        let payload = convert::create_payload(&req, &self.config.limits)?;
+        let created = if req.request_id.is_empty() {
+            // No key: the create is the call's own and ends with it.
+            match self.start_create(call, &payload, deadline) {
+                Ok(create) => create.await,
+                Err(refused) => Err(refused),
+            }
+        } else {
+            // The create runs in the store's task, to its own end (bounded
+            // by --upstream-timeout only), holding the token's place.
+            let request_id = std::mem::take(&mut req.request_id);
+            let fingerprint = fingerprint(&req);
+            let start = || self.start_create(call, &payload, None);
+            self.store
+                .run(&call.token, &request_id, &fingerprint, deadline, start)
+                .await
+        };
+        match &created {
+            Ok(created) => {
+                info!(mark_id = %created.mark_id, seed = created.seed, "generation started");
+            }
+            // Logged once per outage by the store, not once per call.
+            Err(e @ Error::IdempotencyStoreUnavailable) => {
+                debug!(error = %e, "GenerateImage failed")
+            }
+            Err(e) => warn!(error = %e, "GenerateImage failed"),
+        }
+        created
+    }
+
+    /// One upstream create, admitted by the token's create limit and holding
+    /// its place to its end, bounded by `deadline` (when given) and
+    /// `--upstream-timeout`.
+    fn start_create(
+        &self,
+        call: &CallToken,
+        payload: &CreatePayload,
+        deadline: Option<Instant>,
+    ) -> Result<impl Future<Output = Result<Created, Error>> + Send + use<>, Error> {
+        let slot = self.creates.start(&call.token)?;
+        let seed = payload.seed;
+        let default_token = call.is_default;
+        let sent = self.upstream.create(&call.token, payload, deadline);
+        Ok(async move {
+            let _slot = slot;
+            sent.await
+                .map(|mark_id| Created { mark_id, seed })
+                .map_err(|e| admission::create_error(e, default_token, deadline))
+        })
+    }
+
+    /// CheckImage: admits the caller, then the job's state, from the hub.
+    pub async fn check(
+        &self,
+        credentials: &Credentials<'_>,
+        mark_id: &str,
+        deadline: Option<Instant>,
+    ) -> Result<JobStatus, Error> {
+        let call = self.admit(credentials)?;
+        let mark_id = convert::mark_id(mark_id)?;
+        self.hub
+            .check(&call.token, &mark_id, deadline)
+            .await
+            .map_err(|e| call.hub_error(e))
+    }
+
+    /// WatchImage: admits the caller, takes a watch slot and joins the
+    /// job's channel; the stream holds both until it ends.
+    pub fn watch(
+        &self,
+        credentials: &Credentials<'_>,
+        mark_id: &str,
+        caller_deadline: Option<Instant>,
+    ) -> Result<impl Stream<Item = Result<WatchEvent, Error>> + Send + use<>, Error> {
+        let call = self.admit(credentials)?;
+        let mark_id = convert::mark_id(mark_id)?;
+        let slot = self.watch_slots.take()?;
+        let subscription = self.hub.subscribe(&call.token, &mark_id);
+        let (end_at, end_message) = Watch::end(caller_deadline, self.config.max_watch);
+        let watch = Watch {
+            call,
+            subscription,
+            slot,
+            end_at,
+            end_message,
+            heartbeat: self.config.heartbeat,
+            draining: self.draining.clone(),
+        };
+        Ok(watch.stream())
+    }
+}
+
+/// The request's parameters (`request_id` taken out), hashed stably:
+/// protobuf encoding is deterministic here (fields in tag order, `Struct`
+/// maps sorted).
+fn fingerprint(params: &pb::GenerateImageRequest) -> Fingerprint {
+    Fingerprint::of(&params.encode_to_vec())
+}
