@@ -138,10 +138,20 @@ impl Client {
         payload: &CreatePayload,
         deadline: Option<Instant>,
     ) -> Result<String, UpstreamError> {
-        let body = self
-            .post(Endpoint::Create, token, payload, deadline)
-            .await?;
-        decode_create_reply(&body)
+        self.create_encoded(token, encode(payload)?, deadline).await
+    }
+
+    /// [`Client::create`] of a body already encoded by [`encode`]: the
+    /// `Upstream` impl encodes before it boxes the call, so the payload is
+    /// never copied for the future to own.
+    pub(super) async fn create_encoded(
+        &self,
+        token: &Token,
+        body: Vec<u8>,
+        deadline: Option<Instant>,
+    ) -> Result<String, UpstreamError> {
+        let reply = self.post(Endpoint::Create, token, body, deadline).await?;
+        decode_create_reply(&reply)
     }
 
     /// Asks for the state of several jobs at once, bounded by the client's
@@ -154,16 +164,27 @@ impl Client {
         mark_ids: &[std::sync::Arc<str>],
     ) -> Result<Vec<StatusEntry>, UpstreamError> {
         let ids: Vec<&str> = mark_ids.iter().map(|id| &**id).collect();
-        let body = self.post(Endpoint::Status, token, &ids, None).await?;
+        let body = self
+            .post(Endpoint::Status, token, encode(&ids)?, None)
+            .await?;
         decode_status_entries(&body)
     }
+}
 
+/// A request body as JSON bytes.
+pub(super) fn encode(body: &(impl Serialize + ?Sized)) -> Result<Vec<u8>, UpstreamError> {
+    serde_json::to_vec(body).map_err(|e| UpstreamError::Build {
+        detail: format!("cannot encode the request body: {e}"),
+    })
+}
+
+impl Client {
     /// One POST; returns the body of a 2xx reply.
     async fn post(
         &self,
         endpoint: Endpoint,
         token: &Token,
-        body: &(impl Serialize + ?Sized),
+        body: Vec<u8>,
         deadline: Option<Instant>,
     ) -> Result<bytes::Bytes, UpstreamError> {
         let timeout = match deadline {
@@ -175,9 +196,6 @@ impl Client {
         if timeout.is_zero() {
             return Err(UpstreamError::Timeout(timeout));
         }
-        let body = serde_json::to_vec(body).map_err(|e| UpstreamError::Build {
-            detail: format!("cannot encode the request body: {e}"),
-        })?;
         let url = match endpoint {
             Endpoint::Create => &self.create_url,
             Endpoint::Status => &self.status_url,

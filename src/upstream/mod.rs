@@ -66,8 +66,12 @@ impl Upstream for Client {
         payload: &CreatePayload,
         deadline: Option<Instant>,
     ) -> BoxFuture<Result<String, UpstreamError>> {
-        let (client, token, payload) = (self.clone(), token.clone(), payload.clone());
-        Box::pin(async move { Client::create(&client, &token, &payload, deadline).await })
+        let body = match client::encode(payload) {
+            Ok(body) => body,
+            Err(e) => return Box::pin(std::future::ready(Err(e))),
+        };
+        let (client, token) = (self.clone(), token.clone());
+        Box::pin(async move { client.create_encoded(&token, body, deadline).await })
     }
 
     fn batch_status(
