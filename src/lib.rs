@@ -2,27 +2,32 @@
 //!
 //! # Layout
 //!
+//! Imports flow one way: `main` -> `cli` | `server` | `sim` -> `http_api` ->
+//! `service` -> `hub` | `idempotency` -> `upstream` -> domain types (`job`,
+//! `error`). Each module owns its settings struct and its defaults; `config`
+//! only parses, validates and assembles them.
+//!
+//! - `config`: the command line (clap), every flag with an environment
+//!   variable; flags become each module's settings (`config::settings`).
+//! - `server`: the tonic server: service, health, reflection, gRPC-Web, drain.
+//! - `http_api/`: the first version's HTTP/JSON endpoints (routes, the lenient
+//!   body decoder, gRPC-code-to-HTTP mapping, OpenAPI) over the service core.
+//! - `service/`: `ImageService`: thin RPCs over a transport-free core
+//!   (admission, create limit, watch streams).
+//! - `hub/`: shared, batched polling (a pure schedule and its async shell).
+//! - `idempotency/`: `request_id` dedupe for GenerateImage (memory or Redis).
+//! - `upstream/`: the Piclumen HTTP/JSON client behind the `Upstream` trait.
+//! - `convert`: proto <-> domain <-> upstream payload, with Piclumen's defaults.
+//! - `error`: the one error enum and its mapping to `tonic::Status`.
+//! - `job`: domain types: jobs, states, the redacting `Token` and `Secret`.
 //! - `auth`: caller authentication (API keys) and TLS settings.
-//! - `config`: the command line (clap), every flag with an environment variable;
-//!   one home per default (`config::defaults`) and the flags-to-settings step.
+//! - `request_id`: `x-request-id` on every call, its responses and log lines.
+//! - `grpc_metrics`: per-RPC Prometheus metrics (grpc-go's names and labels).
+//! - `telemetry`: logging and metrics setup.
 //! - `codec`: the prost codec with small per-call buffers.
 //! - `pb`: code generated from `proto/`, and the descriptor set for reflection.
-//! - `grpc_metrics`: per-RPC Prometheus metrics (grpc-go's names and labels).
-//! - `request_id`: `x-request-id` on every call, its responses and log lines.
-//! - `server`: the tonic server: service, health, reflection, drain on shutdown.
-//! - `service`: `ImageService`: tokens, deadlines, validation, streams.
-//! - `convert`: proto <-> domain <-> upstream JSON, with Piclumen's defaults.
-//! - `error`: the one error enum and its mapping to `tonic::Status`.
-//! - `idempotency`: `request_id` dedupe for GenerateImage (in memory or Redis).
-//! - `http_api`: the first version's HTTP/JSON endpoints, Swagger UI, on the same service.
-//! - `hub`: shared, batched polling behind WatchImage.
-//! - `job`: domain types: jobs, states, the redacting `Token`.
-//! - `upstream`: the Piclumen HTTP/JSON client.
-//! - `sim`: the Piclumen simulator.
+//! - `sim/`: the Piclumen simulator (job world, faults, images, inspection).
 //! - `cli`: the human client (`generate`, `watch`, `check`).
-//! - `telemetry`: logging and metrics setup.
-//!
-//! Data flows one way: service -> hub -> upstream.
 
 pub mod auth;
 pub mod cli;
