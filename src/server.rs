@@ -261,7 +261,11 @@ pub async fn run_with_http(
         StoreLocation::Redis(url) if config.fleet_polling == FleetPolling::On => Some(url.as_str()),
         _ => None,
     };
-    let hub = Hub::for_store(config.hub.clone(), std::sync::Arc::new(client.clone()), fleet);
+    let hub = Hub::for_store(
+        config.hub.clone(),
+        std::sync::Arc::new(client.clone()),
+        fleet,
+    );
     let service = ImageServiceImpl::new(config.service.clone(), client, hub, draining.clone());
     let service_for_http = service.clone();
 

@@ -345,7 +345,9 @@ async fn fleet_rounds(hub: Weak<Inner>, link: Arc<FleetLink>) {
                 if *round.from == *link.me {
                     continue;
                 }
-                let shared = lock(&inner.keys).get(round.key.as_str()).and_then(Weak::upgrade);
+                let shared = lock(&inner.keys)
+                    .get(round.key.as_str())
+                    .and_then(Weak::upgrade);
                 if let Some(shared) = shared {
                     let _ = shared.cmds.send(Cmd::Round(round));
                 }

@@ -212,7 +212,11 @@ impl Schedule {
     /// Pauses the token until `until` because another replica was told to
     /// back off (a fleet-wide 429); an earlier end never shortens a pause.
     pub fn impose_pause(&mut self, until: Instant, now: Instant) {
-        if self.retry.paused_until.is_none_or(|current| current < until) {
+        if self
+            .retry
+            .paused_until
+            .is_none_or(|current| current < until)
+        {
             self.retry.paused_at = Some(now);
             self.retry.paused_until = Some(until);
         }

@@ -78,11 +78,7 @@ impl TokenKey {
     /// The key of `token`.
     pub fn of(token: &Token) -> Self {
         let digest = ring::digest::digest(&ring::digest::SHA256, token.expose().as_bytes());
-        let hex: String = digest
-            .as_ref()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
         Self(hex.into())
     }
 
@@ -186,7 +182,9 @@ impl FleetLink {
         match result {
             Ok(_) => {
                 if self.down.swap(false, Ordering::Relaxed) {
-                    info!("fleet polling: the shared store is reachable again; replicas share polling");
+                    info!(
+                        "fleet polling: the shared store is reachable again; replicas share polling"
+                    );
                 }
             }
             Err(error) => {

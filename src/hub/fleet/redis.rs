@@ -14,12 +14,12 @@
 
 use std::{sync::Arc, time::Duration};
 
+use futures_util::StreamExt;
 use redis::{
     RedisResult, Value,
     aio::{ConnectionManager, ConnectionManagerConfig},
 };
 use tokio::sync::mpsc;
-use futures_util::StreamExt;
 
 use super::{
     ExchangeReply, ExchangeRequest, FleetError, FleetStore, TokenKey,
@@ -147,9 +147,7 @@ fn failed(e: redis::RedisError) -> FleetError {
     FleetError(e.to_string())
 }
 
-async fn bounded<T>(
-    operation: impl Future<Output = RedisResult<T>>,
-) -> Result<T, FleetError> {
+async fn bounded<T>(operation: impl Future<Output = RedisResult<T>>) -> Result<T, FleetError> {
     match tokio::time::timeout(TIMEOUT * 2, operation).await {
         Ok(result) => result.map_err(failed),
         Err(_) => Err(FleetError(format!("no reply within {:?}", TIMEOUT * 2))),

@@ -112,9 +112,10 @@ impl Poller {
         }
         let fleet = self.fleet.as_mut()?;
         let shared = Arc::clone(&self.shared);
-        match fleet.coord.next(now, || {
-            lock(&shared.state).slots.keys().cloned().collect()
-        }) {
+        match fleet
+            .coord
+            .next(now, || lock(&shared.state).slots.keys().cloned().collect())
+        {
             Step::Exchange(exchange) => {
                 let config = fleet.coord.config();
                 let request = ExchangeRequest {
@@ -208,7 +209,11 @@ impl Poller {
     /// Another replica's round: its answers reach this replica's watchers
     /// and fresh state; its pause or outage applies here too.
     pub(super) fn apply_round(&mut self, round: &Round, now: Instant) {
-        if !self.fleet.as_ref().is_some_and(|f| f.coord.role() != Role::Idle) {
+        if !self
+            .fleet
+            .as_ref()
+            .is_some_and(|f| f.coord.role() != Role::Idle)
+        {
             return;
         }
         self.apply_entries(&round.entries, now);
@@ -307,10 +312,7 @@ impl Poller {
 }
 
 /// Reports a background store operation's outcome to the link.
-async fn report(
-    link: Weak<FleetLink>,
-    operation: crate::hub::BoxFuture<Result<(), FleetError>>,
-) {
+async fn report(link: Weak<FleetLink>, operation: crate::hub::BoxFuture<Result<(), FleetError>>) {
     let result = operation.await;
     if let Some(link) = link.upgrade() {
         link.report(&result);

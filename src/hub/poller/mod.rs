@@ -4,6 +4,7 @@
 //! token has nothing left. Every decision is the schedule's (and, with fleet
 //! polling, the coordinator's: `fleet`).
 
+mod ending;
 mod fleet;
 
 use std::{
@@ -16,7 +17,7 @@ use tokio::{
     task::{self, JoinSet},
     time::{Instant, sleep_until},
 };
-use tracing::{Instrument, debug, error, info_span, warn};
+use tracing::{Instrument, debug, info_span, warn};
 
 use super::{
     Cmd, HubError, Inner, Shared, Snapshot, State, check_metrics, gauges, lock,
@@ -229,40 +230,6 @@ impl Poller {
         self.flights.insert(task.id(), flight);
     }
 
-    /// A call's task panicked (a bug): its watches and checks end with an
-    /// internal error rather than waiting for ever, and the token goes on.
-    fn panicked(&mut self, flight: InFlight, e: &task::JoinError) {
-        error!(error = %e, "a status call task failed; ending its watches and checks");
-        self.end_call(
-            flight,
-            UpstreamError::Build {
-                detail: format!("the status call failed inside the server: {e}"),
-            },
-        );
-    }
-
-    /// Ends every watch and check of a call with `error` (a refusal, or a
-    /// failed task).
-    fn end_call(&mut self, flight: InFlight, error: UpstreamError) {
-        let now = Instant::now();
-        let InFlight { call, ids, waiters } = flight;
-        let mut waiters: HashMap<Arc<str>, Vec<Waiter>> = waiters.into_iter().collect();
-        let ended = HubError::Upstream(error);
-        let shared = Arc::clone(&self.shared);
-        let mut state = lock(&shared.state);
-        let mut shared_entries = Vec::new();
-        for id in &ids {
-            self.publish(&mut state, id, &Err(ended.clone()), now);
-            shared_entries.push(fleet::entry(id, &Err(ended.clone())));
-            for waiter in waiters.remove(id).unwrap_or_default() {
-                let _ = waiter.send(Err(ended.clone()));
-            }
-        }
-        drop(state);
-        self.schedule.on_reply(&call, &Reply::Refused, now);
-        self.share(shared_entries);
-    }
-
     /// Publishes one call's answer to the watchers and checks of its ids
     /// (and, with fleet polling, to the other replicas).
     fn apply(&mut self, flight: InFlight, result: Result<Vec<StatusEntry>, UpstreamError>) {
@@ -351,41 +318,6 @@ impl Poller {
                 self.end_call(flight, error);
             }
         }
-    }
-
-    /// Holds the token until `until`: queued checks get the cause now
-    /// rather than waiting out the pause.
-    fn pause(&mut self, until: Instant, error: UpstreamError, now: Instant) {
-        for waiter in self.waiters.drain().flat_map(|(_, w)| w) {
-            let _ = waiter.send(Err(HubError::Upstream(with_remaining(
-                error.clone(),
-                until.saturating_duration_since(now),
-            ))));
-        }
-        self.schedule.clear_checks();
-        self.pause_error = Some(error);
-    }
-
-    /// Ends every watch and queued check of the token.
-    fn outage(&mut self, last: UpstreamError) {
-        warn!(%last, "upstream trouble outlasted the failure budget; ending watches");
-        let ended = HubError::Outage {
-            budget: self.hub.config.failure_budget,
-            last,
-        };
-        let mut state = lock(&self.shared.state);
-        for (_, tx) in state.slots.drain() {
-            set(&tx, Snapshot::Ended(ended.clone()));
-            gauges().jobs.decrement(1.0);
-        }
-        drop(state);
-        for waiter in self.waiters.drain().flat_map(|(_, w)| w) {
-            let _ = waiter.send(Err(ended.clone()));
-        }
-        if let Some(fleet) = &mut self.fleet {
-            fleet.remote.clear();
-        }
-        self.pause_error = None;
     }
 
     /// Sends an outcome to a job's watchers; a finished or unwatched job

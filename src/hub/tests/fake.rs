@@ -157,4 +157,3 @@ pub(crate) async fn next_state(sub: &mut Subscription) -> Snapshot {
         }
     }
 }
-
