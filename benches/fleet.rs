@@ -40,6 +40,9 @@ struct Args {
     /// Simulated job duration; long enough for the steady-state rounds.
     #[arg(long, default_value = "24s", value_parser = humantime::parse_duration)]
     job_duration: Duration,
+    /// `serve --fleet-polling`: `off` shows what replicas polling alone cost.
+    #[arg(long, default_value = "on")]
+    fleet_polling: String,
     /// Ignored (cargo bench passes --bench).
     #[arg(long)]
     bench: bool,
@@ -162,7 +165,16 @@ async fn main() {
     let _redis = redis(redis_port);
     let store = format!("redis://127.0.0.1:{redis_port}");
     let job = humantime::format_duration(args.job_duration).to_string();
-    let sim = spawn(&["sim", "--listen", "127.0.0.1:0", "--job-duration", &job]);
+    // Durations vary by 20%, so changes fall at random points of the round.
+    let sim = spawn(&[
+        "sim",
+        "--listen",
+        "127.0.0.1:0",
+        "--job-duration",
+        &job,
+        "--job-jitter",
+        "0.2",
+    ]);
     let interval = humantime::format_duration(args.poll_interval).to_string();
     let batch = args.batch_max.to_string();
     let replicas: Vec<Proc> = (0..args.replicas)
@@ -178,6 +190,8 @@ async fn main() {
                     &store,
                     "--max-generates-per-token",
                     "1000",
+                    "--fleet-polling",
+                    &args.fleet_polling,
                 ],
             )
         })
