@@ -19,7 +19,7 @@ use clap::{ArgAction, CommandFactory, FromArgMatches};
 use common::{Sim, assert_status, authed, eventually, generate, long_jobs};
 use piclumen_grpc::{
     config::{self, Cli, ConfigError, LogFormat, ServeArgs, Settings, SimArgs, defaults},
-    hub::HubConfig,
+    hub::{FleetPolling, HubConfig},
     pb::{self, image_service_client::ImageServiceClient},
     server::ServerConfig,
     service::ServiceConfig,
@@ -448,6 +448,9 @@ fn every_serve_flag_reaches_its_setting() {
                 })
             },
         ),
+        row("fleet-polling", &["--fleet-polling", "off"], |a| {
+            with(a, |s| s.server.fleet_polling == FleetPolling::Off)
+        }),
         row("simulate", &["--simulate"], |a| {
             with(a, |s| {
                 s.simulator.is_some()
@@ -855,6 +858,7 @@ fn env_cases(existing: &str) -> Vec<(&'static str, &'static str, String, Vec<Str
             "--idempotency-store",
         ),
         ("PICLUMEN_SIMULATE", "maybe", "--simulate"),
+        ("PICLUMEN_FLEET_POLLING", "sometimes", "--fleet-polling"),
         ("PICLUMEN_SIM_JOB_DURATION", "0s", "--sim-job-duration"),
         ("PICLUMEN_LOG_FORMAT", "xml", "--log-format"),
         ("PICLUMEN_LOG", "piclumen_grpc=loud", "--log"),
