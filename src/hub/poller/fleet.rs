@@ -101,6 +101,8 @@ impl Poller {
     /// Runs the coordinator's next step; returns when it next wants to be
     /// asked.
     pub(super) fn fleet_step(&mut self, now: Instant) -> Option<Instant> {
+        // Without fleet polling this returns before taking any lock.
+        self.fleet.as_ref()?;
         let watching = !lock(&self.shared.state).slots.is_empty();
         let fleet = self.fleet.as_mut()?;
         if fleet.coord.interest(watching, now) {
