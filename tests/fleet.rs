@@ -2,7 +2,7 @@
 //! a real `redis-server` (installed by `scripts/redis.sh` when missing) and
 //! one simulator, whose `/_sim/stats` counts every status call. Timing is
 //! the wall clock's here, so bounds are generous; exact counts live in the
-//! paused-time tests (`src/hub/fleet/tests.rs`) and figures in
+//! paused-time tests (`src/hub/fleet/tests/`) and figures in
 //! `benches/fleet.rs`.
 
 mod common;
