@@ -110,9 +110,12 @@ impl Poller {
             // so a replica with watchers takes it at once.
             release(fleet);
             self.drop_remote();
-            self.schedule.set_polls_watches(true);
         }
         let fleet = self.fleet.as_mut()?;
+        // Nothing is polled for watchers while joining: the first exchange
+        // tells whether another replica already does.
+        self.schedule
+            .set_polls_watches(fleet.coord.role().polls_watches());
         let shared = Arc::clone(&self.shared);
         match fleet
             .coord
