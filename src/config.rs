@@ -15,7 +15,7 @@ mod settings;
 /// The one URL redactor (`upstream::redact_url`), by the name the
 /// configuration's users have called it.
 pub use crate::upstream::redact_url as redact_userinfo;
-use crate::{idempotency::StoreLocation, job::Secret};
+use crate::{hub::FleetPolling, idempotency::StoreLocation, job::Secret};
 pub use settings::{ConfigError, Settings};
 use settings::{
     batch_max, duration_or_zero, heartbeat, human, log_filter, max_watches, poll_interval,
@@ -131,6 +131,10 @@ pub struct ServeArgs {
         value_parser = StoreLocation::from_str
     )]
     pub idempotency_store: StoreLocation,
+    /// With a Redis store: replicas share polling, one status call per
+    /// token and round for the whole fleet (`on` or `off`).
+    #[arg(long, env = "PICLUMEN_FLEET_POLLING", default_value_t = FleetPolling::default(), value_parser = FleetPolling::from_str)]
+    pub fleet_polling: FleetPolling,
     /// Smallest accepted width or height, in pixels.
     #[arg(long, env = "PICLUMEN_MIN_DIMENSION", default_value_t = defaults::MIN_DIMENSION, value_parser = positive::<i32>)]
     pub min_dimension: i32,

@@ -23,7 +23,8 @@ use tracing::{info, warn};
 
 use crate::{
     grpc_metrics::GrpcMetricsLayer,
-    hub::{Hub, HubConfig},
+    hub::{FleetPolling, Hub, HubConfig},
+    idempotency::StoreLocation,
     pb::{self, image_service_server::ImageServiceServer},
     request_id::RequestIdLayer,
     service::{Core, ImageServiceImpl, ServiceConfig},
@@ -37,6 +38,8 @@ pub struct ServerConfig {
     pub service: ServiceConfig,
     /// Polling hub settings.
     pub hub: HubConfig,
+    /// Whether replicas sharing a Redis store share polling too.
+    pub fleet_polling: FleetPolling,
     /// Longest wait for in-flight calls at shutdown.
     pub drain_timeout: Duration,
     /// Most concurrent streams (calls) one HTTP/2 connection may open.
@@ -59,6 +62,7 @@ impl Default for ServerConfig {
         Self {
             service: ServiceConfig::default(),
             hub: HubConfig::default(),
+            fleet_polling: FleetPolling::default(),
             drain_timeout: defaults::DRAIN_TIMEOUT,
             max_streams_per_connection: defaults::MAX_STREAMS_PER_CONNECTION,
             max_request_bytes: defaults::MAX_REQUEST_BYTES,
@@ -253,8 +257,16 @@ pub async fn run_with_http(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let draining = CancellationToken::new();
+    let fleet = match &config.service.idempotency_store {
+        StoreLocation::Redis(url) if config.fleet_polling == FleetPolling::On => Some(url.as_str()),
+        _ => None,
+    };
     let upstream: std::sync::Arc<dyn crate::upstream::Upstream> = std::sync::Arc::new(client);
-    let hub = Hub::new(config.hub.clone(), std::sync::Arc::new(upstream.clone()));
+    let hub = Hub::for_store(
+        config.hub.clone(),
+        std::sync::Arc::new(upstream.clone()),
+        fleet,
+    );
     let core = Core::new(config.service.clone(), upstream, hub, draining.clone());
     let service = ImageServiceImpl::new(core);
     let service_for_http = service.clone();

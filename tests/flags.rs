@@ -12,7 +12,7 @@ use clap::{ArgAction, CommandFactory, FromArgMatches};
 use common::args::{flags, ms, path_str, secs, subcommand, temp_file};
 use piclumen_grpc::{
     config::{self, Cli, ConfigError, LogFormat, ServeArgs, Settings, SimArgs, defaults},
-    hub::HubConfig,
+    hub::{FleetPolling, HubConfig},
     server::ServerConfig,
     service::ServiceConfig,
     sim::SimConfig,
@@ -401,6 +401,9 @@ fn every_serve_flag_reaches_its_setting() {
                 })
             },
         ),
+        row("fleet-polling", &["--fleet-polling", "off"], |a| {
+            with(a, |s| s.server.fleet_polling == FleetPolling::Off)
+        }),
         row("simulate", &["--simulate"], |a| {
             with(a, |s| {
                 s.simulator.is_some()

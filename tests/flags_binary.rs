@@ -157,6 +157,7 @@ fn env_cases(existing: &str) -> Vec<(&'static str, &'static str, String, Vec<Str
             "--idempotency-store",
         ),
         ("PICLUMEN_SIMULATE", "maybe", "--simulate"),
+        ("PICLUMEN_FLEET_POLLING", "sometimes", "--fleet-polling"),
         ("PICLUMEN_SIM_JOB_DURATION", "0s", "--sim-job-duration"),
         ("PICLUMEN_LOG_FORMAT", "xml", "--log-format"),
         ("PICLUMEN_LOG", "piclumen_grpc=loud", "--log"),

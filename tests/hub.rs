@@ -94,7 +94,7 @@ async fn rate(h: &Harness, window: Duration) -> (f64, f64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundreds_of_watches_share_batched_polls() {
     // End to end and on the wall clock, so bounds are generous: the exact
-    // counts and timings are pinned on paused time in `src/hub/tests.rs`.
+    // counts and timings are pinned on paused time in `src/hub/tests/`.
     let h = Harness::with(long_jobs(), hub_config()).await;
     let clients = clients(&h, 8).await;
     let ids = start_jobs(&clients, TOKEN, 400).await;
@@ -207,7 +207,7 @@ async fn cancelled_watches_are_forgotten_within_two_rounds() {
     assert!(before >= 100.0, "{before} ids a round for 200 watches");
     streams.truncate(100);
     // The 100 closed watches are forgotten: fewer ids a round than before.
-    // (Exact figures are pinned on paused time in `src/hub/tests.rs`.)
+    // (Exact figures are pinned on paused time in `src/hub/tests/`.)
     let forgotten = eventually(Duration::from_secs(20), || async {
         let (_, after) = rate(&h, INTERVAL * 5).await;
         after > 0.0 && after <= before * 0.75

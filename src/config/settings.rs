@@ -179,6 +179,7 @@ impl ServeArgs {
                 gather: defaults::GATHER,
                 failure_budget: self.failure_budget,
             },
+            fleet_polling: self.fleet_polling,
             drain_timeout: self.drain_timeout,
             max_streams_per_connection: self.max_streams_per_connection,
             max_request_bytes: self.max_request_bytes,

@@ -12,13 +12,14 @@
 //! The hub knows jobs, tokens and states; neither proto nor JSON. It
 //! returns its own error type; the service maps it to a `Status`.
 
+pub mod fleet;
 mod poller;
 pub mod schedule;
 pub mod source;
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, MutexGuard, OnceLock},
+    sync::{Arc, Mutex, MutexGuard, OnceLock, Weak},
     time::Duration,
 };
 
@@ -28,6 +29,7 @@ use tokio::{
 };
 
 use crate::{job::JobStatus, job::Token, upstream::UpstreamError};
+pub use fleet::{FleetLink, FleetPolling};
 pub use source::{BoxFuture, StatusSource};
 
 /// Most calls in flight per token.
@@ -141,6 +143,10 @@ struct Inner {
     config: HubConfig,
     source: Arc<dyn StatusSource>,
     tokens: Mutex<HashMap<Token, Arc<Shared>>>,
+    /// With fleet polling: the link, and each token's poller by its key
+    /// (how rounds published by other replicas find their poller).
+    fleet: Option<Arc<FleetLink>>,
+    keys: Mutex<HashMap<Arc<str>, Weak<Shared>>>,
 }
 
 /// What a token's poller shares with the handles.
@@ -148,6 +154,10 @@ struct Inner {
 struct Shared {
     token: Token,
     state: Mutex<State>,
+    /// Unbounded, and bounded by what feeds it: one `Watch` per new job
+    /// slot (at most `--max-watches`), one `Check` per CheckImage call in
+    /// flight (each caller waits for its answer), and fleet rounds of this
+    /// token (a few per interval); the poller drains it before each step.
     cmds: mpsc::UnboundedSender<Cmd>,
 }
 
@@ -166,6 +176,8 @@ struct State {
 enum Cmd {
     Watch(Arc<str>),
     Check(Arc<str>, oneshot::Sender<Result<JobStatus, HubError>>),
+    /// A round another replica published for this token.
+    Round(Arc<fleet::wire::Round>),
 }
 
 /// A watcher's end of a job's channel. Dropping it is how a watch leaves.
@@ -184,11 +196,50 @@ impl Drop for Subscription {
 impl Hub {
     /// A hub polling through `source`.
     pub fn new(config: HubConfig, source: Arc<dyn StatusSource>) -> Self {
+        Self::build(config, source, None)
+    }
+
+    /// A hub sharing its polling with the other replicas linked to the same
+    /// store (see [`fleet`]). Must be called within a tokio runtime: it
+    /// starts the task that listens to the other replicas' rounds.
+    pub fn with_fleet(
+        config: HubConfig,
+        source: Arc<dyn StatusSource>,
+        link: Arc<FleetLink>,
+    ) -> Self {
+        let hub = Self::build(config, source, Some(Arc::clone(&link)));
+        tokio::spawn(fleet_rounds(Arc::downgrade(&hub.inner), link));
+        hub
+    }
+
+    /// [`Hub::with_fleet`] through the Redis at `redis_url` when given
+    /// (fleet polling on with a Redis store), else [`Hub::new`].
+    pub fn for_store(
+        config: HubConfig,
+        source: Arc<dyn StatusSource>,
+        redis_url: Option<&str>,
+    ) -> Self {
+        match redis_url {
+            Some(url) => {
+                let store = Arc::new(fleet::redis::RedisFleet::new(url));
+                Self::with_fleet(config, source, Arc::new(FleetLink::new(store)))
+            }
+            None => Self::new(config, source),
+        }
+    }
+
+    fn build(
+        config: HubConfig,
+        source: Arc<dyn StatusSource>,
+        fleet: Option<Arc<FleetLink>>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 config,
                 source,
                 tokens: Mutex::default(),
+                fleet,
+                keys: Mutex::default(),
             }),
         }
     }
@@ -271,6 +322,38 @@ impl Hub {
         let shared = poller::spawn(token.clone(), Arc::clone(&self.inner));
         tokens.insert(token.clone(), Arc::clone(&shared));
         shared
+    }
+}
+
+/// Listens to the rounds every replica publishes and hands each to its
+/// token's poller here, if any; subscribes again when the subscription is
+/// lost. Ends when the hub is gone.
+async fn fleet_rounds(hub: Weak<Inner>, link: Arc<FleetLink>) {
+    /// Wait before subscribing again after a failure.
+    const RETRY: Duration = Duration::from_millis(500);
+    loop {
+        if hub.strong_count() == 0 {
+            return;
+        }
+        let subscribed = link.store.subscribe().await;
+        link.report(&subscribed);
+        if let Ok(mut rounds) = subscribed {
+            while let Some(round) = rounds.recv().await {
+                let Some(inner) = hub.upgrade() else {
+                    return;
+                };
+                if *round.from == *link.me {
+                    continue;
+                }
+                let shared = lock(&inner.keys)
+                    .get(round.key.as_str())
+                    .and_then(Weak::upgrade);
+                if let Some(shared) = shared {
+                    let _ = shared.cmds.send(Cmd::Round(round));
+                }
+            }
+        }
+        tokio::time::sleep(RETRY).await;
     }
 }
 

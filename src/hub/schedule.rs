@@ -123,6 +123,10 @@ pub struct Schedule {
     calls: usize,
     check_calls: usize,
     retry: Retry,
+    /// False while another replica polls this token's watched jobs (fleet
+    /// polling): only checks are sent; due jobs wait, and go out at once
+    /// when polling comes back here.
+    polls_watches: bool,
 }
 
 impl Schedule {
@@ -138,6 +142,7 @@ impl Schedule {
             calls: 0,
             check_calls: 0,
             retry,
+            polls_watches: true,
         }
     }
 
@@ -198,6 +203,25 @@ impl Schedule {
         self.retry.paused_until.filter(|until| *until > now)
     }
 
+    /// Whether this schedule sends its watched jobs (true unless another
+    /// replica polls them for the fleet).
+    pub fn set_polls_watches(&mut self, on: bool) {
+        self.polls_watches = on;
+    }
+
+    /// Pauses the token until `until` because another replica was told to
+    /// back off (a fleet-wide 429); an earlier end never shortens a pause.
+    pub fn impose_pause(&mut self, until: Instant, now: Instant) {
+        if self
+            .retry
+            .paused_until
+            .is_none_or(|current| current < until)
+        {
+            self.retry.paused_at = Some(now);
+            self.retry.paused_until = Some(until);
+        }
+    }
+
     /// The next thing to do at `now`.
     pub fn next(&mut self, now: Instant) -> Next {
         if let Some(until) = self.paused_until(now) {
@@ -206,7 +230,11 @@ impl Schedule {
         if self.calls >= self.config.max_calls {
             return Next::Idle;
         }
-        let first_due = self.due.first().map(|(at, _)| *at);
+        let first_due = self
+            .due
+            .first()
+            .map(|(at, _)| *at)
+            .filter(|_| self.polls_watches);
         let checks_ready =
             !self.checks.is_empty() && self.check_calls < self.config.max_check_calls;
         let watches_ready = first_due.is_some_and(|at| at <= now);
@@ -233,7 +261,7 @@ impl Schedule {
         }
         // Then due jobs, topped up with those due within half an interval.
         let horizon = now + self.config.interval / 2;
-        while ids.len() < max {
+        while self.polls_watches && ids.len() < max {
             let Some((at, _)) = self.due.first() else {
                 break;
             };
@@ -311,7 +339,9 @@ impl Schedule {
         }
     }
 
-    fn forget_all(&mut self) {
+    /// Forgets every watched job and queued check (the token's watches
+    /// ended: an outage, here or reported by another replica).
+    pub fn forget_all(&mut self) {
         self.watched.clear();
         self.due.clear();
         self.checks.clear();

@@ -95,6 +95,7 @@ pub fn server_config() -> ServerConfig {
             gather: Duration::from_millis(20),
             failure_budget: Duration::from_secs(5),
         },
+        fleet_polling: Default::default(),
         drain_timeout: Duration::from_secs(5),
         max_streams_per_connection: 1024,
         max_request_bytes: 1024 * 1024,

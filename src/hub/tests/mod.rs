@@ -1,161 +1,18 @@
 //! The hub on paused time against a scripted `StatusSource`: exact call
 //! counts and timings for rounds, newcomers, finished jobs, 429s, late
-//! replies, outages, coalesced checks and queued checks' deadlines.
+//! replies, outages, coalesced checks, queued checks' deadlines and a call
+//! task that panics.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+pub(crate) mod fake;
+mod schedule;
+
+use std::time::Duration;
 
 use tokio::time::{Instant, advance, sleep};
 
-use super::{
-    schedule::{Call, Next, Reply, Schedule, ScheduleConfig, Verdict},
-    *,
-};
-use crate::{
-    job::JobState,
-    upstream::{BadEntry, StatusEntry},
-};
-
-const INTERVAL: Duration = Duration::from_secs(2);
-const GATHER: Duration = Duration::from_millis(50);
-
-/// What the fake does with one call instead of answering normally.
-#[derive(Debug, Clone)]
-enum Scripted {
-    Fail(UpstreamError),
-    /// Answer with an unreadable entry for this id.
-    Garble(String),
-}
-
-#[derive(Debug, Default)]
-struct FakeState {
-    /// (sent at, ids) of every call.
-    calls: Vec<(Instant, Vec<String>)>,
-    jobs: HashMap<String, JobState>,
-    latency: Duration,
-    script: VecDeque<Scripted>,
-}
-
-#[derive(Debug, Clone, Default)]
-struct Fake(Arc<Mutex<FakeState>>);
-
-impl Fake {
-    fn with_jobs(n: usize) -> Self {
-        let fake = Self::default();
-        for i in 0..n {
-            fake.set(&id(i), JobState::Pending);
-        }
-        fake
-    }
-
-    fn set(&self, id: &str, state: JobState) {
-        self.0.lock().expect("fake").jobs.insert(id.into(), state);
-    }
-
-    fn latency(&self, latency: Duration) {
-        self.0.lock().expect("fake").latency = latency;
-    }
-
-    fn script(&self, step: Scripted) {
-        self.0.lock().expect("fake").script.push_back(step);
-    }
-
-    fn calls(&self) -> Vec<(Instant, Vec<String>)> {
-        self.0.lock().expect("fake").calls.clone()
-    }
-
-    fn calls_between(&self, from: Instant, to: Instant) -> Vec<Vec<String>> {
-        self.calls()
-            .into_iter()
-            .filter(|(at, _)| *at >= from && *at < to)
-            .map(|(_, ids)| ids)
-            .collect()
-    }
-}
-
-impl StatusSource for Fake {
-    fn batch_status(
-        &self,
-        _token: &Token,
-        ids: &[Arc<str>],
-    ) -> BoxFuture<Result<Vec<StatusEntry>, UpstreamError>> {
-        let ids: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
-        let (latency, answer) = {
-            let mut state = self.0.lock().expect("fake");
-            state.calls.push((Instant::now(), ids.clone()));
-            let step = state.script.pop_front();
-            let answer = match step {
-                Some(Scripted::Fail(error)) => Err(error),
-                other => Ok(ids
-                    .iter()
-                    .filter_map(|id| {
-                        if matches!(&other, Some(Scripted::Garble(bad)) if bad == id) {
-                            return Some(Err(BadEntry {
-                                mark_id: id.clone(),
-                                error: UpstreamError::Decode {
-                                    error: "invalid type: string \"3\", expected i64".into(),
-                                    body: format!("{{\"markId\":\"{id}\",\"index\":\"3\"}}"),
-                                },
-                            }));
-                        }
-                        state.jobs.get(id).map(|s| Ok(status(id, *s)))
-                    })
-                    .collect()),
-            };
-            (state.latency, answer)
-        };
-        Box::pin(async move {
-            sleep(latency).await;
-            answer
-        })
-    }
-}
-
-fn id(i: usize) -> String {
-    format!("job-{i:04}")
-}
-
-fn status(id: &str, state: JobState) -> JobStatus {
-    JobStatus {
-        mark_id: id.into(),
-        state,
-        queue_position: 0,
-        images: Vec::new(),
-        upstream_status: String::new(),
-        prompt_id: String::new(),
-    }
-}
-
-fn config() -> HubConfig {
-    HubConfig {
-        poll_interval: INTERVAL,
-        batch_max: 50,
-        gather: GATHER,
-        failure_budget: Duration::from_secs(20),
-    }
-}
-
-fn hub(fake: &Fake) -> Hub {
-    Hub::new(config(), Arc::new(fake.clone()))
-}
-
-fn token() -> Token {
-    Token::new("t").expect("token")
-}
-
-/// Waits for the watch's next value other than `Waiting`.
-async fn next_state(sub: &mut Subscription) -> Snapshot {
-    loop {
-        sub.rx.changed().await.expect("channel open");
-        let value = sub.rx.borrow_and_update().clone();
-        if value != Snapshot::Waiting {
-            return value;
-        }
-    }
-}
+use super::*;
+use crate::{job::JobState, upstream::UpstreamError};
+use fake::*;
 
 #[tokio::test(start_paused = true)]
 async fn watched_jobs_are_polled_once_per_interval_in_full_batches() {
@@ -455,107 +312,38 @@ async fn watched_and_checked_jobs_share_calls() {
     while busy.join_next().await.is_some() {}
 }
 
-// === The schedule alone ===
-
-fn schedule() -> Schedule {
-    Schedule::new(ScheduleConfig {
-        interval: INTERVAL,
-        batch_max: 50,
-        gather: GATHER,
-        failure_budget: Duration::from_secs(20),
-        max_calls: 64,
-        max_check_calls: 4,
-        jitter: false,
-    })
-}
-
-fn send(schedule: &mut Schedule, now: Instant) -> Call {
-    match schedule.next(now) {
-        Next::Send(call) => call,
-        other => panic!("expected a call at {now:?}, got {other:?}"),
-    }
-}
-
 #[tokio::test(start_paused = true)]
-async fn a_late_success_does_not_cancel_a_fresh_pause() {
-    let mut s = schedule();
-    let t0 = Instant::now();
-    s.check("a".into());
-    let early = send(&mut s, t0);
-    s.check("b".into());
-    let failing = send(&mut s, t0 + Duration::from_millis(10));
-    let t1 = t0 + Duration::from_millis(20);
-    let verdict = s.on_reply(
-        &failing,
-        &Reply::Transient {
-            retry_after: Some(Duration::from_secs(3)),
-        },
-        t1,
+async fn a_call_task_that_panics_ends_its_watches_and_checks_and_the_token_goes_on() {
+    let fake = Fake::with_jobs(3);
+    let hub = hub(&fake);
+    fake.script(Scripted::Panic);
+    let mut doomed = hub.subscribe(&token(), &id(0));
+    // The check goes at once and the newcomer rides along: one call, which
+    // panics.
+    let check = tokio::time::timeout(INTERVAL, hub.check(&token(), &id(1), None))
+        .await
+        .expect("the check is answered, not left waiting");
+    assert!(
+        matches!(check, Err(HubError::Upstream(UpstreamError::Build { .. }))),
+        "{check:?}"
     );
-    assert_eq!(verdict, Verdict::Paused(t1 + Duration::from_secs(3)));
-    // The call sent before the pause answers late: still paused.
-    s.on_reply(&early, &Reply::Answered, t0 + Duration::from_millis(500));
-    assert_eq!(
-        s.paused_until(t0 + Duration::from_secs(1)),
-        Some(t1 + Duration::from_secs(3))
+    let ended = tokio::time::timeout(INTERVAL, next_state(&mut doomed))
+        .await
+        .expect("the watch ends instead of waiting for ever");
+    assert!(
+        matches!(
+            &ended,
+            Snapshot::Ended(HubError::Upstream(UpstreamError::Build { .. }))
+        ),
+        "{ended:?}"
     );
-}
-
-#[tokio::test(start_paused = true)]
-async fn concurrent_failures_advance_the_backoff_once() {
-    let mut s = schedule();
-    let t0 = Instant::now();
-    let calls: Vec<Call> = (0..4)
-        .map(|i| {
-            s.check(format!("c{i}").into());
-            send(&mut s, t0)
-        })
-        .collect();
-    let transient = Reply::Transient { retry_after: None };
-    let t1 = t0 + Duration::from_millis(10);
-    let first = s.on_reply(&calls[0], &transient, t1);
-    assert_eq!(first, Verdict::Paused(t1 + Duration::from_millis(250)));
-    for call in &calls[1..] {
-        let v = s.on_reply(call, &transient, t1 + Duration::from_millis(5));
-        assert_eq!(v, Verdict::Paused(t1 + Duration::from_millis(250)));
-    }
-    // The next failure, of a call sent after the pause, doubles it.
-    let resume = t1 + Duration::from_millis(250);
-    s.check("d".into());
-    let after = send(&mut s, resume);
-    let v = s.on_reply(&after, &transient, resume + Duration::from_millis(10));
-    assert_eq!(
-        v,
-        Verdict::Paused(resume + Duration::from_millis(10) + Duration::from_millis(500))
-    );
-}
-
-#[tokio::test(start_paused = true)]
-async fn checks_wait_while_four_check_calls_are_in_flight_then_go_together() {
-    let mut s = schedule();
-    let t0 = Instant::now();
-    let mut in_flight = Vec::new();
-    for i in 0..4 {
-        s.check(format!("c{i}").into());
-        in_flight.push(send(&mut s, t0));
-    }
-    for i in 0..80 {
-        s.check(format!("q{}", i % 60).into());
-    }
-    assert_eq!(s.next(t0), Next::Idle, "waits for a reply");
-    s.on_reply(
-        &in_flight[0],
-        &Reply::Answered,
-        t0 + Duration::from_millis(20),
-    );
-    let batch = send(&mut s, t0 + Duration::from_millis(20));
-    assert_eq!(batch.ids.len(), 50, "at most batch_max, duplicates once");
-    assert_eq!(s.next(t0 + Duration::from_millis(20)), Next::Idle);
-    s.on_reply(
-        &in_flight[1],
-        &Reply::Answered,
-        t0 + Duration::from_millis(21),
-    );
-    let rest = send(&mut s, t0 + Duration::from_millis(21));
-    assert_eq!(rest.ids.len(), 10);
+    assert_eq!(fake.calls().len(), 1);
+    // The token goes on: a new watch is polled and follows its job.
+    let mut sub = hub.subscribe(&token(), &id(2));
+    assert!(matches!(next_state(&mut sub).await, Snapshot::Status(_)));
+    fake.set(&id(2), JobState::Succeeded);
+    let done = tokio::time::timeout(INTERVAL * 2, next_state(&mut sub))
+        .await
+        .expect("still polled after the panic");
+    assert!(matches!(done, Snapshot::Status(s) if s.state == JobState::Succeeded));
 }

@@ -1,7 +1,11 @@
 //! The async shell around one token's `Schedule`: it takes commands from
 //! the hub's handles, sends the calls the schedule decides, publishes each
 //! answer to the job's watchers and waiting checks, and ends itself when the
-//! token has nothing left. Every decision is the schedule's.
+//! token has nothing left. Every decision is the schedule's (and, with fleet
+//! polling, the coordinator's: `fleet`).
+
+mod ending;
+mod fleet;
 
 use std::{
     collections::HashMap,
@@ -10,7 +14,7 @@ use std::{
 
 use tokio::{
     sync::{mpsc, oneshot, watch},
-    task::JoinSet,
+    task::{self, JoinSet},
     time::{Instant, sleep_until},
 };
 use tracing::{Instrument, debug, info_span, warn};
@@ -27,14 +31,15 @@ use crate::{
 type Waiter = oneshot::Sender<Result<JobStatus, HubError>>;
 
 /// A call in flight: what the schedule decided, the ids actually sent, and
-/// the checks it answers.
+/// the checks it answers. Kept by the poller (not moved into the call's
+/// task), so a task that panics still has its waiters ended.
 struct InFlight {
     call: Call,
     ids: Vec<Arc<str>>,
     waiters: Vec<(Arc<str>, Vec<Waiter>)>,
 }
 
-type Done = (InFlight, Result<Vec<StatusEntry>, UpstreamError>);
+type Done = Result<Vec<StatusEntry>, UpstreamError>;
 
 /// Starts the poller of `token`; the returned handle feeds it.
 pub(super) fn spawn(token: Token, hub: Arc<Inner>) -> Arc<Shared> {
@@ -54,6 +59,10 @@ pub(super) fn spawn(token: Token, hub: Arc<Inner>) -> Arc<Shared> {
         max_check_calls: super::DEFAULT_MAX_CHECK_CALLS,
         jitter: true,
     });
+    let fleet = hub
+        .fleet
+        .as_ref()
+        .map(|link| fleet::FleetSide::new(Arc::clone(link), &hub, &shared));
     let poller = Poller {
         shared: Arc::clone(&shared),
         hub,
@@ -61,8 +70,10 @@ pub(super) fn spawn(token: Token, hub: Arc<Inner>) -> Arc<Shared> {
         schedule,
         waiters: HashMap::new(),
         calls: JoinSet::new(),
+        flights: HashMap::new(),
         pause_error: None,
         next_sweep: None,
+        fleet,
     };
     // No parent: a poller serves many calls, and must not carry the request
     // id of whichever call happened to start it.
@@ -78,10 +89,14 @@ struct Poller {
     /// Checks queued for the next call, by id.
     waiters: HashMap<Arc<str>, Vec<Waiter>>,
     calls: JoinSet<Done>,
+    /// What each call task in `calls` carries.
+    flights: HashMap<task::Id, InFlight>,
     /// What caused the current pause, for checks asked during it.
     pause_error: Option<UpstreamError>,
     /// When `known` is next swept of stale answers.
     next_sweep: Option<Instant>,
+    /// With fleet polling: this token's part in it.
+    fleet: Option<fleet::FleetSide>,
 }
 
 impl Poller {
@@ -92,6 +107,7 @@ impl Poller {
             }
             let now = Instant::now();
             self.sweep(now);
+            let fleet_wake = self.fleet_step(now);
             let wake = match self.schedule.next(now) {
                 Next::Send(call) => {
                     self.send(call);
@@ -100,11 +116,11 @@ impl Poller {
                 Next::At(at) => Some(at),
                 Next::Idle => None,
             };
-            let wake = match (wake, self.next_sweep) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            if wake.is_none() && self.calls.is_empty() && self.retire() {
+            let wake = [wake, self.next_sweep, fleet_wake]
+                .into_iter()
+                .flatten()
+                .min();
+            if wake.is_none() && self.calls.is_empty() && self.fleet_settled() && self.retire() {
                 return;
             }
             tokio::select! {
@@ -113,10 +129,19 @@ impl Poller {
                         self.command(cmd);
                     }
                 }
-                Some(done) = self.calls.join_next() => match done {
-                    Ok((flight, result)) => self.apply(flight, result),
-                    Err(e) => warn!(error = %e, "status call task failed"),
+                Some(done) = self.calls.join_next_with_id() => match done {
+                    Ok((id, result)) => {
+                        if let Some(flight) = self.flights.remove(&id) {
+                            self.apply(flight, result);
+                        }
+                    }
+                    Err(e) => {
+                        if let Some(flight) = self.flights.remove(&e.id()) {
+                            self.panicked(flight, &e);
+                        }
+                    }
                 },
+                Some(done) = fleet::next_exchange(&mut self.fleet) => self.on_exchange(done),
                 () = sleep_until(wake.unwrap_or(now)), if wake.is_some() => {}
             }
         }
@@ -125,7 +150,13 @@ impl Poller {
     fn command(&mut self, cmd: Cmd) {
         let now = Instant::now();
         match cmd {
-            Cmd::Watch(id) => self.schedule.watch(id, now),
+            Cmd::Watch(id) => {
+                if let Some(fleet) = &mut self.fleet {
+                    fleet.watched(Arc::clone(&id), now);
+                }
+                self.schedule.watch(id, now);
+            }
+            Cmd::Round(round) => self.apply_round(&round, now),
             Cmd::Check(id, waiter) => {
                 if let Some(until) = self.schedule.paused_until(now) {
                     let error = self.pause_error.clone().map_or(
@@ -161,10 +192,12 @@ impl Poller {
                     }
                 }
                 if self.schedule.is_watched(id) {
-                    if state
-                        .slots
-                        .get(id)
-                        .is_some_and(|tx| tx.receiver_count() > 0)
+                    let remote = self.fleet.as_ref().is_some_and(|f| f.remote.contains(id));
+                    if remote
+                        || state
+                            .slots
+                            .get(id)
+                            .is_some_and(|tx| tx.receiver_count() > 0)
                     {
                         wanted = true;
                     } else {
@@ -193,16 +226,19 @@ impl Poller {
         let source = Arc::clone(&self.hub.source);
         let request = source.batch_status(&self.shared.token, &ids);
         let flight = InFlight { call, ids, waiters };
-        self.calls.spawn(async move { (flight, request.await) });
+        let task = self.calls.spawn(request);
+        self.flights.insert(task.id(), flight);
     }
 
-    /// Publishes one call's answer to the watchers and checks of its ids.
+    /// Publishes one call's answer to the watchers and checks of its ids
+    /// (and, with fleet polling, to the other replicas).
     fn apply(&mut self, flight: InFlight, result: Result<Vec<StatusEntry>, UpstreamError>) {
         let now = Instant::now();
-        let InFlight { call, ids, waiters } = flight;
-        let mut waiters: HashMap<Arc<str>, Vec<Waiter>> = waiters.into_iter().collect();
+        let sharing = self.sharing();
         match result {
             Ok(entries) => {
+                let InFlight { call, ids, waiters } = flight;
+                let mut waiters: HashMap<Arc<str>, Vec<Waiter>> = waiters.into_iter().collect();
                 let mut by_id: HashMap<String, StatusEntry> = entries
                     .into_iter()
                     .map(|e| match &e {
@@ -210,6 +246,7 @@ impl Poller {
                         Err(bad) => (bad.mark_id.clone(), e),
                     })
                     .collect();
+                let mut shared_entries = Vec::new();
                 let shared = Arc::clone(&self.shared);
                 let mut state = lock(&shared.state);
                 for id in &ids {
@@ -223,7 +260,7 @@ impl Poller {
                             mark_id: id.to_string(),
                         }),
                     };
-                    publish(&mut state, &mut self.schedule, id, &outcome);
+                    self.publish(&mut state, id, &outcome, now);
                     if let Ok(status) = &outcome {
                         // Fresh from when the call was sent: the state
                         // Piclumen reported is at least that recent.
@@ -233,15 +270,22 @@ impl Poller {
                         self.next_sweep
                             .get_or_insert(now + self.hub.config.poll_interval);
                     }
+                    if sharing {
+                        shared_entries.push(fleet::entry(id, &outcome));
+                    }
                     for waiter in waiters.remove(id).unwrap_or_default() {
                         let _ = waiter.send(outcome.clone());
                     }
                 }
                 drop(state);
                 self.schedule.on_reply(&call, &Reply::Answered, now);
+                if sharing {
+                    self.share(shared_entries);
+                }
             }
             Err(error) if error.is_transient() => {
-                for waiter in waiters.into_values().flatten() {
+                let InFlight { call, waiters, .. } = flight;
+                for waiter in waiters.into_iter().flat_map(|(_, w)| w) {
                     let _ = waiter.send(Err(HubError::Upstream(error.clone())));
                 }
                 let retry_after = match &error {
@@ -252,58 +296,74 @@ impl Poller {
                     .schedule
                     .on_reply(&call, &Reply::Transient { retry_after }, now)
                 {
-                    Verdict::Outage => self.outage(error),
+                    Verdict::Outage => {
+                        if sharing {
+                            self.share_outage(&error);
+                        }
+                        self.outage(error);
+                    }
                     Verdict::Paused(until) => {
                         upstream_metrics().retries.increment(1);
                         debug!(%error, pause = ?until.saturating_duration_since(now), "transient upstream trouble; pausing the token");
-                        // Queued checks get the cause now rather than
-                        // waiting out the pause.
-                        for waiter in self.waiters.drain().flat_map(|(_, w)| w) {
-                            let _ = waiter.send(Err(HubError::Upstream(with_remaining(
-                                error.clone(),
-                                until.saturating_duration_since(now),
-                            ))));
+                        if sharing {
+                            self.share_pause(until.saturating_duration_since(now), &error);
                         }
-                        self.schedule.clear_checks();
-                        self.pause_error = Some(error);
+                        self.pause(until, error, now);
                     }
                     Verdict::Continue => {}
                 }
             }
             Err(error) => {
                 warn!(%error, "Piclumen refused a status call; ending its watches and checks");
-                let ended = HubError::Upstream(error);
-                let shared = Arc::clone(&self.shared);
-                let mut state = lock(&shared.state);
-                for id in &ids {
-                    publish(&mut state, &mut self.schedule, id, &Err(ended.clone()));
-                    for waiter in waiters.remove(id).unwrap_or_default() {
-                        let _ = waiter.send(Err(ended.clone()));
-                    }
-                }
-                drop(state);
-                self.schedule.on_reply(&call, &Reply::Refused, now);
+                self.end_call(flight, error);
             }
         }
     }
 
-    /// Ends every watch and queued check of the token.
-    fn outage(&mut self, last: UpstreamError) {
-        warn!(%last, "upstream trouble outlasted the failure budget; ending watches");
-        let ended = HubError::Outage {
-            budget: self.hub.config.failure_budget,
-            last,
+    /// Sends an outcome to a job's watchers; a finished or unwatched job
+    /// leaves the schedule, unless another replica still wants it polled.
+    fn publish(
+        &mut self,
+        state: &mut State,
+        id: &Arc<str>,
+        outcome: &Result<JobStatus, HubError>,
+        now: Instant,
+    ) {
+        let done = match outcome {
+            Ok(status) => status.state.is_terminal(),
+            Err(_) => true,
         };
-        let mut state = lock(&self.shared.state);
-        for (_, tx) in state.slots.drain() {
-            set(&tx, Snapshot::Ended(ended.clone()));
-            gauges().jobs.decrement(1.0);
+        let remote = match &mut self.fleet {
+            Some(fleet) => {
+                fleet.coord.heard(id, now);
+                if done {
+                    fleet.remote.remove(id);
+                    false
+                } else {
+                    fleet.remote.contains(id)
+                }
+            }
+            None => false,
+        };
+        let Some(tx) = state.slots.get(id) else {
+            if !remote {
+                self.schedule.unwatch(id);
+            }
+            return;
+        };
+        let snapshot = match outcome {
+            Ok(status) => Snapshot::Status(status.clone()),
+            Err(e) => Snapshot::Ended(e.clone()),
+        };
+        set(tx, snapshot);
+        if done || tx.receiver_count() == 0 {
+            if state.slots.remove(id).is_some() {
+                gauges().jobs.decrement(1.0);
+            }
+            if !remote {
+                self.schedule.unwatch(id);
+            }
         }
-        drop(state);
-        for waiter in self.waiters.drain().flat_map(|(_, w)| w) {
-            let _ = waiter.send(Err(ended.clone()));
-        }
-        self.pause_error = None;
     }
 
     /// Drops answers older than one interval.
@@ -327,6 +387,9 @@ impl Poller {
     /// starts a new one.
     fn retire(&mut self) -> bool {
         let mut tokens = lock(&self.hub.tokens);
+        if self.fleet.as_ref().is_some_and(|f| !f.is_idle()) {
+            return false;
+        }
         if !self.rx.is_empty() || !self.schedule.is_idle() || !self.waiters.is_empty() {
             return false;
         }
@@ -342,29 +405,16 @@ impl Poller {
         {
             tokens.remove(&self.shared.token);
         }
+        if let Some(fleet) = &self.fleet {
+            let mut keys = lock(&self.hub.keys);
+            if keys
+                .get(fleet.key.as_str())
+                .is_some_and(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(&self.shared)))
+            {
+                keys.remove(fleet.key.as_str());
+            }
+        }
         true
-    }
-}
-
-/// Sends an outcome to a job's watchers; a finished or unwatched job
-/// leaves the schedule.
-fn publish(
-    state: &mut State,
-    schedule: &mut Schedule,
-    id: &Arc<str>,
-    outcome: &Result<JobStatus, HubError>,
-) {
-    let Some(tx) = state.slots.get(id) else {
-        schedule.unwatch(id);
-        return;
-    };
-    let (snapshot, done) = match outcome {
-        Ok(status) => (Snapshot::Status(status.clone()), status.state.is_terminal()),
-        Err(e) => (Snapshot::Ended(e.clone()), true),
-    };
-    set(tx, snapshot);
-    if done || tx.receiver_count() == 0 {
-        forget(state, schedule, id);
     }
 }
 
