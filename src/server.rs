@@ -256,6 +256,7 @@ pub async fn run_with_http(
     let hub = Hub::new(config.hub.clone(), std::sync::Arc::new(client.clone()));
     let service = ImageServiceImpl::new(config.service.clone(), client, hub, draining.clone());
     let service_for_http = service.clone();
+    let creates = service.creates();
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::Serving).await;
@@ -352,12 +353,18 @@ pub async fn run_with_http(
     draining.cancel();
     stop_accepting.cancel();
     let drained = async {
-        let grpc = flatten((&mut server).await);
-        let http = match http.as_mut() {
-            Some(task) => flatten_http(task.await),
-            None => Ok(()),
+        let connections = async {
+            let grpc = flatten((&mut server).await);
+            let http = match http.as_mut() {
+                Some(task) => flatten_http(task.await),
+                None => Ok(()),
+            };
+            grpc.and(http)
         };
-        grpc.and(http)
+        // Creates in flight are paid for: wait for each to end and its
+        // outcome to be recorded, caller or not.
+        info!(creates = creates.count(), "waiting for creates in flight");
+        tokio::join!(connections, creates.idle()).0
     };
     match tokio::time::timeout(config.drain_timeout, drained).await {
         Ok(result) => {
@@ -365,7 +372,10 @@ pub async fn run_with_http(
             result
         }
         Err(_) => {
-            warn!("drain timeout reached; closing the remaining connections");
+            warn!(
+                creates = creates.count(),
+                "drain timeout reached; closing the remaining connections and creates"
+            );
             server.abort();
             if let Some(http) = &http {
                 http.abort();

@@ -24,7 +24,7 @@ use crate::{
     convert::{self, Limits},
     error::Error,
     hub::{Hub, HubError, Snapshot},
-    idempotency::{Created, Fingerprint, IdempotencyStore, StoreLocation},
+    idempotency::{Created, CreatesInFlight, Fingerprint, IdempotencyStore, StoreLocation},
     job::{JobStatus, Token},
     pb::{self, image_service_server::ImageService},
     request_id::InSpan,
@@ -162,11 +162,7 @@ impl ImageServiceImpl {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                store: IdempotencyStore::open(
-                    &config.idempotency_store,
-                    config.idempotency_ttl,
-                    client.timeout(),
-                ),
+                store: IdempotencyStore::open(&config.idempotency_store, config.idempotency_ttl),
                 watch_slots: Arc::new(Semaphore::new(config.max_watches)),
                 generating: Arc::default(),
                 config,
@@ -175,6 +171,11 @@ impl ImageServiceImpl {
                 draining,
             }),
         }
+    }
+
+    /// Creates in flight, which a draining server waits for.
+    pub fn creates(&self) -> CreatesInFlight {
+        self.inner.store.creates().clone()
     }
 
     fn admit(&self, metadata: &MetadataMap) -> Result<CallToken, Error> {
@@ -458,7 +459,9 @@ impl ImageServiceImpl {
     ) -> impl Future<Output = Result<Created, Error>> + Send + 'static {
         let client = self.inner.client.clone();
         let call = call.clone();
+        let in_flight = self.inner.store.creates().enter();
         async move {
+            let _in_flight = in_flight;
             let seed = payload.seed;
             client
                 .create(&call.token, &payload, deadline)
