@@ -151,7 +151,10 @@ mod tests {
         let (sent, lapsed) = drive(&mut silent, start + Duration::from_secs(60)).await;
         assert!(lapsed);
         let last = *sent.last().expect("tried");
-        assert!(last < TERM && last + RETRY_AFTER >= TERM, "lapsed at {last:?}");
+        assert!(
+            last < TERM && last + RETRY_AFTER >= TERM,
+            "lapsed at {last:?}"
+        );
 
         // A late success counts from when it was sent, not from its reply.
         let mut lease = Lease::new(start);

@@ -55,7 +55,9 @@ impl MemoryBackend {
 
 /// The live slot of `key`: expired but not yet swept is as good as absent.
 fn live<'a>(entries: &'a Entries, key: &str) -> Option<&'a Slot> {
-    entries.get(key).filter(|slot| slot.expires > Instant::now())
+    entries
+        .get(key)
+        .filter(|slot| slot.expires > Instant::now())
 }
 
 /// Whether `slot` is a claim of `owner`.
@@ -72,12 +74,7 @@ impl Backend for MemoryBackend {
         }))
     }
 
-    async fn claim(
-        &self,
-        key: &str,
-        claim: &Record,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
+    async fn claim(&self, key: &str, claim: &Record, lease: Duration) -> Result<bool, StoreError> {
         let mut entries = lock(&self.entries);
         let now = Instant::now();
         let free = live(&entries, key).is_none_or(|slot| {

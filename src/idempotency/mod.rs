@@ -181,8 +181,7 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug {
     /// Stores the unsent `claim` and its lease, both for `lease`, if `key`
     /// is free (nothing there, or an unsent claim whose lease lapsed); true
     /// when stored (the caller then owns the key).
-    async fn claim(&self, key: &str, claim: &Record, lease: Duration)
-    -> Result<bool, StoreError>;
+    async fn claim(&self, key: &str, claim: &Record, lease: Duration) -> Result<bool, StoreError>;
     /// If `key` still holds a claim of `owner`, replaces it with `claim`
     /// (kept for `keep`) and renews the lease for `lease`; false when the
     /// claim is no longer `owner`'s.

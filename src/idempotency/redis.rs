@@ -203,12 +203,7 @@ impl Backend for RedisBackend {
             .transpose()
     }
 
-    async fn claim(
-        &self,
-        key: &str,
-        claim: &Record,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
+    async fn claim(&self, key: &str, claim: &Record, lease: Duration) -> Result<bool, StoreError> {
         let Record::Pending { owner, .. } = claim else {
             return Err(StoreError("only a pending record is a claim".into()));
         };

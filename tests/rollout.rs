@@ -1,0 +1,283 @@
+//! A fleet across a deploy: real `serve` replicas sharing a real
+//! `redis-server` (`support/redis_server.rs`) in front of one simulator.
+//! A replica drained with a create in flight finishes it and records its
+//! outcome; a replica killed (SIGKILL) while holding a request_id claim
+//! frees the key if it had not sent the create yet, and leaves "outcome
+//! unknown" if it had: never a second create.
+
+mod common;
+#[path = "support/redis_server.rs"]
+mod redis_server;
+
+use std::{
+    process::{Command, ExitStatus},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use common::*;
+use piclumen_grpc::pb;
+use redis_server::Redis;
+use serde_json::json;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use tonic::{Code, Request};
+
+fn call(id: &str, timeout: Duration) -> Request<pb::GenerateImageRequest> {
+    let mut request = authed(
+        TOKEN,
+        pb::GenerateImageRequest {
+            request_id: id.into(),
+            ..generate("a lighthouse")
+        },
+    );
+    request.set_timeout(timeout);
+    request
+}
+
+/// A replica sharing the store at `store` (a `redis://` URL).
+fn replica(upstream: &str, store: &str) -> Served {
+    Served::start(
+        &["--listen", "127.0.0.1:0", "--upstream-url", upstream],
+        &[("PICLUMEN_IDEMPOTENCY_STORE", store)],
+    )
+}
+
+/// Sends SIGTERM, as every rollout does.
+fn sigterm(served: &Served) {
+    let status = Command::new("kill")
+        .args(["-TERM", &served.child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -TERM failed");
+}
+
+/// Kills the replica outright (SIGKILL), as an OOM kill or a crash would.
+fn sigkill(served: &mut Served) {
+    served.child.kill().expect("SIGKILL");
+    served.child.wait().expect("reap");
+}
+
+/// Waits (at most [`STALL_BOUND`]) for the replica to exit.
+async fn exit_status(served: &mut Served) -> ExitStatus {
+    bounded("the replica exiting", async {
+        loop {
+            if let Some(status) = served.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_rollout_with_a_create_in_flight_creates_once() {
+    let redis = Redis::start();
+    let sim = Sim::start(sim_config()).await;
+    let (upstream, store) = (sim.url(), redis.url());
+    let mut a = replica(&upstream, &store);
+    let b = replica(&upstream, &store);
+    sim.script(json!([{"endpoint": "create", "delay_ms": 3000}]))
+        .await;
+
+    // The caller gives up after 1 s; the create goes on in A.
+    let status = bounded(
+        "GenerateImage on A",
+        a.client()
+            .await
+            .generate_image(call("R", Duration::from_secs(1))),
+    )
+    .await
+    .expect_err("the create takes 3 s");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+
+    // The rollout stops A; the caller retries on B at once.
+    sigterm(&a);
+    let mut b_client = b.client().await;
+    let first = bounded(
+        "retry on B during A's drain",
+        b_client.generate_image(call("R", Duration::from_secs(10))),
+    )
+    .await
+    .expect("B returns A's create")
+    .into_inner();
+    let exit = exit_status(&mut a).await;
+    assert!(exit.success(), "A drained and exited cleanly: {exit:?}");
+
+    // A recorded the outcome before it exited: a retry now reads it.
+    let second = bounded(
+        "retry on B after A exited",
+        b_client.generate_image(call("R", Duration::from_secs(5))),
+    )
+    .await
+    .expect("the recorded outcome")
+    .into_inner();
+    assert_eq!(second, first, "both retries get A's mark id and seed");
+    assert_eq!(sim.stat("create_calls").await, 1, "one create for R");
+}
+
+#[tokio::test]
+async fn a_holder_killed_after_sending_leaves_the_outcome_unknown() {
+    let redis = Redis::start();
+    let sim = Sim::start(sim_config()).await;
+    let (upstream, store) = (sim.url(), redis.url());
+    let mut a = replica(&upstream, &store);
+    let b = replica(&upstream, &store);
+    sim.script(json!([{"endpoint": "create", "delay_ms": 3000}]))
+        .await;
+    let mut a_client = a.client().await;
+    let caller = tokio::spawn(async move {
+        a_client
+            .generate_image(call("S", Duration::from_secs(10)))
+            .await
+    });
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            sim.stat("create_calls").await == 1
+        })
+        .await,
+        "A sent its create"
+    );
+
+    // While A lives, a retry elsewhere waits for A's create and says so.
+    let mut b_client = b.client().await;
+    let status = bounded(
+        "retry on B while A runs the create",
+        b_client.generate_image(call("S", Duration::from_secs(1))),
+    )
+    .await
+    .expect_err("A's create takes 3 s");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        status.message().contains("another replica"),
+        "the message says who runs the create: {status:?}"
+    );
+
+    // A dies after sending: the job may exist, so no retry creates again.
+    sigkill(&mut a);
+    let _ = caller.await;
+    for attempt in ["once A's lease lapsed", "again, later"] {
+        let status = bounded(
+            "retry on B after A died",
+            b_client.generate_image(call("S", Duration::from_secs(15))),
+        )
+        .await
+        .expect_err(attempt);
+        assert_status(&status, Code::Aborted, "CREATE_OUTCOME_UNKNOWN");
+        // Long enough for the simulator's delayed create to have ended.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    assert_eq!(sim.stat("create_calls").await, 1, "never a second create");
+}
+
+#[tokio::test]
+async fn a_holder_killed_before_sending_frees_the_key() {
+    let redis = Redis::start();
+    let sim = Sim::start(sim_config()).await;
+    let upstream = sim.url();
+    // A reaches Redis through a proxy that lets A look the key up and claim
+    // it, then holds A's next command (the one recording "sent" before the
+    // create goes out): A is killed between its claim and its create.
+    let gate = Gate::start(redis.port, 3).await;
+    let mut a = replica(&upstream, &format!("redis://{}", gate.addr));
+    let b = replica(&upstream, &redis.url());
+    let mut a_client = a.client().await;
+    let caller = tokio::spawn(async move {
+        a_client
+            .generate_image(call("T", Duration::from_secs(10)))
+            .await
+    });
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            gate.holding.load(Ordering::SeqCst)
+        })
+        .await,
+        "A claimed the key and is about to record its create as sent"
+    );
+    sigkill(&mut a);
+    let _ = caller.await;
+    assert_eq!(sim.stat("create_calls").await, 0, "A sent nothing");
+
+    // Within a few seconds the claim's lease lapses and B creates.
+    let started = tokio::time::Instant::now();
+    let created = bounded(
+        "retry on B after A died",
+        b.client()
+            .await
+            .generate_image(call("T", Duration::from_secs(10))),
+    )
+    .await
+    .expect("the key is free again")
+    .into_inner();
+    eprintln!("key free again after {:?}", started.elapsed());
+    assert!(!created.mark_id.is_empty());
+    assert_eq!(sim.stat("create_calls").await, 1);
+}
+
+/// A TCP proxy in front of Redis that forwards a replica's commands until
+/// its `hold_at`-th `EVAL` (every store operation is one script), which it
+/// holds for ever, with the connection left open.
+struct Gate {
+    addr: std::net::SocketAddr,
+    holding: Arc<AtomicBool>,
+}
+
+impl Gate {
+    async fn start(redis_port: u16, hold_at: usize) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let holding = Arc::new(AtomicBool::new(false));
+        let evals = Arc::new(AtomicUsize::new(0));
+        let flag = Arc::clone(&holding);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", redis_port)).await else {
+                    return;
+                };
+                let (evals, flag) = (Arc::clone(&evals), Arc::clone(&flag));
+                tokio::spawn(forward(client, server, evals, flag, hold_at));
+            }
+        });
+        Self { addr, holding }
+    }
+}
+
+async fn forward(
+    client: TcpStream,
+    server: TcpStream,
+    evals: Arc<AtomicUsize>,
+    holding: Arc<AtomicBool>,
+    hold_at: usize,
+) {
+    let (mut client_rx, mut client_tx) = client.into_split();
+    let (mut server_rx, mut server_tx) = server.into_split();
+    tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut server_rx, &mut client_tx).await;
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match client_rx.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let chunk = &buf[..n];
+        let found = chunk.windows(6).filter(|w| w == b"EVAL\r\n").count();
+        let seen = evals.fetch_add(found, Ordering::SeqCst) + found;
+        if seen >= hold_at || holding.load(Ordering::SeqCst) {
+            holding.store(true, Ordering::SeqCst);
+            // Hold: read on (so the replica's writes never block) but
+            // forward nothing more.
+            while matches!(client_rx.read(&mut buf).await, Ok(n) if n > 0) {}
+            return;
+        }
+        if server_tx.write_all(chunk).await.is_err() {
+            return;
+        }
+    }
+}
