@@ -281,3 +281,66 @@ async fn forward(
         }
     }
 }
+
+/// Runs `scripts/deploy-check.sh --rules-only` on a copy of the deploy
+/// files with `from` replaced by `to` in `file`; its exit status and
+/// output.
+fn deploy_rules(file: &str, from: &str, to: &str) -> (bool, String) {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let dir = redis_server::TempDir::new("deploy-rules");
+    let k8s = dir.0.join("deploy/k8s");
+    std::fs::create_dir_all(&k8s).expect("mkdir");
+    let source = std::path::Path::new(root);
+    for entry in std::fs::read_dir(source.join("deploy/k8s")).expect("deploy/k8s") {
+        let path = entry.expect("entry").path();
+        std::fs::copy(&path, k8s.join(path.file_name().expect("name"))).expect("copy");
+    }
+    std::fs::copy(source.join("render.yaml"), dir.0.join("render.yaml")).expect("copy");
+    let target = dir.0.join(file);
+    let text = std::fs::read_to_string(&target).expect("read");
+    assert!(text.contains(from), "{file} holds {from:?}");
+    std::fs::write(&target, text.replace(from, to)).expect("write");
+    let output = Command::new("bash")
+        .arg(source.join("scripts/deploy-check.sh"))
+        .arg("--rules-only")
+        .arg(&dir.0)
+        .output()
+        .expect("run deploy-check");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    (output.status.success(), text)
+}
+
+#[test]
+fn deploy_files_leave_the_drain_its_time() {
+    let (ok, out) = deploy_rules("render.yaml", "", "");
+    assert!(ok, "the deploy files as committed pass: {out}");
+    assert!(
+        out.contains("maxShutdownDelaySeconds 30 > drain 10 s"),
+        "{out}"
+    );
+
+    let (ok, out) = deploy_rules(
+        "render.yaml",
+        "maxShutdownDelaySeconds: 30",
+        "maxShutdownDelaySeconds: 8",
+    );
+    assert!(!ok, "Render stopping before the drain ends: {out}");
+    assert!(
+        out.contains("maxShutdownDelaySeconds 8 is not above drain 10 s"),
+        "{out}"
+    );
+
+    let (ok, out) = deploy_rules("render.yaml", "value: 10s", "value: 45s");
+    assert!(!ok, "a drain longer than Render waits: {out}");
+
+    let (ok, out) = deploy_rules(
+        "deploy/k8s/deployment.yaml",
+        "terminationGracePeriodSeconds: 30",
+        "terminationGracePeriodSeconds: 12",
+    );
+    assert!(!ok, "the kubelet killing the pod mid-drain: {out}");
+    assert!(
+        out.contains("terminationGracePeriodSeconds 12 is not above preStop 5 s + drain 10 s"),
+        "{out}"
+    );
+}
