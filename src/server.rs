@@ -3,13 +3,15 @@
 //! CORS for the allowed browser origins, and a shutdown that drains within a
 //! bound.
 
+mod connection_age;
+
 use std::{
     future::Future,
     task::{Context, Poll, ready},
     time::Duration,
 };
 
-use futures_util::future::Either;
+use futures_util::{StreamExt, future::Either};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tonic::{
@@ -52,6 +54,10 @@ pub struct ServerConfig {
     /// Browser origins allowed to call over gRPC-Web (`https://app.example`,
     /// or `*` for any); empty: no browser origin is allowed.
     pub cors_allow_origins: Vec<String>,
+    /// Age (before jitter) at which a connection is asked to go (GOAWAY).
+    pub max_connection_age: Duration,
+    /// How long calls still open at that age may go on before it is closed.
+    pub max_connection_age_grace: Duration,
 }
 
 impl Default for ServerConfig {
@@ -66,6 +72,8 @@ impl Default for ServerConfig {
             http2_keepalive_timeout: defaults::HTTP2_KEEPALIVE_TIMEOUT,
             tls: None,
             cors_allow_origins: Vec::new(),
+            max_connection_age: defaults::MAX_CONNECTION_AGE,
+            max_connection_age_grace: defaults::MAX_CONNECTION_AGE_GRACE,
         }
     }
 }
@@ -86,6 +94,15 @@ pub mod defaults {
     pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
     /// `--max-streams-per-connection`.
     pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+    /// `--max-connection-age`: long enough to cost nothing (one reconnect
+    /// per client every few minutes), short enough that a replica the
+    /// autoscaler adds gets its share of calls within minutes.
+    pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(5 * 60);
+    /// Shortest `--max-connection-age`.
+    pub const MIN_CONNECTION_AGE: Duration = Duration::from_secs(1);
+    /// `--max-connection-age-grace`: unary calls end well within it; a
+    /// watch still open is cut and re-issued by its caller.
+    pub const MAX_CONNECTION_AGE_GRACE: Duration = Duration::from_secs(30);
 }
 
 /// Why the server stopped abnormally.
@@ -284,6 +301,8 @@ pub async fn run_with_http(
     let cors = BrowserCorsLayer(cors_layer(&config.cors_allow_origins)?);
 
     let stop_accepting = CancellationToken::new();
+    let connection_age = connection_age::jittered(config.max_connection_age, rand::random());
+    info!(?connection_age, grace = ?config.max_connection_age_grace, "connections age out");
     let mut builder = Server::builder();
     if let Some(tls) = config.tls.clone() {
         builder = builder.tls_config(tls)?;
@@ -304,6 +323,7 @@ pub async fn run_with_http(
         // dead peers.
         .http2_keepalive_interval(Some(config.http2_keepalive_interval))
         .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
+        .max_connection_age(connection_age)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -315,6 +335,8 @@ pub async fn run_with_http(
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(60)));
+    let lifetime = connection_age + config.max_connection_age_grace;
+    let incoming = incoming.map(move |io| io.map(|io| connection_age::Aged::new(io, lifetime)));
     let serve =
         router.serve_with_incoming_shutdown(incoming, stop_accepting.clone().cancelled_owned());
     let mut server = tokio::spawn(serve);

@@ -344,3 +344,81 @@ fn deploy_files_leave_the_drain_its_time() {
         "{out}"
     );
 }
+
+/// A TCP relay to `target` that counts the connections it accepted.
+struct Relay {
+    addr: std::net::SocketAddr,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl Relay {
+    async fn start(target: std::net::SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    if let Ok(mut server) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        Self { addr, accepted }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+#[tokio::test]
+async fn connections_age_out_and_clients_reconnect_by_themselves() {
+    let mut config = server_config();
+    config.max_connection_age = Duration::from_secs(1);
+    config.max_connection_age_grace = Duration::from_secs(2);
+    let h = Harness::with(long_jobs(), config).await;
+    let relay = Relay::start(h.server.addr).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", relay.addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = pb::image_service_client::ImageServiceClient::new(channel);
+
+    // A call in flight when the connection reaches its age (about 1 s)
+    // finishes: the GOAWAY lets open calls end.
+    h.sim
+        .script(json!([{"endpoint": "create", "delay_ms": 1500}]))
+        .await;
+    let job = bounded(
+        "a call spanning the connection's age",
+        client.generate_image(authed(TOKEN, generate("across the age"))),
+    )
+    .await
+    .expect("a call open at the GOAWAY ends normally")
+    .into_inner();
+    assert_eq!(relay.accepted(), 1);
+
+    // A watch still open at age + grace is cut: the connection is closed.
+    let mut watcher = client.clone();
+    let started = tokio::time::Instant::now();
+    let (_, end) = collect_watch(&mut watcher, TOKEN, &job.mark_id).await;
+    let status = end.expect_err("the job runs for 30 s; the connection ends first");
+    eprintln!("watch cut after {:?}: {status:?}", started.elapsed());
+
+    // The client reconnects by itself: every call succeeds, over a new
+    // connection.
+    for n in 0..5 {
+        let check = pb::CheckImageRequest {
+            mark_id: job.mark_id.clone(),
+        };
+        bounded("CheckImage", client.check_image(authed(TOKEN, check)))
+            .await
+            .unwrap_or_else(|e| panic!("call {n} after the connection aged out: {e:?}"));
+    }
+    assert!(relay.accepted() >= 2, "the client opened a new connection");
+}
