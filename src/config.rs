@@ -256,6 +256,11 @@ pub struct ClientArgs {
     /// Piclumen token to send (the server's default token is used when unset).
     #[arg(long, env = "PICLUMEN_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Overall deadline of the command: `watch` and `generate --wait`
+    /// re-issue a watch cut by a server drain or a lost connection until
+    /// then.
+    #[arg(long, env = "PICLUMEN_CLIENT_TIMEOUT", default_value = human(defaults::CLIENT_TIMEOUT), value_parser = positive_duration)]
+    pub timeout: Duration,
 }
 
 /// `generate` flags.

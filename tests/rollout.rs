@@ -422,3 +422,131 @@ async fn connections_age_out_and_clients_reconnect_by_themselves() {
     }
     assert!(relay.accepted() >= 2, "the client opened a new connection");
 }
+
+/// The CLI (`piclumen-grpc ARGS...`) as a child process, its stderr lines
+/// collected as they come.
+struct CliRun {
+    child: std::process::Child,
+    stderr: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl CliRun {
+    fn start(args: &[&str]) -> Self {
+        use std::io::{BufRead, BufReader};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_piclumen-grpc"))
+            .args(args)
+            .env_remove("PICLUMEN_TOKEN")
+            .env_remove("PICLUMEN_SERVER")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn the CLI");
+        let stderr = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let lines = Arc::clone(&stderr);
+        let pipe = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                lines.lock().expect("lines").push(line);
+            }
+        });
+        Self { child, stderr }
+    }
+
+    fn stderr_lines(&self, containing: &str) -> usize {
+        let lines = self.stderr.lock().expect("lines");
+        lines.iter().filter(|l| l.contains(containing)).count()
+    }
+
+    /// Waits for the CLI to exit; its status and stdout.
+    async fn finish(mut self) -> (ExitStatus, String, Vec<String>) {
+        use std::io::Read;
+        let status = bounded("the CLI exiting", async {
+            loop {
+                if let Some(status) = self.child.try_wait().expect("try_wait") {
+                    return status;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let mut stdout = String::new();
+        let mut pipe = self.child.stdout.take().expect("stdout");
+        pipe.read_to_string(&mut stdout).expect("read stdout");
+        // Let the reader thread take the last lines.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let stderr = self.stderr.lock().expect("lines").clone();
+        (status, stdout, stderr)
+    }
+}
+
+/// The CLI follows a job on replica A, A goes away (drained, or killed),
+/// and replica B takes over A's address, as a rollout behind one address
+/// does: the CLI re-issues the watch and ends with the job, one line on
+/// stderr saying so, and stdout holding one JSON object.
+async fn cli_rides_through(command: &[&str], kill: bool) -> serde_json::Value {
+    let sim = Sim::start(piclumen_grpc::sim::SimConfig {
+        job_duration: Duration::from_secs(6),
+        ..sim_config()
+    })
+    .await;
+    let upstream = sim.url();
+    let mut a = Served::start(
+        &["--listen", "127.0.0.1:0", "--upstream-url", &upstream],
+        &[],
+    );
+    let server = format!("http://{}", a.addr);
+    let mut args = command.to_vec();
+    let mark_id;
+    if command[0] == "watch" {
+        mark_id = start_job(&mut a.client().await, TOKEN, "a lighthouse").await;
+        args.push(&mark_id);
+    }
+    args.extend(["--server", &server, "--token", TOKEN, "--json"]);
+    let cli = CliRun::start(&args);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            cli.stderr_lines("pending") + cli.stderr_lines("running") > 0
+        })
+        .await,
+        "the CLI follows the job on A"
+    );
+    if kill {
+        sigkill(&mut a);
+    } else {
+        sigterm(&a);
+        let exit = exit_status(&mut a).await;
+        assert!(exit.success(), "A drained: {exit:?}");
+    }
+    let _b = Served::start(&["--listen", &a.addr, "--upstream-url", &upstream], &[]);
+
+    let (status, stdout, stderr) = cli.finish().await;
+    assert!(
+        status.success(),
+        "the CLI ended with the job: {status:?} {stderr:?}"
+    );
+    let reconnects: Vec<_> = stderr
+        .iter()
+        .filter(|l| l.contains("reconnecting"))
+        .collect();
+    assert_eq!(
+        reconnects.len(),
+        1,
+        "one line per re-issued watch: {stderr:?}"
+    );
+    eprintln!("{}", reconnects[0]);
+    let job: serde_json::Value =
+        serde_json::from_str(stdout.trim()).expect("stdout is one JSON object");
+    assert_eq!(job["state"], "SUCCEEDED", "{job}");
+    job
+}
+
+#[tokio::test]
+async fn watch_rides_through_a_drain() {
+    cli_rides_through(&["watch"], false).await;
+}
+
+#[tokio::test]
+async fn generate_wait_rides_through_a_lost_connection() {
+    let job = cli_rides_through(&["generate", "a lighthouse", "--wait"], true).await;
+    assert!(job["seed"].is_i64(), "{job}");
+}

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 pub use crate::{
+    cli::DEFAULT_TIMEOUT as CLIENT_TIMEOUT,
     convert::bounds::{MAX_DIMENSION, MAX_PROMPT_CHARS, MIN_DIMENSION},
     hub::defaults::{
         BATCH_MAX, FAILURE_BUDGET, GATHER, MAX_BATCH, MIN_POLL_INTERVAL, POLL_INTERVAL,
