@@ -8,13 +8,12 @@
 mod common;
 #[path = "support/redis_server.rs"]
 mod redis_server;
+#[path = "support/tcp.rs"]
+mod tcp;
 
 use std::{
     process::{Command, ExitStatus},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
@@ -22,10 +21,7 @@ use common::*;
 use piclumen_grpc::pb;
 use redis_server::Redis;
 use serde_json::json;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-};
+use tcp::{Gate, Relay};
 use tonic::{Code, Request};
 
 fn call(id: &str, timeout: Duration) -> Request<pb::GenerateImageRequest> {
@@ -220,68 +216,6 @@ async fn a_holder_killed_before_sending_frees_the_key() {
     assert_eq!(sim.stat("create_calls").await, 1);
 }
 
-/// A TCP proxy in front of Redis that forwards a replica's commands until
-/// its `hold_at`-th `EVAL` (every store operation is one script), which it
-/// holds for ever, with the connection left open.
-struct Gate {
-    addr: std::net::SocketAddr,
-    holding: Arc<AtomicBool>,
-}
-
-impl Gate {
-    async fn start(redis_port: u16, hold_at: usize) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let holding = Arc::new(AtomicBool::new(false));
-        let evals = Arc::new(AtomicUsize::new(0));
-        let flag = Arc::clone(&holding);
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = TcpStream::connect(("127.0.0.1", redis_port)).await else {
-                    return;
-                };
-                let (evals, flag) = (Arc::clone(&evals), Arc::clone(&flag));
-                tokio::spawn(forward(client, server, evals, flag, hold_at));
-            }
-        });
-        Self { addr, holding }
-    }
-}
-
-async fn forward(
-    client: TcpStream,
-    server: TcpStream,
-    evals: Arc<AtomicUsize>,
-    holding: Arc<AtomicBool>,
-    hold_at: usize,
-) {
-    let (mut client_rx, mut client_tx) = client.into_split();
-    let (mut server_rx, mut server_tx) = server.into_split();
-    tokio::spawn(async move {
-        let _ = tokio::io::copy(&mut server_rx, &mut client_tx).await;
-    });
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match client_rx.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        let chunk = &buf[..n];
-        let found = chunk.windows(6).filter(|w| w == b"EVAL\r\n").count();
-        let seen = evals.fetch_add(found, Ordering::SeqCst) + found;
-        if seen >= hold_at || holding.load(Ordering::SeqCst) {
-            holding.store(true, Ordering::SeqCst);
-            // Hold: read on (so the replica's writes never block) but
-            // forward nothing more.
-            while matches!(client_rx.read(&mut buf).await, Ok(n) if n > 0) {}
-            return;
-        }
-        if server_tx.write_all(chunk).await.is_err() {
-            return;
-        }
-    }
-}
-
 /// Runs `scripts/deploy-check.sh --rules-only` on a copy of the deploy
 /// files with `from` replaced by `to` in `file`; its exit status and
 /// output.
@@ -343,36 +277,6 @@ fn deploy_files_leave_the_drain_its_time() {
         out.contains("terminationGracePeriodSeconds 12 is not above preStop 5 s + drain 10 s"),
         "{out}"
     );
-}
-
-/// A TCP relay to `target` that counts the connections it accepted.
-struct Relay {
-    addr: std::net::SocketAddr,
-    accepted: Arc<AtomicUsize>,
-}
-
-impl Relay {
-    async fn start(target: std::net::SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = Arc::clone(&accepted);
-        tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-            }
-        });
-        Self { addr, accepted }
-    }
-
-    fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
-    }
 }
 
 #[tokio::test]
