@@ -357,6 +357,16 @@ fn every_serve_flag_reaches_its_setting() {
             with(a, |s| s.server.drain_timeout == secs(19))
         }),
         row(
+            "max-connection-age",
+            &["--max-connection-age", "90s"],
+            |a| with(a, |s| s.server.max_connection_age == secs(90)),
+        ),
+        row(
+            "max-connection-age-grace",
+            &["--max-connection-age-grace", "5s"],
+            |a| with(a, |s| s.server.max_connection_age_grace == secs(5)),
+        ),
+        row(
             "max-generates-per-token",
             &["--max-generates-per-token", "3"],
             |a| with(a, |s| s.server.service.max_generates_per_token == 3),
@@ -821,6 +831,16 @@ fn env_cases(existing: &str) -> Vec<(&'static str, &'static str, String, Vec<Str
         ("PICLUMEN_MAX_DIMENSION", "0", "--max-dimension"),
         ("PICLUMEN_MAX_PROMPT_CHARS", "0", "--max-prompt-chars"),
         ("PICLUMEN_DRAIN_TIMEOUT", "0s", "--drain-timeout"),
+        (
+            "PICLUMEN_MAX_CONNECTION_AGE",
+            "500ms",
+            "--max-connection-age",
+        ),
+        (
+            "PICLUMEN_MAX_CONNECTION_AGE_GRACE",
+            "soon",
+            "--max-connection-age-grace",
+        ),
         (
             "PICLUMEN_MAX_GENERATES_PER_TOKEN",
             "0",
