@@ -241,42 +241,4 @@ fn hits() -> &'static metrics::Counter {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_hide_the_token_and_separate_pairs() {
-        let token = Token::new("secret-token").expect("token");
-        let k = key(&token, "r1");
-        assert!(k.starts_with(KEY_PREFIX));
-        assert!(!k.contains("secret"));
-        assert_eq!(k, key(&token, "r1"), "stable");
-        assert_ne!(k, key(&token, "r2"));
-        let other = Token::new("secret-toke").expect("token");
-        assert_ne!(key(&other, "nr1"), k, "length-prefixed");
-    }
-
-    #[test]
-    fn locations_parse_and_hide_passwords() {
-        assert_eq!("memory".parse(), Ok(StoreLocation::Memory));
-        let redis: StoreLocation = "redis://:hunter2@127.0.0.1:6379/2".parse().expect("redis");
-        assert!(matches!(redis, StoreLocation::Redis(_)));
-        assert!(!redis.to_string().contains("hunter2"));
-        assert!(!format!("{redis:?}").contains("hunter2"));
-        assert!(
-            "rediss://cache.internal:6380"
-                .parse::<StoreLocation>()
-                .is_ok()
-        );
-        assert!("http://127.0.0.1:6379".parse::<StoreLocation>().is_err());
-        assert!("mem".parse::<StoreLocation>().is_err());
-    }
-
-    #[test]
-    fn fingerprints_are_stable_sha256() {
-        assert_eq!(
-            Fingerprint::of(b"abc").0,
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
-    }
-}
+mod tests;

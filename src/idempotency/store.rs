@@ -79,6 +79,12 @@ impl IdempotencyStore {
         &self.inner.creates
     }
 
+    /// The backend, for tests that play a replica that vanished.
+    #[cfg(test)]
+    pub(super) fn inner_backend(&self) -> &dyn Backend {
+        &*self.inner.backend
+    }
+
     /// Runs one create per (token, request_id) within the window and returns
     /// its outcome, waiting at most until `deadline`.
     ///
