@@ -17,8 +17,11 @@
 #    all; the Deployments keep the rules README "Deploying" promises
 #    (non-root, read-only root filesystem, no privilege escalation, no
 #    capabilities, a grace period longer than preStop + drain).
+# 4. render.yaml gives the process more time to stop
+#    (maxShutdownDelaySeconds) than its PICLUMEN_DRAIN_TIMEOUT, in which a
+#    stopping replica finishes its calls and creates in flight.
 #
-# Usage: scripts/deploy-check.sh [--check-only]
+# Usage: scripts/deploy-check.sh [--check-only | --rules-only DIR]
 #
 # By default the replay runs the stage's own command, a release build
 # (`cargo build --release --locked --bin piclumen-grpc`): that is what proves
@@ -30,10 +33,17 @@
 # `cargo check` with the same arguments instead: it still proves the
 # manifest and sources complete, without a binary (step 2 then checks the
 # USER line only), for machines where the build is too slow.
+# --rules-only DIR checks only the rules of 3 and 4, on DIR/deploy/k8s and
+# DIR/render.yaml (no build, no kubernetes-validate): for checking changed
+# copies of the deploy files, as the tests do.
 #
 # Every line printed starts with "deploy-check:"; the exit status is non-zero
 # on the first failure.
 set -euo pipefail
+RULES_DIR=
+if [[ "${1:-}" == --rules-only && -d "${2:-}" ]]; then
+  RULES_DIR=$(cd "$2" && pwd)
+fi
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
@@ -45,7 +55,12 @@ MODE=build
 case "${1:-}" in
   "") ;;
   --check-only) MODE=check ;;
-  *) echo "usage: $0 [--check-only]" >&2; exit 2 ;;
+  --rules-only)
+    [[ -n $RULES_DIR ]] || { echo "usage: $0 --rules-only DIR" >&2; exit 2; }
+    MODE=rules
+    ROOT=$RULES_DIR
+    ;;
+  *) echo "usage: $0 [--check-only | --rules-only DIR]" >&2; exit 2 ;;
 esac
 
 say() { echo "deploy-check: $*"; }
@@ -60,8 +75,9 @@ WORK="${TMPDIR:-/tmp}/piclumen-deploy-check-$(printf %s "$ROOT" | cksum | cut -d
 rm -rf "$WORK" && mkdir -p "$WORK"
 trap 'rm -rf "$WORK"' EXIT
 CACHE="$ROOT/target/deploy-check"
-mkdir -p "$CACHE"
+[[ $MODE == rules ]] || mkdir -p "$CACHE"
 
+if [[ $MODE != rules ]]; then
 # --- 1 and 2: the Dockerfile ------------------------------------------------
 say "replaying the Dockerfile's build stage in $WORK (cargo $MODE)"
 python3 - "$ROOT" "$WORK/rootfs" "$CACHE" "$MODE" <<'PY' || fail "Dockerfile replay (see the lines above)"
@@ -387,8 +403,19 @@ for version in "$K8S_MIN" default; do
   [[ -z $out ]] || while IFS= read -r line; do say "  | $line"; done <<<"$out"
 done
 say "kubernetes-validate --strict: ${#MANIFESTS[@]} files pass for Kubernetes $K8S_MIN and $("$VENV/bin/kubernetes-validate" --version)"
+PYTHON="$VENV/bin/python"
+else
+  # Only the rules: any python3 with PyYAML.
+  PYTHON=python3
+  shopt -s nullglob
+  MANIFESTS=()
+  for f in "$ROOT"/deploy/k8s/*.yaml "$ROOT"/deploy/k8s/*.yml; do
+    [[ "$(basename "$f")" == kustomization.y*ml ]] || MANIFESTS+=("$f")
+  done
+  ((${#MANIFESTS[@]})) || fail "no manifests in $ROOT/deploy/k8s"
+fi
 
-"$VENV/bin/python" - "$ROOT" "$WORK/rootfs/.image-uid" "${MANIFESTS[@]}" <<'PY' || fail "deploy/k8s rules (see the lines above)"
+"$PYTHON" - "$ROOT" "$WORK/rootfs/.image-uid" "${MANIFESTS[@]}" <<'PY' || fail "deploy rules (see the lines above)"
 import os, re, sys
 
 import yaml
@@ -466,10 +493,28 @@ for path in manifests:
         if len(problems) == before:
             say(f"{name}: {doc['spec']['replicas']} replicas, grpc probes, grace {grace} s > preStop {pre_stop} s + drain {drain:g} s")
 
+# render.yaml: Render stops an instance with SIGTERM and kills it after
+# maxShutdownDelaySeconds (default 30), which must leave the drain its time.
+render_file = os.path.join(root, "render.yaml")
+blueprint = yaml.safe_load(open(render_file)) if os.path.exists(render_file) else {}
+for svc in (blueprint or {}).get("services", []):
+    if svc.get("name") != "piclumen-grpc":
+        continue
+    before = len(problems)
+    env = {e["key"]: e.get("value") for e in svc.get("envVars", [])}
+    if "PICLUMEN_DRAIN_TIMEOUT" not in env:
+        problems.append("render.yaml: set PICLUMEN_DRAIN_TIMEOUT explicitly (maxShutdownDelaySeconds depends on it)")
+    drain = seconds(env.get("PICLUMEN_DRAIN_TIMEOUT", "0s"))
+    delay = svc.get("maxShutdownDelaySeconds", 30)
+    if delay <= drain:
+        problems.append(f"render.yaml: maxShutdownDelaySeconds {delay} is not above drain {drain:g} s")
+    if len(problems) == before:
+        say(f"render.yaml: maxShutdownDelaySeconds {delay} > drain {drain:g} s")
+
 for p in problems:
     say(f"  | {p}")
 sys.exit(1 if problems else 0)
 PY
-say "deploy/k8s rules hold: non-root, read-only root, no escalation, no capabilities; kustomization lists every manifest"
+say "deploy rules hold: non-root, read-only root, no escalation, no capabilities; kustomization lists every manifest; every stop leaves the drain its time"
 
 say "OK: all deploy checks passed in $((SECONDS - START)) s"

@@ -5,13 +5,16 @@
 //! nothing else. Progress and errors go to stderr: a live line on a
 //! terminal, one line per change otherwise. The exit code says how it ended
 //! (see [`CliError::exit_code`]; the codes are listed in `--help`).
+//! `watch` and `generate --wait` ride through a server's drain or a lost
+//! connection ([`follow`]) within `--timeout`.
 
 mod download;
+mod follow;
 
 use std::{error::Error as _, path::PathBuf, time::Duration};
 
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
+use tokio::time::Instant;
 use tonic::{
     Request,
     metadata::MetadataValue,
@@ -159,8 +162,9 @@ struct Output {
 /// `generate`: prints the mark id; with `--wait`, follows the job and prints
 /// the image URLs (or saves them with `--out`).
 pub async fn generate(args: GenerateArgs) -> Result<(), CliError> {
+    let deadline = Instant::now() + args.client.timeout;
     let mut conn = Connection::open(&args.client).await?;
-    let request = conn.request(pb::GenerateImageRequest {
+    let mut request = conn.request(pb::GenerateImageRequest {
         prompt: args.prompt,
         negative_prompt: args.negative_prompt,
         model_id: args.model_id,
@@ -173,6 +177,7 @@ pub async fn generate(args: GenerateArgs) -> Result<(), CliError> {
         request_id: args.request_id,
         ..Default::default()
     });
+    request.set_timeout(args.client.timeout);
     let created = conn.client.generate_image(request).await?.into_inner();
     if !args.wait {
         if args.json {
@@ -192,7 +197,7 @@ pub async fn generate(args: GenerateArgs) -> Result<(), CliError> {
         println!("{}", created.mark_id);
     }
     eprintln!("seed: {}", created.seed);
-    let job = follow(&mut conn, created.mark_id).await?;
+    let job = follow::follow(&mut conn, &args.client, &created.mark_id, deadline).await?;
     let output = Output {
         json: args.json,
         out: args.out,
@@ -204,8 +209,9 @@ pub async fn generate(args: GenerateArgs) -> Result<(), CliError> {
 /// `watch`: follows a job to its end and prints the image URLs (or saves
 /// them with `--out`).
 pub async fn watch(args: JobArgs) -> Result<(), CliError> {
+    let deadline = Instant::now() + args.client.timeout;
     let mut conn = Connection::open(&args.client).await?;
-    let job = follow(&mut conn, args.mark_id).await?;
+    let job = follow::follow(&mut conn, &args.client, &args.mark_id, deadline).await?;
     let output = Output {
         json: args.json,
         out: args.out,
@@ -218,9 +224,10 @@ pub async fn watch(args: JobArgs) -> Result<(), CliError> {
 /// if it has succeeded).
 pub async fn check(args: JobArgs) -> Result<(), CliError> {
     let mut conn = Connection::open(&args.client).await?;
-    let request = conn.request(pb::CheckImageRequest {
+    let mut request = conn.request(pb::CheckImageRequest {
         mark_id: args.mark_id,
     });
+    request.set_timeout(args.client.timeout);
     let job = conn
         .client
         .check_image(request)
@@ -234,36 +241,6 @@ pub async fn check(args: JobArgs) -> Result<(), CliError> {
         state_line: true,
     };
     finish(job, None, &output).await
-}
-
-/// Follows a job until it succeeds or fails, showing progress on stderr,
-/// and returns its final state.
-async fn follow(conn: &mut Connection, mark_id: String) -> Result<pb::ImageJob, CliError> {
-    let request = conn.request(pb::WatchImageRequest { mark_id });
-    let mut stream = conn.client.watch_image(request).await?.into_inner();
-    let bar = ProgressBar::new_spinner();
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} {elapsed} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
-    bar.enable_steady_tick(Duration::from_millis(120));
-    while let Some(update) = stream.message().await? {
-        let job = update.job.unwrap_or_default();
-        let line = describe(&job);
-        if bar.is_hidden() {
-            if !update.heartbeat {
-                eprintln!("{line}");
-            }
-        } else {
-            bar.set_message(line);
-        }
-        if matches!(job.state(), JobState::Succeeded | JobState::Failed) {
-            bar.finish_and_clear();
-            return Ok(job);
-        }
-    }
-    bar.finish_and_clear();
-    Err(CliError::Incomplete)
 }
 
 /// Saves the images if asked, prints the job, and turns a failed job into

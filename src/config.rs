@@ -18,8 +18,8 @@ pub use crate::upstream::redact_url as redact_userinfo;
 use crate::{hub::FleetPolling, idempotency::StoreLocation, job::Secret};
 pub use settings::{ConfigError, Settings};
 use settings::{
-    batch_max, duration_or_zero, heartbeat, human, log_filter, max_watches, poll_interval,
-    positive, positive_duration, rate,
+    batch_max, connection_age, duration_or_zero, heartbeat, human, log_filter, max_watches,
+    poll_interval, positive, positive_duration, rate,
 };
 
 pub use crate::telemetry::LogFormat;
@@ -164,6 +164,15 @@ pub struct ServeArgs {
     /// Most concurrent calls (HTTP/2 streams) on one client connection.
     #[arg(long, env = "PICLUMEN_MAX_STREAMS_PER_CONNECTION", default_value_t = defaults::MAX_STREAMS_PER_CONNECTION, value_parser = positive::<u32>)]
     pub max_streams_per_connection: u32,
+    /// Age at which a client connection is asked to reconnect (HTTP/2
+    /// GOAWAY; each replica moves it by up to 10% either way), so calls
+    /// spread over replicas added since (at least 1s).
+    #[arg(long, env = "PICLUMEN_MAX_CONNECTION_AGE", default_value = human(defaults::MAX_CONNECTION_AGE), value_parser = connection_age)]
+    pub max_connection_age: Duration,
+    /// After --max-connection-age, how long calls still open on the
+    /// connection may go on before it is closed.
+    #[arg(long, env = "PICLUMEN_MAX_CONNECTION_AGE_GRACE", default_value = human(defaults::MAX_CONNECTION_AGE_GRACE), value_parser = duration_or_zero)]
+    pub max_connection_age_grace: Duration,
     /// PEM certificate (chain) of the server; turns TLS on, with --tls-key.
     #[arg(long, env = "PICLUMEN_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -254,6 +263,11 @@ pub struct ClientArgs {
     /// Piclumen token to send (the server's default token is used when unset).
     #[arg(long, env = "PICLUMEN_TOKEN", hide_env_values = true)]
     pub token: Option<Secret>,
+    /// Overall deadline of the command: `watch` and `generate --wait`
+    /// re-issue a watch cut by a server drain or a lost connection until
+    /// then.
+    #[arg(long, env = "PICLUMEN_CLIENT_TIMEOUT", default_value = human(defaults::CLIENT_TIMEOUT), value_parser = positive_duration)]
+    pub timeout: Duration,
 }
 
 /// `generate` flags.

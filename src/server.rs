@@ -3,13 +3,15 @@
 //! CORS for the allowed browser origins, and a shutdown that drains within a
 //! bound.
 
+mod connection_age;
+
 use std::{
     future::Future,
     task::{Context, Poll, ready},
     time::Duration,
 };
 
-use futures_util::future::Either;
+use futures_util::{StreamExt, future::Either};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tonic::{
@@ -55,6 +57,10 @@ pub struct ServerConfig {
     /// Browser origins allowed to call over gRPC-Web (`https://app.example`,
     /// or `*` for any); empty: no browser origin is allowed.
     pub cors_allow_origins: Vec<String>,
+    /// Age (before jitter) at which a connection is asked to go (GOAWAY).
+    pub max_connection_age: Duration,
+    /// How long calls still open at that age may go on before it is closed.
+    pub max_connection_age_grace: Duration,
 }
 
 impl Default for ServerConfig {
@@ -70,6 +76,8 @@ impl Default for ServerConfig {
             http2_keepalive_timeout: defaults::HTTP2_KEEPALIVE_TIMEOUT,
             tls: None,
             cors_allow_origins: Vec::new(),
+            max_connection_age: defaults::MAX_CONNECTION_AGE,
+            max_connection_age_grace: defaults::MAX_CONNECTION_AGE_GRACE,
         }
     }
 }
@@ -90,6 +98,15 @@ pub mod defaults {
     pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
     /// `--max-streams-per-connection`.
     pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+    /// `--max-connection-age`: long enough to cost nothing (one reconnect
+    /// per client every few minutes), short enough that a replica the
+    /// autoscaler adds gets its share of calls within minutes.
+    pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(5 * 60);
+    /// Shortest `--max-connection-age`.
+    pub const MIN_CONNECTION_AGE: Duration = Duration::from_secs(1);
+    /// `--max-connection-age-grace`: unary calls end well within it; a
+    /// watch still open is cut and re-issued by its caller.
+    pub const MAX_CONNECTION_AGE_GRACE: Duration = Duration::from_secs(30);
 }
 
 /// Why the server stopped abnormally.
@@ -270,6 +287,7 @@ pub async fn run_with_http(
     let core = Core::new(config.service.clone(), upstream, hub, draining.clone());
     let service = ImageServiceImpl::new(core);
     let service_for_http = service.clone();
+    let creates = service.core().creates();
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::Serving).await;
@@ -297,6 +315,8 @@ pub async fn run_with_http(
     let cors = BrowserCorsLayer(cors_layer(&config.cors_allow_origins)?);
 
     let stop_accepting = CancellationToken::new();
+    let connection_age = connection_age::jittered(config.max_connection_age, rand::random());
+    info!(?connection_age, grace = ?config.max_connection_age_grace, "connections age out");
     let mut builder = Server::builder();
     if let Some(tls) = config.tls.clone() {
         builder = builder.tls_config(tls)?;
@@ -317,6 +337,7 @@ pub async fn run_with_http(
         // dead peers.
         .http2_keepalive_interval(Some(config.http2_keepalive_interval))
         .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
+        .max_connection_age(connection_age)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -328,6 +349,8 @@ pub async fn run_with_http(
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(60)));
+    let lifetime = connection_age + config.max_connection_age_grace;
+    let incoming = incoming.map(move |io| io.map(|io| connection_age::Aged::new(io, lifetime)));
     let serve =
         router.serve_with_incoming_shutdown(incoming, stop_accepting.clone().cancelled_owned());
     let mut server = tokio::spawn(serve);
@@ -366,12 +389,18 @@ pub async fn run_with_http(
     draining.cancel();
     stop_accepting.cancel();
     let drained = async {
-        let grpc = flatten((&mut server).await);
-        let http = match http.as_mut() {
-            Some(task) => flatten_http(task.await),
-            None => Ok(()),
+        let connections = async {
+            let grpc = flatten((&mut server).await);
+            let http = match http.as_mut() {
+                Some(task) => flatten_http(task.await),
+                None => Ok(()),
+            };
+            grpc.and(http)
         };
-        grpc.and(http)
+        // Creates in flight are paid for: wait for each to end and its
+        // outcome to be recorded, caller or not.
+        info!(creates = creates.count(), "waiting for creates in flight");
+        tokio::join!(connections, creates.idle()).0
     };
     match tokio::time::timeout(config.drain_timeout, drained).await {
         Ok(result) => {
@@ -379,7 +408,10 @@ pub async fn run_with_http(
             result
         }
         Err(_) => {
-            warn!("drain timeout reached; closing the remaining connections");
+            warn!(
+                creates = creates.count(),
+                "drain timeout reached; closing the remaining connections and creates"
+            );
             server.abort();
             if let Some(http) = &http {
                 http.abort();

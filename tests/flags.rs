@@ -310,6 +310,16 @@ fn every_serve_flag_reaches_its_setting() {
             with(a, |s| s.server.drain_timeout == secs(19))
         }),
         row(
+            "max-connection-age",
+            &["--max-connection-age", "90s"],
+            |a| with(a, |s| s.server.max_connection_age == secs(90)),
+        ),
+        row(
+            "max-connection-age-grace",
+            &["--max-connection-age-grace", "5s"],
+            |a| with(a, |s| s.server.max_connection_age_grace == secs(5)),
+        ),
+        row(
             "max-generates-per-token",
             &["--max-generates-per-token", "3"],
             |a| with(a, |s| s.server.service.max_generates_per_token == 3),

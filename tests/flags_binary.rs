@@ -124,6 +124,16 @@ fn env_cases(existing: &str) -> Vec<(&'static str, &'static str, String, Vec<Str
         ("PICLUMEN_MAX_PROMPT_CHARS", "0", "--max-prompt-chars"),
         ("PICLUMEN_DRAIN_TIMEOUT", "0s", "--drain-timeout"),
         (
+            "PICLUMEN_MAX_CONNECTION_AGE",
+            "500ms",
+            "--max-connection-age",
+        ),
+        (
+            "PICLUMEN_MAX_CONNECTION_AGE_GRACE",
+            "soon",
+            "--max-connection-age-grace",
+        ),
+        (
             "PICLUMEN_MAX_GENERATES_PER_TOKEN",
             "0",
             "--max-generates-per-token",

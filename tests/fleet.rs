@@ -6,116 +6,33 @@
 //! `benches/fleet.rs`.
 
 mod common;
+#[path = "support/redis_server.rs"]
+mod redis_server;
 
-use std::{
-    io::{Read, Write},
-    net::TcpStream,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
 use common::*;
 use piclumen_grpc::{
     pb::{self, JobState, image_service_client::ImageServiceClient},
     sim::SimConfig,
 };
+use redis_server::Redis;
 use tonic::transport::Channel;
 
 const INTERVAL: Duration = Duration::from_millis(500);
 
-/// A `redis-server` on a loopback port, persistence off, killed (by its own
-/// handle) when dropped.
-struct Redis {
-    port: u16,
-    child: Option<Child>,
-    dir: PathBuf,
-}
-
-impl Redis {
-    fn start_on(port: u16) -> Self {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/redis.sh");
-        let output = Command::new("bash")
-            .arg(script)
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run scripts/redis.sh");
-        assert!(output.status.success(), "redis-server missing");
-        let binary = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-        let dir = std::env::temp_dir().join(format!(
-            "piclumen-fleet-{}-{:x}",
-            std::process::id(),
-            rand::random::<u64>()
-        ));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let child = Command::new(binary)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server");
-        let redis = Self {
-            port,
-            child: Some(child),
-            dir,
-        };
-        // Generous: the machine may be busy with other builds.
-        let end = std::time::Instant::now() + Duration::from_secs(30);
-        while !redis.ping() {
-            assert!(
-                std::time::Instant::now() < end,
-                "redis-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        redis
-    }
-
-    fn ping(&self) -> bool {
-        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
-            return false;
-        };
-        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-        let mut reply = [0u8; 7];
-        stream.write_all(b"PING\r\n").is_ok()
-            && stream.read_exact(&mut reply).is_ok()
-            && &reply == b"+PONG\r\n"
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// The pid in the name of the replica holding `token`'s lease.
-    async fn lease_holder_pid(&self, token: &str) -> Option<u32> {
-        let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-        let hash: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-        let client = redis::Client::open(self.url()).ok()?;
-        let mut connection = client.get_multiplexed_async_connection().await.ok()?;
-        let holder: Option<String> = redis::cmd("GET")
-            .arg(format!("piclumen-grpc:fleet:v1:{hash}:lease"))
-            .query_async(&mut connection)
-            .await
-            .ok()?;
-        holder?.rsplit('-').next()?.parse().ok()
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// The pid in the name of the replica holding `token`'s lease.
+async fn lease_holder_pid(redis: &Redis, token: &str) -> Option<u32> {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let hash: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let client = redis::Client::open(redis.url()).ok()?;
+    let mut connection = client.get_multiplexed_async_connection().await.ok()?;
+    let holder: Option<String> = redis::cmd("GET")
+        .arg(format!("piclumen-grpc:fleet:v1:{hash}:lease"))
+        .query_async(&mut connection)
+        .await
+        .ok()?;
+    holder?.rsplit('-').next()?.parse().ok()
 }
 
 fn replicas(n: usize, sim: &Sim, redis: &Redis) -> Vec<Process> {
@@ -252,7 +169,7 @@ async fn two_replicas_killed_mid_watch_leave_every_survivor_watch_succeeded_once
     // The holder and one other replica die mid-watch (SIGKILL).
     let mut holder_pid = None;
     for _ in 0..200 {
-        holder_pid = redis.lease_holder_pid(TOKEN).await;
+        holder_pid = lease_holder_pid(&redis, TOKEN).await;
         if holder_pid.is_some() {
             break;
         }

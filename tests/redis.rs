@@ -1,197 +1,22 @@
-//! `--idempotency-store redis://` against a real `redis-server` (Debian's
-//! package, installed by `scripts/redis.sh` when missing): each test starts
-//! its own server on a free loopback port with persistence off, two
-//! replicas and one simulator. A missing redis-server that cannot be
-//! installed fails these tests; it never skips them.
+//! `--idempotency-store redis://` against a real `redis-server`
+//! (`support/redis_server.rs`): each test starts its own server, two
+//! replicas and one simulator. Replicas dying mid-create and rollouts are
+//! in `tests/rollout.rs`.
 
 mod common;
 
-use std::{
-    io::{Read, Write},
-    net::TcpStream,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    sync::OnceLock,
-    time::Duration,
-};
+use std::{sync::OnceLock, time::Duration};
 
 use common::*;
-use piclumen_grpc::{idempotency::StoreLocation, pb, server::ServerConfig};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use piclumen_grpc::{pb, server::ServerConfig};
 use serde_json::json;
 use tonic::{Code, Request};
 use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
 
-/// The `redis-server` binary, installed once per test run when missing.
-fn redis_server_binary() -> &'static PathBuf {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/redis.sh");
-        let output = Command::new("bash")
-            .arg(script)
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run scripts/redis.sh");
-        assert!(
-            output.status.success(),
-            "redis-server is missing and scripts/redis.sh could not install it ({})",
-            output.status
-        );
-        let path = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-        assert!(!path.is_empty(), "scripts/redis.sh named no binary");
-        PathBuf::from(path)
-    })
-}
+#[path = "support/redis_server.rs"]
+mod redis_server;
 
-/// A `redis-server` child on a loopback port, killed (by its own handle)
-/// when dropped.
-struct Redis {
-    port: u16,
-    child: Option<Child>,
-    _dir: TempDir,
-}
-
-impl Redis {
-    fn start() -> Self {
-        Self::start_on(unused_addr().port())
-    }
-
-    fn start_on(port: u16) -> Self {
-        let dir = TempDir::new("redis");
-        let redis = Self::spawn(port, &["--port", &port.to_string()], dir);
-        redis.wait_ready(|| ping(port));
-        redis
-    }
-
-    /// A server speaking TLS only, with a certificate for 127.0.0.1 signed
-    /// by a CA made here; returns it and the CA's PEM file.
-    fn start_tls() -> (Self, PathBuf) {
-        let port = unused_addr().port();
-        let dir = TempDir::new("redis-tls");
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca =
-            CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("ca");
-        let key = KeyPair::generate().expect("key");
-        let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
-            .expect("params")
-            .signed_by(&key, &ca)
-            .expect("sign");
-        let file = |name: &str, text: String| {
-            let path = dir.0.join(name);
-            std::fs::write(&path, text).expect("write pem");
-            path.to_string_lossy().into_owned()
-        };
-        let ca_file = file("ca.pem", ca.pem());
-        let cert_file = file("server.pem", cert.pem());
-        let key_file = file("server.key", key.serialize_pem());
-        let args = [
-            "--port",
-            "0",
-            "--tls-port",
-            &port.to_string(),
-            "--tls-cert-file",
-            &cert_file,
-            "--tls-key-file",
-            &key_file,
-            "--tls-ca-cert-file",
-            &ca_file,
-            "--tls-auth-clients",
-            "no",
-        ];
-        let redis = Self::spawn(port, &args, dir);
-        redis.wait_ready(|| TcpStream::connect(("127.0.0.1", port)).is_ok());
-        (redis, PathBuf::from(ca_file))
-    }
-
-    fn spawn(port: u16, args: &[&str], dir: TempDir) -> Self {
-        let child = Command::new(redis_server_binary())
-            .args(args)
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&dir.0)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server");
-        Self {
-            port,
-            child: Some(child),
-            _dir: dir,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn location(&self) -> StoreLocation {
-        self.url().parse().expect("redis url")
-    }
-
-    /// `ready` holds within 10 s, or the test fails.
-    fn wait_ready(&self, ready: impl Fn() -> bool) {
-        let end = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if ready() {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < end,
-                "redis-server did not come up on port {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Kills the server, as a crash or an outage would.
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn ping(port: u16) -> bool {
-    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-    if stream.write_all(b"PING\r\n").is_err() {
-        return false;
-    }
-    let mut reply = [0u8; 7];
-    stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
-}
-
-/// A directory removed when dropped (redis-server wants a working dir).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let path = std::env::temp_dir().join(format!(
-            "piclumen-{name}-{}-{:x}",
-            std::process::id(),
-            rand::random::<u64>()
-        ));
-        std::fs::create_dir_all(&path).expect("temp dir");
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use redis_server::Redis;
 
 fn shared(redis: &Redis) -> ServerConfig {
     let mut config = server_config();
@@ -394,45 +219,6 @@ type Replica = Process;
 
 fn replica(args: &[&str], env: &[(&str, &str)]) -> Replica {
     Process::serve(&[&["--listen", "127.0.0.1:0"], args].concat(), env)
-}
-
-#[tokio::test]
-async fn a_claim_whose_owner_died_expires() {
-    let redis = Redis::start();
-    let sim = Sim::start(sim_config()).await;
-    let upstream = sim.url();
-    // A 1 s upstream timeout: claims live 1 s plus the margin.
-    let args = ["--upstream-url", &upstream, "--upstream-timeout", "1s"];
-    let store = redis.url();
-    let env = [("PICLUMEN_IDEMPOTENCY_STORE", store.as_str())];
-    let mut owner = replica(&args, &env);
-    let survivor = replica(&args, &env);
-    sim.script(json!([{"endpoint": "create", "delay_ms": 3000}]))
-        .await;
-    let mut first = owner.client().await;
-    let started = tokio::spawn(async move {
-        first
-            .generate_image(call(TOKEN, "orphan", Duration::from_secs(10)))
-            .await
-    });
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            sim.stat("create_calls").await == 1
-        })
-        .await
-    );
-    // The owner dies with its create in flight; its claim stays behind.
-    owner.kill();
-    let _ = started.await;
-
-    let mut client = survivor.client().await;
-    let created = client
-        .generate_image(call(TOKEN, "orphan", Duration::from_secs(20)))
-        .await
-        .expect("the claim expires and the survivor creates")
-        .into_inner();
-    assert!(!created.mark_id.is_empty());
-    assert_eq!(sim.stat("create_calls").await, 2);
 }
 
 #[tokio::test]

@@ -11,8 +11,9 @@ pub use crate::{
         BATCH_MAX, FAILURE_BUDGET, GATHER, MAX_BATCH, MIN_POLL_INTERVAL, POLL_INTERVAL,
     },
     server::defaults::{
-        DRAIN_TIMEOUT, HTTP2_KEEPALIVE_INTERVAL, HTTP2_KEEPALIVE_TIMEOUT, MAX_REQUEST_BYTES,
-        MAX_STREAMS_PER_CONNECTION, PORT,
+        DRAIN_TIMEOUT, HTTP2_KEEPALIVE_INTERVAL, HTTP2_KEEPALIVE_TIMEOUT, MAX_CONNECTION_AGE,
+        MAX_CONNECTION_AGE_GRACE, MAX_REQUEST_BYTES, MAX_STREAMS_PER_CONNECTION,
+        MIN_CONNECTION_AGE, PORT,
     },
     service::defaults::{
         HEARTBEAT, IDEMPOTENCY_TTL, MAX_GENERATES_PER_TOKEN, MAX_WATCH, MAX_WATCHES, MIN_HEARTBEAT,
@@ -28,3 +29,7 @@ pub use crate::{
 /// Longest accepted duration of any flag: far beyond any sensible setting,
 /// and far from the overflow of `Instant + Duration`.
 pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// `--timeout` of `watch`, `generate` and `check`: the overall deadline a
+/// command rides through drains and lost connections within.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(30 * 60);

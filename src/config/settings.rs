@@ -187,6 +187,8 @@ impl ServeArgs {
             http2_keepalive_timeout: self.http2_keepalive_timeout,
             tls,
             cors_allow_origins: self.cors_allow_origin.clone(),
+            max_connection_age: self.max_connection_age,
+            max_connection_age_grace: self.max_connection_age_grace,
         };
         let client = ClientConfig {
             base_url: self.upstream_url.clone(),
@@ -329,6 +331,11 @@ fn duration_at_least(s: &str, min: Duration) -> Result<Duration, String> {
 /// `--poll-interval`.
 pub(super) fn poll_interval(s: &str) -> Result<Duration, String> {
     duration_at_least(s, defaults::MIN_POLL_INTERVAL)
+}
+
+/// `--max-connection-age`.
+pub(super) fn connection_age(s: &str) -> Result<Duration, String> {
+    duration_at_least(s, defaults::MIN_CONNECTION_AGE)
 }
 
 /// `--heartbeat`.

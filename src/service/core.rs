@@ -16,14 +16,14 @@ use tracing::{debug, info, warn};
 use super::{
     ServiceConfig,
     admission::{self, CallToken, Credentials, WatchSlots},
-    in_flight::CreatesInFlight,
+    in_flight::CreateLimit,
     watch::{Watch, WatchEvent},
 };
 use crate::{
     convert,
     error::Error,
     hub::Hub,
-    idempotency::{Created, Fingerprint, IdempotencyStore},
+    idempotency::{Created, CreatesInFlight, Fingerprint, IdempotencyStore},
     job::JobStatus,
     pb,
     upstream::{CreatePayload, Upstream},
@@ -36,7 +36,7 @@ pub struct Core {
     hub: Hub,
     store: IdempotencyStore,
     watch_slots: WatchSlots,
-    creates: CreatesInFlight,
+    create_limit: CreateLimit,
     /// Cancelled when the server starts draining.
     draining: CancellationToken,
 }
@@ -62,13 +62,9 @@ impl Core {
         draining: CancellationToken,
     ) -> Self {
         Self {
-            store: IdempotencyStore::open(
-                &config.idempotency_store,
-                config.idempotency_ttl,
-                upstream.timeout(),
-            ),
+            store: IdempotencyStore::open(&config.idempotency_store, config.idempotency_ttl),
             watch_slots: WatchSlots::new(config.max_watches),
-            creates: CreatesInFlight::new(config.max_generates_per_token),
+            create_limit: CreateLimit::new(config.max_generates_per_token),
             config,
             upstream,
             hub,
@@ -87,6 +83,11 @@ impl Core {
             self.config.default_token.as_ref(),
             credentials,
         )
+    }
+
+    /// Creates in flight, which a draining server waits for.
+    pub fn creates(&self) -> CreatesInFlight {
+        self.store.creates().clone()
     }
 
     /// GenerateImage: admits the caller, validates and converts `req`, then
@@ -138,12 +139,14 @@ impl Core {
         payload: &CreatePayload,
         deadline: Option<Instant>,
     ) -> Result<impl Future<Output = Result<Created, Error>> + Send + use<>, Error> {
-        let slot = self.creates.start(&call.token)?;
+        let slot = self.create_limit.start(&call.token)?;
         let seed = payload.seed;
         let default_token = call.is_default;
+        // Counted until it ends, so a draining server waits for it.
+        let in_flight = self.store.creates().enter();
         let sent = self.upstream.create(&call.token, payload, deadline);
         Ok(async move {
-            let _slot = slot;
+            let (_slot, _in_flight) = (slot, in_flight);
             sent.await
                 .map(|mark_id| Created { mark_id, seed })
                 .map_err(|e| admission::create_error(e, default_token, deadline))

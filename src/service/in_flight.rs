@@ -13,12 +13,12 @@ use crate::{error::Error, job::Token};
 
 /// The creates in flight, counted per token. Cheap to share.
 #[derive(Debug)]
-pub(super) struct CreatesInFlight {
+pub(super) struct CreateLimit {
     limit: usize,
     counts: Arc<Mutex<HashMap<Token, usize>>>,
 }
 
-impl CreatesInFlight {
+impl CreateLimit {
     /// At most `limit` creates in flight per token.
     pub(super) fn new(limit: usize) -> Self {
         Self {

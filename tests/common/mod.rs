@@ -103,6 +103,8 @@ pub fn server_config() -> ServerConfig {
         http2_keepalive_timeout: Duration::from_secs(10),
         tls: None,
         cors_allow_origins: Vec::new(),
+        max_connection_age: server::defaults::MAX_CONNECTION_AGE,
+        max_connection_age_grace: server::defaults::MAX_CONNECTION_AGE_GRACE,
     }
 }
 

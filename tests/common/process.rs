@@ -274,6 +274,11 @@ impl Process {
         self.signal("TERM");
     }
 
+    /// The exit status if the process has exited, without waiting.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
     /// Waits at most `limit` for the child to exit, then for the rest of its
     /// stderr to reach the log; panics with the log past the limit.
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
