@@ -45,6 +45,9 @@ pub enum Error {
     /// The server is draining.
     #[error("the server is shutting down; retry on another instance")]
     ShuttingDown,
+    /// The server failed on its own (a bug, logged where it happened).
+    #[error("the server failed while asking Piclumen for this job's state; retry")]
+    Internal,
     /// The caller's deadline or the maximum watch time ran out.
     #[error("{0}")]
     DeadlineExceeded(String),
@@ -130,6 +133,7 @@ impl From<Error> for Status {
                 (Code::NotFound, "JOB_NOT_FOUND")
             }
             Error::ShuttingDown => (Code::Unavailable, "SHUTTING_DOWN"),
+            Error::Internal => (Code::Internal, "INTERNAL"),
             Error::WatchInterrupted => (Code::Unavailable, "WATCH_INTERRUPTED"),
             Error::DeadlineExceeded(_) => (Code::DeadlineExceeded, "DEADLINE_EXCEEDED"),
             Error::ResourceExhausted(_) => (Code::ResourceExhausted, "SERVER_LIMIT"),

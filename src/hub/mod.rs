@@ -64,6 +64,10 @@ pub enum HubError {
     /// The token's poller went away (the server is stopping).
     #[error("the hub stopped")]
     Stopped,
+    /// The status call for this job failed inside the server (a bug, logged
+    /// where it happened).
+    #[error("the server failed while asking Piclumen for this job's state")]
+    Internal,
 }
 
 /// What a watcher sees of its job.

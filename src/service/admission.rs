@@ -122,6 +122,7 @@ impl CallToken {
             HubError::Outage { budget, last } => Error::UpstreamOutage { budget, last },
             HubError::DeadlineExceeded => caller_deadline_passed(),
             HubError::Stopped => Error::ShuttingDown,
+            HubError::Internal => Error::Internal,
         }
     }
 }

@@ -16,21 +16,15 @@ impl Poller {
     /// internal error rather than waiting for ever, and the token goes on.
     pub(super) fn panicked(&mut self, flight: InFlight, e: &task::JoinError) {
         error!(error = %e, "a status call task failed; ending its watches and checks");
-        self.end_call(
-            flight,
-            UpstreamError::Build {
-                detail: format!("the status call failed inside the server: {e}"),
-            },
-        );
+        self.end_call(flight, HubError::Internal);
     }
 
     /// Ends every watch and check of a call with `error` (a refusal, or a
     /// failed task).
-    pub(super) fn end_call(&mut self, flight: InFlight, error: UpstreamError) {
+    pub(super) fn end_call(&mut self, flight: InFlight, ended: HubError) {
         let now = Instant::now();
         let InFlight { call, ids, waiters } = flight;
         let mut waiters: HashMap<Arc<str>, Vec<Waiter>> = waiters.into_iter().collect();
-        let ended = HubError::Upstream(error);
         let shared = Arc::clone(&self.shared);
         let mut state = lock(&shared.state);
         let mut shared_entries = Vec::new();

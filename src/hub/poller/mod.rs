@@ -315,7 +315,7 @@ impl Poller {
             }
             Err(error) => {
                 warn!(%error, "Piclumen refused a status call; ending its watches and checks");
-                self.end_call(flight, error);
+                self.end_call(flight, HubError::Upstream(error));
             }
         }
     }
