@@ -21,6 +21,7 @@
 //! - `sim`: the Piclumen simulator.
 //! - `cli`: the human client (`generate`, `watch`, `check`).
 //! - `telemetry`: logging and metrics setup.
+//! - `otel`: OpenTelemetry tracing: W3C trace context in, spans out over OTLP.
 //!
 //! Data flows one way: service -> hub -> upstream.
 
@@ -35,6 +36,7 @@ pub mod http_api;
 pub mod hub;
 pub mod idempotency;
 pub mod job;
+pub mod otel;
 pub mod pb;
 pub mod request_id;
 pub mod server;

@@ -264,6 +264,7 @@ pub async fn run_with_http(
         .layer(tonic_web::GrpcWebLayer::new())
         .layer(metrics)
         .layer(RequestIdLayer)
+        .layer(crate::otel::GrpcTraceLayer)
         .max_concurrent_streams(Some(config.max_streams_per_connection))
         // Pings keep long WatchImage streams alive through proxies and find
         // dead peers.
@@ -325,7 +326,7 @@ pub async fn run_with_http(
         };
         grpc.and(http)
     };
-    match tokio::time::timeout(config.drain_timeout, drained).await {
+    let result = match tokio::time::timeout(config.drain_timeout, drained).await {
         Ok(result) => {
             info!("drained");
             result
@@ -338,7 +339,10 @@ pub async fn run_with_http(
             }
             Ok(())
         }
-    }
+    };
+    // Spans still queued go out before exit, within the same bound.
+    crate::otel::shutdown(config.drain_timeout).await;
+    result
 }
 
 /// The HTTP API's end, or never when it is off.

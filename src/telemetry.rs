@@ -17,18 +17,40 @@ use crate::config::LogFormat;
 /// guard until exit: dropping it flushes what is left.
 #[must_use = "dropping the guard stops logging; hold it until exit"]
 pub fn init_logging(format: LogFormat, filter: &str) -> WorkerGuard {
+    init_logging_with(format, filter, None)
+}
+
+/// [`init_logging`], plus `tracing`'s layer exporting spans to
+/// OpenTelemetry when given (`crate::otel::install`). The log filter then
+/// applies to the log lines only, and the exported spans stay out of them.
+#[must_use = "dropping the guard stops logging; hold it until exit"]
+pub fn init_logging_with(
+    format: LogFormat,
+    filter: &str,
+    otel: Option<crate::otel::TracingLayer>,
+) -> WorkerGuard {
+    use tracing_subscriber::{
+        Layer, filter::filter_fn, layer::SubscriberExt, util::SubscriberInitExt,
+    };
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let (writer, guard) = NonBlockingBuilder::default()
         .lossy(false)
         .finish(std::io::BufWriter::new(std::io::stderr()));
-    let builder = fmt()
-        .with_env_filter(filter)
+    let layer = fmt::layer()
         .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+    let layer = match format {
+        LogFormat::Text => layer.boxed(),
+        LogFormat::Json => layer
+            .json()
+            .flatten_event(true)
+            .map_event_format(crate::otel::WithTraceIds)
+            .boxed(),
+    };
+    let not_otel = filter_fn(|meta| meta.target() != crate::otel::TARGET);
+    let mut layers = vec![layer.with_filter(filter).with_filter(not_otel).boxed()];
+    layers.extend(otel);
+    tracing_subscriber::registry().with(layers).init();
     guard
 }
 

@@ -244,7 +244,9 @@ impl Client {
         let body = self
             .post(Endpoint::Create, token, payload, deadline)
             .await?;
-        decode_create_reply(&body)
+        let mark_id = decode_create_reply(&body)?;
+        crate::otel::record_mark_id(&mark_id);
+        Ok(mark_id)
     }
 
     /// Asks for the state of several jobs at once; ids missing from the
@@ -297,12 +299,13 @@ impl Client {
             Endpoint::Create => &self.create_url,
             Endpoint::Status => &self.status_url,
         };
+        let span = crate::otel::client_span("POST", endpoint.path(), url.host_str());
         let request = self
             .http
             .post(url.clone())
             .header(header::AUTHORIZATION, token.expose())
-            .body(body)
-            .send();
+            .body(body);
+        let request = crate::otel::inject(&span, request).send();
         // One bound on the whole exchange, headers and body alike.
         let exchange = async {
             let response = request.await.map_err(|e| transport_error(e, timeout))?;
@@ -315,10 +318,15 @@ impl Client {
             Ok::<_, UpstreamError>((status, retry_after, bytes))
         };
         let started = std::time::Instant::now();
-        let outcome = tokio::time::timeout(timeout, exchange)
-            .await
-            .map_err(|_| UpstreamError::Timeout(timeout))
-            .and_then(|r| r);
+        let outcome =
+            tracing::Instrument::instrument(tokio::time::timeout(timeout, exchange), span.clone())
+                .await
+                .map_err(|_| UpstreamError::Timeout(timeout))
+                .and_then(|r| r);
+        crate::otel::end_client_span(
+            &span,
+            outcome.as_ref().map(|(status, _, _)| status.as_u16()),
+        );
         endpoint.record(
             outcome.as_ref().ok().map(|(status, _, _)| status.as_u16()),
             started.elapsed(),
@@ -354,6 +362,13 @@ struct EndpointMetrics {
 }
 
 impl Endpoint {
+    fn path(self) -> &'static str {
+        match self {
+            Self::Create => CREATE_PATH,
+            Self::Status => STATUS_PATH,
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             Self::Create => "create",

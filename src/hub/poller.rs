@@ -32,6 +32,8 @@ struct InFlight {
     call: Call,
     ids: Vec<Arc<str>>,
     waiters: Vec<(Arc<str>, Vec<Waiter>)>,
+    /// The round's span (disabled with export off), open until applied.
+    span: tracing::Span,
 }
 
 type Done = (InFlight, Result<Vec<StatusEntry>, UpstreamError>);
@@ -63,6 +65,7 @@ pub(super) fn spawn(token: Token, hub: Arc<Inner>) -> Arc<Shared> {
         calls: JoinSet::new(),
         pause_error: None,
         next_sweep: None,
+        links: crate::otel::RoundLinks::default(),
     };
     // No parent: a poller serves many calls, and must not carry the request
     // id of whichever call happened to start it.
@@ -82,6 +85,8 @@ struct Poller {
     pause_error: Option<UpstreamError>,
     /// When `known` is next swept of stale answers.
     next_sweep: Option<Instant>,
+    /// The calls each job's next round serves, for its span's links.
+    links: crate::otel::RoundLinks,
 }
 
 impl Poller {
@@ -125,8 +130,11 @@ impl Poller {
     fn command(&mut self, cmd: Cmd) {
         let now = Instant::now();
         match cmd {
-            Cmd::Watch(id) => self.schedule.watch(id, now),
-            Cmd::Check(id, waiter) => {
+            Cmd::Watch(id, link) => {
+                self.links.watch(&id, link);
+                self.schedule.watch(id, now);
+            }
+            Cmd::Check(id, waiter, link) => {
                 if let Some(until) = self.schedule.paused_until(now) {
                     let error = self.pause_error.clone().map_or(
                         HubError::Upstream(UpstreamError::RateLimited { retry_after: None }),
@@ -139,6 +147,7 @@ impl Poller {
                     .entry(Arc::clone(&id))
                     .or_default()
                     .push(waiter);
+                self.links.check(&id, link);
                 self.schedule.check(id);
             }
         }
@@ -192,14 +201,27 @@ impl Poller {
         upstream_metrics().ids.record(ids.len() as f64);
         let source = Arc::clone(&self.hub.source);
         let request = source.batch_status(&self.shared.token, &ids);
-        let flight = InFlight { call, ids, waiters };
+        let schedule = &self.schedule;
+        let span = self.links.round_span(&ids, |id| schedule.is_watched(id));
+        let request = request.instrument(span.clone());
+        let flight = InFlight {
+            call,
+            ids,
+            waiters,
+            span,
+        };
         self.calls.spawn(async move { (flight, request.await) });
     }
 
     /// Publishes one call's answer to the watchers and checks of its ids.
     fn apply(&mut self, flight: InFlight, result: Result<Vec<StatusEntry>, UpstreamError>) {
         let now = Instant::now();
-        let InFlight { call, ids, waiters } = flight;
+        let InFlight {
+            call,
+            ids,
+            waiters,
+            span,
+        } = flight;
         let mut waiters: HashMap<Arc<str>, Vec<Waiter>> = waiters.into_iter().collect();
         match result {
             Ok(entries) => {
@@ -255,6 +277,11 @@ impl Poller {
                     Verdict::Outage => self.outage(error),
                     Verdict::Paused(until) => {
                         upstream_metrics().retries.increment(1);
+                        crate::otel::retry_event(
+                            &span,
+                            until.saturating_duration_since(now),
+                            &error.to_string(),
+                        );
                         debug!(%error, pause = ?until.saturating_duration_since(now), "transient upstream trouble; pausing the token");
                         // Queued checks get the cause now rather than
                         // waiting out the pause.
@@ -265,6 +292,7 @@ impl Poller {
                             ))));
                         }
                         self.schedule.clear_checks();
+                        self.links.clear_checks();
                         self.pause_error = Some(error);
                     }
                     Verdict::Continue => {}

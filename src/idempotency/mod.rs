@@ -22,6 +22,7 @@
 
 mod memory;
 mod redis;
+mod traced;
 
 use std::{
     collections::HashMap,
@@ -72,6 +73,16 @@ impl FromStr for StoreLocation {
         }
         ::redis::Client::open(s).map_err(|e| format!("not a usable Redis URL: {e}"))?;
         Ok(Self::Redis(s.to_owned()))
+    }
+}
+
+impl StoreLocation {
+    /// The backend's name, for spans.
+    fn system(&self) -> &'static str {
+        match self {
+            Self::Memory => "memory",
+            Self::Redis(_) => "redis",
+        }
     }
 }
 
@@ -192,6 +203,7 @@ impl IdempotencyStore {
             StoreLocation::Memory => Box::new(memory::MemoryBackend::new(ttl)),
             StoreLocation::Redis(url) => Box::new(redis::RedisBackend::new(url)),
         };
+        let backend = traced::wrap(backend, location.system());
         Self {
             inner: Arc::new(Inner {
                 backend,
