@@ -151,7 +151,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let response = ready!(this.inner.poll(cx))?;
-        let mut call = this.span.take().map(CallSpan);
+        let mut call = this.span.take().map(|span| CallSpan(Some(span)));
         // A trailers-only response (every error tonic returns from a
         // handler) carries its status in the headers.
         if let Some(code) = grpc_status(response.headers())
@@ -166,21 +166,28 @@ where
 /// A call's span until its status is known; a call whose response is
 /// dropped before that (the caller went away) ends CANCELLED.
 #[derive(Debug)]
-struct CallSpan(Span);
+struct CallSpan(Option<Span>);
 
 impl CallSpan {
-    fn finish(self, code: i64) {
-        self.0.record("rpc.grpc.status_code", code);
-        if SERVER_ERRORS.contains(&code) {
-            self.0.record("otel.status_code", "ERROR");
+    fn finish(mut self, code: i64) {
+        if let Some(span) = self.0.take() {
+            record_status(&span, code);
         }
-        std::mem::forget(self);
     }
 }
 
 impl Drop for CallSpan {
     fn drop(&mut self) {
-        self.0.record("rpc.grpc.status_code", CANCELLED);
+        if let Some(span) = self.0.take() {
+            record_status(&span, CANCELLED);
+        }
+    }
+}
+
+fn record_status(span: &Span, code: i64) {
+    span.record("rpc.grpc.status_code", code);
+    if SERVER_ERRORS.contains(&code) {
+        span.record("otel.status_code", "ERROR");
     }
 }
 

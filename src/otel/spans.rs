@@ -175,7 +175,7 @@ impl RoundLinks {
             parent: None,
             "hub round",
             otel.kind = "internal",
-            piclumen.batch_size = ids.len(),
+            piclumen.batch_size = ids.len() as i64,
             piclumen.mark_ids = ids.join(",").as_str(),
         );
         let mut checks = ids.iter().filter_map(|id| self.checks.remove(id)).flatten();

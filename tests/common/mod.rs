@@ -429,6 +429,8 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
 pub struct Served {
     pub child: std::process::Child,
     pub addr: String,
+    /// Every line the server wrote to stderr so far.
+    pub lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Served {
@@ -448,18 +450,30 @@ impl Served {
             .expect("spawn serve");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = std::sync::mpsc::channel();
+        let lines = std::sync::Arc::<std::sync::Mutex<Vec<String>>>::default();
+        let kept = std::sync::Arc::clone(&lines);
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(rest) = line.split("listening on ").nth(1) {
-                    let addr = rest.split_whitespace().next().unwrap_or_default();
+                    // Text or JSON lines: the address ends at a space or quote.
+                    let addr = rest
+                        .split(|c: char| c.is_whitespace() || c == '"')
+                        .next()
+                        .unwrap_or_default();
                     let _ = tx.send(addr.to_owned());
                 }
+                kept.lock().expect("log lines").push(line);
             }
         });
         let addr = rx
             .recv_timeout(Duration::from_secs(20))
             .expect("listening line");
-        Self { child, addr }
+        Self { child, addr, lines }
+    }
+
+    /// What the server wrote to stderr so far.
+    pub fn log(&self) -> Vec<String> {
+        self.lines.lock().expect("log lines").clone()
     }
 
     /// A client of this server.
