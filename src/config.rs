@@ -7,7 +7,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 pub mod defaults;
 mod settings;
@@ -19,10 +19,11 @@ use settings::{
     positive, positive_duration, rate,
 };
 
+pub use crate::telemetry::LogFormat;
 /// Piclumen's production API.
-pub const PRODUCTION_URL: &str = "https://api.piclumen.com";
+pub const PRODUCTION_URL: &str = crate::upstream::defaults::UPSTREAM_URL;
 /// Port used when neither `--listen` nor `PORT` is given.
-pub const DEFAULT_PORT: u16 = 50051;
+pub const DEFAULT_PORT: u16 = crate::server::defaults::PORT;
 
 /// Exit codes of the client subcommands, shown by `--help`.
 pub const EXIT_CODES_HELP: &str = "\
@@ -45,15 +46,6 @@ pub struct Cli {
     /// Log filter, e.g. `info` or `piclumen_grpc=debug` (RUST_LOG syntax).
     #[arg(long, env = "PICLUMEN_LOG", default_value = defaults::LOG, value_parser = log_filter, global = true)]
     pub log: String,
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 /// The subcommands.

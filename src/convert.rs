@@ -51,11 +51,21 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            min_dimension: crate::config::defaults::MIN_DIMENSION,
-            max_dimension: crate::config::defaults::MAX_DIMENSION,
-            max_prompt_chars: crate::config::defaults::MAX_PROMPT_CHARS,
+            min_dimension: bounds::MIN_DIMENSION,
+            max_dimension: bounds::MAX_DIMENSION,
+            max_prompt_chars: bounds::MAX_PROMPT_CHARS,
         }
     }
+}
+
+/// Default request bounds (the `serve` flags read these).
+pub mod bounds {
+    /// `--min-dimension`.
+    pub const MIN_DIMENSION: i32 = 64;
+    /// `--max-dimension`.
+    pub const MAX_DIMENSION: i32 = 4096;
+    /// `--max-prompt-chars`.
+    pub const MAX_PROMPT_CHARS: usize = 4000;
 }
 
 /// Longest `request_id`.

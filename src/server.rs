@@ -54,6 +54,40 @@ pub struct ServerConfig {
     pub cors_allow_origins: Vec<String>,
 }
 
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            service: ServiceConfig::default(),
+            hub: HubConfig::default(),
+            drain_timeout: defaults::DRAIN_TIMEOUT,
+            max_streams_per_connection: defaults::MAX_STREAMS_PER_CONNECTION,
+            max_request_bytes: defaults::MAX_REQUEST_BYTES,
+            http2_keepalive_interval: defaults::HTTP2_KEEPALIVE_INTERVAL,
+            http2_keepalive_timeout: defaults::HTTP2_KEEPALIVE_TIMEOUT,
+            tls: None,
+            cors_allow_origins: Vec::new(),
+        }
+    }
+}
+
+/// The server's defaults (the `serve` flags read these).
+pub mod defaults {
+    use std::time::Duration;
+
+    /// Port used when neither `--listen` nor `PORT` is given.
+    pub const PORT: u16 = 50051;
+    /// `--drain-timeout`.
+    pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+    /// `--max-request-bytes`.
+    pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+    /// `--http2-keepalive-interval`.
+    pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+    /// `--http2-keepalive-timeout`.
+    pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+    /// `--max-streams-per-connection`.
+    pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+}
+
 /// Why the server stopped abnormally.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {

@@ -54,6 +54,42 @@ pub struct ServiceConfig {
     pub idempotency_store: StoreLocation,
 }
 
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            default_token: None,
+            api_keys: None,
+            limits: Limits::default(),
+            max_watch: defaults::MAX_WATCH,
+            heartbeat: defaults::HEARTBEAT,
+            max_watches: defaults::MAX_WATCHES,
+            max_generates_per_token: defaults::MAX_GENERATES_PER_TOKEN,
+            idempotency_ttl: defaults::IDEMPOTENCY_TTL,
+            idempotency_store: Default::default(),
+        }
+    }
+}
+
+/// The service's defaults and bounds (the `serve` flags read these).
+pub mod defaults {
+    use std::time::Duration;
+
+    /// `--max-watch`.
+    pub const MAX_WATCH: Duration = Duration::from_secs(30 * 60);
+    /// `--heartbeat`.
+    pub const HEARTBEAT: Duration = Duration::from_secs(30);
+    /// Shortest `--heartbeat`.
+    pub const MIN_HEARTBEAT: Duration = Duration::from_secs(1);
+    /// `--max-watches`: what one instance is shown to hold (BENCHMARKS.md:
+    /// 30,000 watches of one token in 161 MiB, every change delivered within
+    /// an interval).
+    pub const MAX_WATCHES: usize = 30_000;
+    /// `--max-generates-per-token`.
+    pub const MAX_GENERATES_PER_TOKEN: usize = 16;
+    /// `--idempotency-ttl`.
+    pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(10 * 60);
+}
+
 /// The service; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct ImageServiceImpl {

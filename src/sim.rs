@@ -66,7 +66,6 @@ pub struct SimConfig {
 
 impl Default for SimConfig {
     fn default() -> Self {
-        use crate::config::defaults;
         Self {
             job_duration: defaults::SIM_JOB_DURATION,
             job_jitter: defaults::SIM_JOB_JITTER,
@@ -76,6 +75,31 @@ impl Default for SimConfig {
             tokens: Vec::new(),
         }
     }
+}
+
+/// The simulator's defaults (the `sim` flags and `serve --simulate` read
+/// these).
+pub mod defaults {
+    use std::{
+        net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+        time::Duration,
+    };
+
+    /// `sim --listen`.
+    pub const SIM_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
+    /// `sim --job-duration` and `serve --sim-job-duration`.
+    pub const SIM_JOB_DURATION: Duration = Duration::from_secs(6);
+    /// `sim --job-jitter`.
+    pub const SIM_JOB_JITTER: f64 = 0.0;
+    /// `sim --latency`.
+    pub const SIM_LATENCY: Duration = Duration::ZERO;
+    /// `sim --fail-5xx-rate`.
+    pub const SIM_FAIL_5XX_RATE: f64 = 0.0;
+    /// `sim --fail-429-rate`.
+    pub const SIM_FAIL_429_RATE: f64 = 0.0;
+    /// Default token of `serve --simulate` when none is given, so the quick
+    /// start works without one. The simulator accepts any token.
+    pub const SIMULATOR_TOKEN: &str = "simulator-demo-token";
 }
 
 /// Piclumen's create path.

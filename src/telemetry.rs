@@ -7,7 +7,17 @@ use metrics_exporter_prometheus::Matcher;
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::{EnvFilter, fmt};
 
-use crate::config::LogFormat;
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `--log`: the default log filter.
+pub const DEFAULT_LOG: &str = "info";
 
 /// Installs the global tracing subscriber, writing to stderr. Lines are
 /// written by a background thread through a buffer flushed whenever its

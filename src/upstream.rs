@@ -166,6 +166,84 @@ pub struct ClientConfig {
     pub referer: Option<String>,
 }
 
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            base_url: defaults::UPSTREAM_URL.into(),
+            timeout: defaults::UPSTREAM_TIMEOUT,
+            connect_timeout: defaults::UPSTREAM_CONNECT_TIMEOUT,
+            user_agent: None,
+            origin: None,
+            referer: None,
+        }
+    }
+}
+
+/// A boxed future, as the [`Upstream`] trait's calls return.
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+/// What the rest of the service needs from Piclumen: starting a generation
+/// and asking for job states. [`Client`] is the production implementation;
+/// tests put a scripted fake behind it to run the service on paused time.
+pub trait Upstream: Send + Sync + 'static {
+    /// Starts a generation and returns its mark id; never retried (it may
+    /// have cost credits).
+    fn create(
+        &self,
+        token: &Token,
+        payload: &CreatePayload,
+        deadline: Option<Instant>,
+    ) -> BoxFuture<Result<String, UpstreamError>>;
+
+    /// The states of `mark_ids` for `token`, each entry decoded on its own;
+    /// ids absent from the answer are unknown to the token's account.
+    fn batch_status(
+        &self,
+        token: &Token,
+        mark_ids: &[std::sync::Arc<str>],
+    ) -> BoxFuture<Result<Vec<StatusEntry>, UpstreamError>>;
+
+    /// The bound on one whole call (`--upstream-timeout`).
+    fn timeout(&self) -> Duration;
+}
+
+impl Upstream for Client {
+    fn create(
+        &self,
+        token: &Token,
+        payload: &CreatePayload,
+        deadline: Option<Instant>,
+    ) -> BoxFuture<Result<String, UpstreamError>> {
+        let (client, token, payload) = (self.clone(), token.clone(), payload.clone());
+        Box::pin(async move { Client::create(&client, &token, &payload, deadline).await })
+    }
+
+    fn batch_status(
+        &self,
+        token: &Token,
+        mark_ids: &[std::sync::Arc<str>],
+    ) -> BoxFuture<Result<Vec<StatusEntry>, UpstreamError>> {
+        let (client, token, ids) = (self.clone(), token.clone(), mark_ids.to_vec());
+        Box::pin(async move { client.batch_status_entries(&token, &ids).await })
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+/// The client's defaults (the `serve` flags' defaults read these).
+pub mod defaults {
+    use std::time::Duration;
+
+    /// Piclumen's production API, `--upstream-url`'s default.
+    pub const UPSTREAM_URL: &str = "https://api.piclumen.com";
+    /// `--upstream-timeout`.
+    pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+    /// `--upstream-connect-timeout`.
+    pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+}
+
 /// The Piclumen client. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Client {

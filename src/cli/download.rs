@@ -159,9 +159,16 @@ async fn fetch(
             name: name.to_owned(),
         });
     }
-    let mut temp = tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".part")
+    let prefix = format!(".{name}.");
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix).suffix(".part");
+    // tempfile creates 0600 files; the saved image should get what a plain
+    // `File::create` gets (0666 less the caller's umask), as curl -o or cp
+    // leave it. Asking for it at creation lets the kernel apply the umask,
+    // so the file never has other permissions, before or after the rename.
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    let mut temp = builder
         .tempfile_in(dir)
         .map_err(|source| DownloadError::Dir {
             dir: dir.to_owned(),

@@ -90,6 +90,39 @@ pub struct HubConfig {
     pub failure_budget: Duration,
 }
 
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            poll_interval: defaults::POLL_INTERVAL,
+            batch_max: defaults::BATCH_MAX.into(),
+            gather: defaults::GATHER,
+            failure_budget: defaults::FAILURE_BUDGET,
+        }
+    }
+}
+
+/// The hub's defaults and bounds (the `serve` flags read these).
+pub mod defaults {
+    use std::time::Duration;
+
+    /// `--poll-interval`.
+    pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
+    /// `--batch-max`.
+    pub const BATCH_MAX: u16 = 50;
+    /// `--failure-budget`.
+    pub const FAILURE_BUDGET: Duration = Duration::from_secs(60);
+    /// How long the hub gathers newly watched jobs into one batch-status
+    /// call (not a flag: short enough to be unnoticeable, long enough to
+    /// batch a burst of new watches).
+    pub const GATHER: Duration = Duration::from_millis(50);
+    /// Shortest `--poll-interval`: below it a watch costs Piclumen a status
+    /// call several times a second for no visible gain.
+    pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(250);
+    /// Largest `--batch-max`: more mark ids than this in one batch-status
+    /// call makes one slow call carry too many watches.
+    pub const MAX_BATCH: u16 = 500;
+}
+
 /// The hub's handle; cheap to clone.
 #[derive(Clone)]
 pub struct Hub {
