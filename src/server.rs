@@ -111,9 +111,9 @@ pub enum ServerError {
 }
 
 /// Request headers browsers may send on a gRPC-Web call: those of gRPC-Web
-/// and Connect clients, and ours (`authorization`, `x-api-key`,
-/// `x-request-id`).
-const CORS_ALLOW_HEADERS: [&str; 11] = [
+/// and Connect clients, ours (`authorization`, `x-api-key`,
+/// `x-request-id`), and W3C trace context.
+const CORS_ALLOW_HEADERS: [&str; 13] = [
     "content-type",
     "x-grpc-web",
     "x-user-agent",
@@ -125,6 +125,8 @@ const CORS_ALLOW_HEADERS: [&str; 11] = [
     "authorization",
     "x-api-key",
     crate::request_id::HEADER,
+    "traceparent",
+    "tracestate",
 ];
 
 /// Response headers a browser script may read: the status and its details

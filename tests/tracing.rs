@@ -594,10 +594,42 @@ async fn http_protobuf_export_and_the_http_api_join_the_callers_trace() {
     .expect("HTTP API");
     let status = reply.status();
     assert!(status.is_success(), "{status:?}");
+    // gRPC-Web over HTTP/1.1, as a browser sends it.
+    let web = Caller::new();
+    let message = pb::CheckImageRequest {
+        mark_id: mark_id.clone(),
+    }
+    .encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend((message.len() as u32).to_be_bytes());
+    frame.extend(message);
+    let reply = bounded(
+        "gRPC-Web CheckImage",
+        reqwest::Client::new()
+            .post(format!(
+                "http://{}/piclumen.v1.ImageService/CheckImage",
+                served.addr
+            ))
+            .header("content-type", "application/grpc-web+proto")
+            .header("x-grpc-web", "1")
+            .header("authorization", format!("Bearer {SECRET_TOKEN}"))
+            .header(
+                "traceparent",
+                format!("00-{}-{}-01", web.trace_id, web.span_id),
+            )
+            .header("tracestate", "caller=1")
+            .body(frame)
+            .send(),
+    )
+    .await
+    .expect("gRPC-Web call");
+    assert!(reply.status().is_success());
     drop(client);
     terminate(&mut served).await;
 
     let spans = received.spans();
+    let server = server_span(&spans, &web, "CheckImage");
+    assert_server_span(server, &web, "CheckImage", &mark_id);
     let server = server_span(&spans, &generate, "GenerateImage");
     assert_server_span(server, &generate, "GenerateImage", &mark_id);
     let creates = client_spans(&spans, &generate.trace_id, "/api/gen/create");

@@ -1,9 +1,9 @@
 //! OpenTelemetry tracing: W3C trace context in, spans out over OTLP.
 //!
 //! Configured as every OpenTelemetry SDK is, from the standard variables:
-//! export is on when `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or
-//! `OTEL_EXPORTER_OTLP_ENDPOINT` (`serve --otlp-endpoint`) is set and
-//! `OTEL_SDK_DISABLED` is not `true`; `OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL`
+//! export is on when `serve --otlp-endpoint` (`PICLUMEN_OTLP_ENDPOINT`),
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or `OTEL_EXPORTER_OTLP_ENDPOINT` is
+//! set (the first wins) and `OTEL_SDK_DISABLED` is not `true`; `OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL`
 //! picks `grpc` or `http/protobuf` (the default, as the specification has
 //! it); `OTEL_SERVICE_NAME` (default `piclumen-grpc`) and
 //! `OTEL_RESOURCE_ATTRIBUTES` make the resource; `OTEL_TRACES_SAMPLER` /
@@ -123,8 +123,8 @@ pub struct TracingConfig {
 
 impl TracingConfig {
     /// Reads the standard variables through `env`; `flag_endpoint` is
-    /// `--otlp-endpoint` (which clap also fills from
-    /// `OTEL_EXPORTER_OTLP_ENDPOINT`). `None`: export is off.
+    /// `--otlp-endpoint`, a base URL like `OTEL_EXPORTER_OTLP_ENDPOINT`
+    /// that wins over both endpoint variables. `None`: export is off.
     pub fn from_env(
         flag_endpoint: Option<&str>,
         env: impl Fn(&str) -> Option<String>,
@@ -139,21 +139,25 @@ impl TracingConfig {
             Some(p) => Protocol::parse(&p)?,
             None => Protocol::HttpProtobuf,
         };
-        // The signal's own endpoint is used as given; the general one is a
-        // base URL that HTTP completes with the signal's path.
-        let endpoint = if let Some(url) = var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
-            check_url(&url, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")?;
-            url
-        } else if let Some(base) = flag_endpoint
-            .filter(|v| !v.trim().is_empty())
-            .map(str::to_owned)
-            .or_else(|| var("OTEL_EXPORTER_OTLP_ENDPOINT"))
-        {
-            check_url(&base, "--otlp-endpoint (OTEL_EXPORTER_OTLP_ENDPOINT)")?;
-            match protocol {
+        // The signal's own endpoint is used as given; a base URL (the flag,
+        // the general variable) is completed with the signal's path by HTTP.
+        let base = |base: String, var: &'static str| {
+            check_url(&base, var)?;
+            Ok::<_, TracingError>(match protocol {
                 Protocol::Grpc => base,
                 Protocol::HttpProtobuf => format!("{}/v1/traces", base.trim_end_matches('/')),
-            }
+            })
+        };
+        let endpoint = if let Some(flag) = flag_endpoint.filter(|v| !v.trim().is_empty()) {
+            base(
+                flag.trim().to_owned(),
+                "--otlp-endpoint (PICLUMEN_OTLP_ENDPOINT)",
+            )?
+        } else if let Some(url) = var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+            check_url(&url, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")?;
+            url
+        } else if let Some(url) = var("OTEL_EXPORTER_OTLP_ENDPOINT") {
+            base(url, "OTEL_EXPORTER_OTLP_ENDPOINT")?
         } else {
             return Ok(None);
         };
@@ -337,18 +341,20 @@ mod tests {
             (Protocol::Grpc, "http://c:4317")
         );
         // The signal's own variables win, and its endpoint is kept as is.
-        let traces = on(
-            &[
-                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
-                ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://t:9999/custom"),
-                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
-                ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf"),
-            ],
-            Some("http://flag:4318"),
-        );
+        let vars = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://t:9999/custom"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf"),
+        ];
+        let traces = on(&vars, None);
         assert_eq!(traces.protocol, Protocol::HttpProtobuf);
         assert_eq!(traces.endpoint, "http://t:9999/custom");
-        // The flag stands for OTEL_EXPORTER_OTLP_ENDPOINT.
+        // The flag is a base URL like OTEL_EXPORTER_OTLP_ENDPOINT, and wins.
+        assert_eq!(
+            on(&vars, Some("http://flag:4318")).endpoint,
+            "http://flag:4318/v1/traces"
+        );
         let flag = on(&[], Some("https://flag:4318"));
         assert_eq!(flag.endpoint, "https://flag:4318/v1/traces");
     }
