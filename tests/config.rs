@@ -422,6 +422,11 @@ fn every_serve_flag_reaches_its_setting() {
                 })
             },
         ),
+        row(
+            "otlp-endpoint",
+            &["--otlp-endpoint", "http://127.0.0.1:4318"],
+            |a| a.otlp_endpoint.as_deref() == Some("http://127.0.0.1:4318"),
+        ),
         row("http-listen", &["--http-listen", "127.0.0.1:8000"], |a| {
             with(a, |s| {
                 s.http_listen == Some(SocketAddr::from(([127, 0, 0, 1], 8000)))
@@ -849,6 +854,7 @@ fn env_cases(existing: &str) -> Vec<(&'static str, &'static str, String, Vec<Str
         ),
         ("PICLUMEN_METRICS_LISTEN", "nope", "--metrics-listen"),
         ("PICLUMEN_HTTP_LISTEN", "nope", "--http-listen"),
+        ("PICLUMEN_OTLP_ENDPOINT", "collector:4317", "--otlp-endpoint"),
         (
             "PICLUMEN_IDEMPOTENCY_STORE",
             "mysql://h",
