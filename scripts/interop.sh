@@ -62,7 +62,10 @@ for port in 50051 50052 18080; do
 done
 start quickstart serve --simulate --listen 127.0.0.1:50051 --sim-job-duration 2s --poll-interval 300ms
 start sim sim --listen 127.0.0.1:18080 --tokens interop-token --job-duration 2s
-start server serve --listen 127.0.0.1:50052 --upstream-url http://127.0.0.1:18080 --poll-interval 300ms
+# JSON logs with tracing on (towards a collector that is not there): the Go
+# client's trace id must show up in this server's log lines.
+start server serve --listen 127.0.0.1:50052 --upstream-url http://127.0.0.1:18080 --poll-interval 300ms \
+  --log-format json --otlp-endpoint http://127.0.0.1:9
 
 echo "== grpcurl: the README's commands, verbatim"
 readme_grpcurl() {
@@ -122,7 +125,18 @@ run ghz ghz_all
 echo "== generated clients"
 run generate-stubs clients/generate.sh
 export PICLUMEN_ADDR=127.0.0.1:50052 PICLUMEN_TOKEN=interop-token
-run client-go bash -c 'cd clients/go && go run .'
+# The Go client sends W3C trace context (OpenTelemetry's propagator) and
+# prints its trace id; the server's log lines of those calls carry it.
+client_go() {
+  (cd clients/go && go run .) | tee "$LOGS/client-go.out" || return 1
+  local trace_id
+  trace_id=$(sed -n 's/^trace_id=//p' "$LOGS/client-go.out")
+  [[ -n "$trace_id" ]] || { echo "the Go client printed no trace_id"; return 1; }
+  grep -q "\"trace_id\":\"$trace_id\"" "$LOGS/server.out" ||
+    { echo "no server log line in trace $trace_id"; return 1; }
+  echo "the server's log lines are in the Go client's trace $trace_id"
+}
+run client-go client_go
 run client-python "$TOOLS/venv/bin/python" clients/python/client.py
 run client-node node clients/node/client.js
 # The same scenario over gRPC-Web (Connect-ES, HTTP/1.1) on the same port;

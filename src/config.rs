@@ -203,6 +203,13 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics over HTTP on this address (off when unset).
     #[arg(long, env = "PICLUMEN_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Export OpenTelemetry spans over OTLP to this collector URL (e.g.
+    /// `http://localhost:4318`; gRPC's `:4317` with
+    /// OTEL_EXPORTER_OTLP_PROTOCOL=grpc), as OTEL_EXPORTER_OTLP_ENDPOINT
+    /// does (this wins over it). Off when neither is set; the other OTEL_*
+    /// variables apply (see README, "Tracing").
+    #[arg(long, env = "PICLUMEN_OTLP_ENDPOINT", value_parser = crate::otel::parse_endpoint)]
+    pub otlp_endpoint: Option<String>,
     /// Also serve the first version's HTTP API (`POST /generate-image`,
     /// `POST /check-image`, Swagger UI at `/docs`) on this address, plain
     /// HTTP, with the same service as gRPC (off when unset).

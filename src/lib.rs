@@ -24,10 +24,12 @@
 //! - `request_id`: `x-request-id` on every call, its responses and log lines.
 //! - `grpc_metrics`: per-RPC Prometheus metrics (grpc-go's names and labels).
 //! - `telemetry`: logging and metrics setup.
+//! - `redact`: the one URL redactor, for every log line with a URL.
 //! - `codec`: the prost codec with small per-call buffers.
 //! - `pb`: code generated from `proto/`, and the descriptor set for reflection.
 //! - `sim/`: the Piclumen simulator (job world, faults, images, inspection).
 //! - `cli`: the human client (`generate`, `watch`, `check`).
+//! - `otel`: OpenTelemetry tracing: W3C trace context in, spans out over OTLP.
 
 pub mod auth;
 pub mod cli;
@@ -40,7 +42,9 @@ pub mod http_api;
 pub mod hub;
 pub mod idempotency;
 pub mod job;
+pub mod otel;
 pub mod pb;
+pub mod redact;
 pub mod request_id;
 pub mod server;
 pub mod service;

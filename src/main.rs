@@ -7,7 +7,7 @@ use clap::Parser;
 use piclumen_grpc::{
     cli,
     config::{Cli, Command, ServeArgs, SimArgs},
-    server,
+    otel, server,
     sim::{self, SimConfig},
     telemetry,
     upstream::{Client, redact_url},
@@ -23,7 +23,14 @@ use tracing::{error, info, warn};
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let _logging = telemetry::init_logging(cli.log_format, &cli.log);
+    let tracing = match tracing_layer(&cli.command) {
+        Ok(layer) => layer,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let _logging = telemetry::init_logging_with(cli.log_format, &cli.log, tracing);
     let result = match cli.command {
         Command::Serve(args) => serve(*args).await,
         Command::Sim(args) => run_sim(args).await,
@@ -38,6 +45,21 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `serve`'s OpenTelemetry layer, when the OTEL_* variables (or
+/// `--otlp-endpoint`) turn export on; the other subcommands export nothing.
+fn tracing_layer(command: &Command) -> Result<Option<otel::TracingLayer>, String> {
+    let Command::Serve(args) = command else {
+        return Ok(None);
+    };
+    let config = otel::TracingConfig::from_env(args.otlp_endpoint.as_deref(), |name| {
+        std::env::var(name).ok()
+    })
+    .map_err(|e| e.to_string())?;
+    config
+        .map(|config| otel::install(&config).map_err(|e| e.to_string()))
+        .transpose()
 }
 
 /// The client subcommands' exit codes: 0 succeeded, 1 the job failed,

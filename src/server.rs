@@ -132,9 +132,9 @@ pub enum ServerError {
 }
 
 /// Request headers browsers may send on a gRPC-Web call: those of gRPC-Web
-/// and Connect clients, and ours (`authorization`, `x-api-key`,
-/// `x-request-id`).
-const CORS_ALLOW_HEADERS: [&str; 11] = [
+/// and Connect clients, ours (`authorization`, `x-api-key`,
+/// `x-request-id`), and W3C trace context.
+const CORS_ALLOW_HEADERS: [&str; 13] = [
     "content-type",
     "x-grpc-web",
     "x-user-agent",
@@ -146,6 +146,8 @@ const CORS_ALLOW_HEADERS: [&str; 11] = [
     "authorization",
     "x-api-key",
     crate::request_id::HEADER,
+    "traceparent",
+    "tracestate",
 ];
 
 /// Response headers a browser script may read: the status and its details
@@ -332,6 +334,7 @@ pub async fn run_with_http(
         .layer(tonic_web::GrpcWebLayer::new())
         .layer(metrics)
         .layer(RequestIdLayer)
+        .layer(crate::otel::GrpcTraceLayer)
         .max_concurrent_streams(Some(config.max_streams_per_connection))
         // Pings keep long WatchImage streams alive through proxies and find
         // dead peers.
@@ -402,7 +405,7 @@ pub async fn run_with_http(
         info!(creates = creates.count(), "waiting for creates in flight");
         tokio::join!(connections, creates.idle()).0
     };
-    match tokio::time::timeout(config.drain_timeout, drained).await {
+    let result = match tokio::time::timeout(config.drain_timeout, drained).await {
         Ok(result) => {
             info!("drained");
             result
@@ -418,7 +421,10 @@ pub async fn run_with_http(
             }
             Ok(())
         }
-    }
+    };
+    // Spans still queued go out before exit, within the same bound.
+    crate::otel::shutdown(config.drain_timeout).await;
+    result
 }
 
 /// The HTTP API's end, or never when it is off.

@@ -27,18 +27,40 @@ pub const DEFAULT_LOG: &str = "info";
 /// guard until exit: dropping it flushes what is left.
 #[must_use = "dropping the guard stops logging; hold it until exit"]
 pub fn init_logging(format: LogFormat, filter: &str) -> WorkerGuard {
+    init_logging_with(format, filter, None)
+}
+
+/// [`init_logging`], plus `tracing`'s layer exporting spans to
+/// OpenTelemetry when given (`crate::otel::install`). The log filter then
+/// applies to the log lines only, and the exported spans stay out of them.
+#[must_use = "dropping the guard stops logging; hold it until exit"]
+pub fn init_logging_with(
+    format: LogFormat,
+    filter: &str,
+    otel: Option<crate::otel::TracingLayer>,
+) -> WorkerGuard {
+    use tracing_subscriber::{
+        Layer, filter::filter_fn, layer::SubscriberExt, util::SubscriberInitExt,
+    };
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let (writer, guard) = NonBlockingBuilder::default()
         .lossy(false)
         .finish(std::io::BufWriter::new(std::io::stderr()));
-    let builder = fmt()
-        .with_env_filter(filter)
+    let layer = fmt::layer()
         .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+    let layer = match format {
+        LogFormat::Text => layer.boxed(),
+        LogFormat::Json => layer
+            .json()
+            .flatten_event(true)
+            .map_event_format(crate::otel::WithTraceIds)
+            .boxed(),
+    };
+    let not_otel = filter_fn(|meta| meta.target() != crate::otel::TARGET);
+    let mut layers = vec![layer.with_filter(filter).with_filter(not_otel).boxed()];
+    layers.extend(otel);
+    tracing_subscriber::registry().with(layers).init();
     guard
 }
 
@@ -50,14 +72,7 @@ pub const GRPC_HANDLING_BUCKETS: &[f64] = &[
     1800.0,
 ];
 
-/// Name of the upstream latency histogram.
-pub const UPSTREAM_DURATION: &str = "piclumen_upstream_request_duration_seconds";
-
-/// Buckets (seconds) of `piclumen_upstream_request_duration_seconds`, up to
-/// the 30 s `--upstream-timeout` default.
-pub const UPSTREAM_DURATION_BUCKETS: &[f64] = &[
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
+pub use crate::upstream::metrics::{UPSTREAM_DURATION, UPSTREAM_DURATION_BUCKETS};
 
 /// Serves `/metrics` in Prometheus format on `addr`. Latency histograms get
 /// explicit buckets, so they are Prometheus histograms (`_bucket`, `_sum`,

@@ -385,6 +385,11 @@ fn every_serve_flag_reaches_its_setting() {
                 })
             },
         ),
+        row(
+            "otlp-endpoint",
+            &["--otlp-endpoint", "http://127.0.0.1:4318"],
+            |a| a.otlp_endpoint.as_deref() == Some("http://127.0.0.1:4318"),
+        ),
         row("http-listen", &["--http-listen", "127.0.0.1:8000"], |a| {
             with(a, |s| {
                 s.http_listen == Some(SocketAddr::from(([127, 0, 0, 1], 8000)))

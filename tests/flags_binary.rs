@@ -162,6 +162,11 @@ fn env_cases(existing: &str) -> Vec<(&'static str, &'static str, String, Vec<Str
         ("PICLUMEN_METRICS_LISTEN", "nope", "--metrics-listen"),
         ("PICLUMEN_HTTP_LISTEN", "nope", "--http-listen"),
         (
+            "PICLUMEN_OTLP_ENDPOINT",
+            "collector:4317",
+            "--otlp-endpoint",
+        ),
+        (
             "PICLUMEN_IDEMPOTENCY_STORE",
             "mysql://h",
             "--idempotency-store",

@@ -1,5 +1,8 @@
 // Command client runs the piclumen.v1 scenario from Go: GenerateImage,
-// WatchImage (printing each state), CheckImage, and a rejected token.
+// WatchImage (printing each state), CheckImage, and a rejected token. Every
+// call carries W3C trace context (OpenTelemetry's TraceContext propagator)
+// from one client span, whose trace id it prints, so the server's spans and
+// log lines can be found in the same trace.
 package main
 
 import (
@@ -10,6 +13,8 @@ import (
 	"os"
 	"time"
 
+	"go.opentelemetry.io/otel/propagation"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -40,7 +45,13 @@ func run() error {
 
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	authed := metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+token)
+	// A sampled client span (no exporter: only its context travels).
+	provider := sdktrace.NewTracerProvider()
+	defer func() { _ = provider.Shutdown(context.Background()) }()
+	ctx, span := provider.Tracer("piclumen-client").Start(ctx, "interop scenario")
+	defer span.End()
+	fmt.Printf("trace_id=%s\n", span.SpanContext().TraceID())
+	authed := withTraceContext(metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+token))
 
 	created, err := client.GenerateImage(authed, &piclumenv1.GenerateImageRequest{
 		Prompt:     "a lighthouse at dawn",
@@ -86,7 +97,7 @@ func run() error {
 		fmt.Println("image:", image.GetUrl())
 	}
 
-	badCtx := metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer not-a-valid-token")
+	badCtx := withTraceContext(metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer not-a-valid-token"))
 	_, err = client.GenerateImage(badCtx, &piclumenv1.GenerateImageRequest{Prompt: "x"})
 	st := status.Convert(err)
 	if st.Code() != codes.Unauthenticated {
@@ -103,6 +114,18 @@ func run() error {
 	}
 	fmt.Printf("bad token: %s reason=%s\n", st.Code(), reason)
 	return nil
+}
+
+// withTraceContext adds the current span's traceparent (and tracestate) to
+// the outgoing gRPC metadata through OpenTelemetry's W3C propagator.
+func withTraceContext(ctx context.Context) context.Context {
+	carrier := propagation.MapCarrier{}
+	propagation.TraceContext{}.Inject(ctx, carrier)
+	pairs := make([]string, 0, 2*len(carrier))
+	for key, value := range carrier {
+		pairs = append(pairs, key, value)
+	}
+	return metadata.AppendToOutgoingContext(ctx, pairs...)
 }
 
 func envOr(name, fallback string) string {

@@ -86,6 +86,7 @@ pub fn router(service: ImageServiceImpl, max_body_bytes: usize) -> Router {
         .method_not_allowed_fallback(|| async {
             detail(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
         })
+        .layer(crate::otel::HttpTraceLayer)
         .layer(RequestIdLayer)
 }
 

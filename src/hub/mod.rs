@@ -178,8 +178,12 @@ struct State {
 /// A request from a handle to a token's poller.
 #[derive(Debug)]
 enum Cmd {
-    Watch(Arc<str>),
-    Check(Arc<str>, oneshot::Sender<Result<JobStatus, HubError>>),
+    Watch(Arc<str>, crate::otel::Link),
+    Check(
+        Arc<str>,
+        oneshot::Sender<Result<JobStatus, HubError>>,
+        crate::otel::Link,
+    ),
     /// A round another replica published for this token.
     Round(Arc<fleet::wire::Round>),
 }
@@ -251,6 +255,7 @@ impl Hub {
     /// Joins the watchers of `mark_id` for `token`, starting to poll it when
     /// it is new. Tokens never share channels, even for the same mark id.
     pub fn subscribe(&self, token: &Token, mark_id: &str) -> Subscription {
+        let link = crate::otel::Link::current(mark_id);
         let mut tokens = lock(&self.inner.tokens);
         let shared = self.shared(&mut tokens, token);
         let mut state = lock(&shared.state);
@@ -270,7 +275,7 @@ impl Hub {
                 state.slots.insert(Arc::clone(&id), tx);
                 gauges().jobs.increment(1.0);
                 // The receiver lives as long as `shared`, which we hold.
-                let _ = shared.cmds.send(Cmd::Watch(id));
+                let _ = shared.cmds.send(Cmd::Watch(id, link));
                 rx
             }
         };
@@ -290,6 +295,7 @@ impl Hub {
     ) -> Result<JobStatus, HubError> {
         let metrics = check_metrics();
         metrics.checks.increment(1);
+        let link = crate::otel::Link::current(mark_id);
         let rx = {
             let mut tokens = lock(&self.inner.tokens);
             let shared = self.shared(&mut tokens, token);
@@ -302,7 +308,7 @@ impl Hub {
             }
             drop(state);
             let (tx, rx) = oneshot::channel();
-            let _ = shared.cmds.send(Cmd::Check(mark_id.into(), tx));
+            let _ = shared.cmds.send(Cmd::Check(mark_id.into(), tx, link));
             rx
         };
         let answer = match deadline {

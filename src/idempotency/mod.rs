@@ -33,6 +33,7 @@ mod lease;
 mod memory;
 mod redis;
 mod store;
+mod traced;
 
 pub use in_flight::{CreatesInFlight, InFlight};
 pub use store::IdempotencyStore;
@@ -72,6 +73,16 @@ impl FromStr for StoreLocation {
         }
         ::redis::Client::open(s).map_err(|e| format!("not a usable Redis URL: {e}"))?;
         Ok(Self::Redis(s.to_owned()))
+    }
+}
+
+impl StoreLocation {
+    /// The backend's name, for spans.
+    fn system(&self) -> &'static str {
+        match self {
+            Self::Memory => "memory",
+            Self::Redis(_) => "redis",
+        }
     }
 }
 

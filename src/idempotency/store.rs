@@ -20,7 +20,7 @@ use tracing::{Instrument, Span, debug, warn};
 
 use super::{
     Backend, Created, CreatesInFlight, Entry, Fingerprint, InFlight, Record, StoreError,
-    StoreLocation, hits, key, lease::Lease, lock, memory, redis, unavailable,
+    StoreLocation, hits, key, lease::Lease, lock, memory, redis, traced, unavailable,
 };
 use crate::{error::Error, job::Token};
 
@@ -63,6 +63,7 @@ impl IdempotencyStore {
             StoreLocation::Memory => Box::new(memory::MemoryBackend::new(ttl)),
             StoreLocation::Redis(url) => Box::new(redis::RedisBackend::new(url)),
         };
+        let backend = traced::wrap(backend, location.system());
         Self {
             inner: Arc::new(Inner {
                 backend,

@@ -151,7 +151,9 @@ impl Client {
         deadline: Option<Instant>,
     ) -> Result<String, UpstreamError> {
         let reply = self.post(Endpoint::Create, token, body, deadline).await?;
-        decode_create_reply(&reply)
+        let mark_id = decode_create_reply(&reply)?;
+        crate::otel::record_mark_id(&mark_id);
+        Ok(mark_id)
     }
 
     /// Asks for the state of several jobs at once, bounded by the client's
@@ -200,12 +202,13 @@ impl Client {
             Endpoint::Create => &self.create_url,
             Endpoint::Status => &self.status_url,
         };
+        let span = crate::otel::client_span("POST", endpoint.path(), url.host_str());
         let request = self
             .http
             .post(url.clone())
             .header(header::AUTHORIZATION, token.expose())
-            .body(body)
-            .send();
+            .body(body);
+        let request = crate::otel::inject(&span, request).send();
         // One bound on the whole exchange, headers and body alike.
         let exchange = async {
             let response = request.await.map_err(|e| transport_error(e, timeout))?;
@@ -218,10 +221,18 @@ impl Client {
             Ok::<_, UpstreamError>((status, retry_after, bytes))
         };
         let started = std::time::Instant::now();
-        let outcome = tokio::time::timeout(timeout, exchange)
-            .await
-            .map_err(|_| UpstreamError::Timeout(timeout))
-            .and_then(|r| r);
+        let outcome =
+            tracing::Instrument::instrument(tokio::time::timeout(timeout, exchange), span.clone())
+                .await
+                .map_err(|_| UpstreamError::Timeout(timeout))
+                .and_then(|r| r);
+        crate::otel::end_client_span(
+            &span,
+            outcome
+                .as_ref()
+                .map(|(status, _, _)| status.as_u16())
+                .map_err(UpstreamError::kind),
+        );
         endpoint.record(
             outcome.as_ref().ok().map(|(status, _, _)| status.as_u16()),
             started.elapsed(),

@@ -74,6 +74,17 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// OpenTelemetry's `error.type` of a call that got no usable reply.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Timeout(_) => "timeout",
+            Self::Connect { .. } => "connect",
+            Self::Interrupted { .. } => "interrupted",
+            Self::Build { .. } => "build",
+            _ => "_OTHER",
+        }
+    }
+
     /// Trouble that may pass by itself: worth retrying for an idempotent call.
     pub fn is_transient(&self) -> bool {
         match self {

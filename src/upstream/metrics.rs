@@ -3,7 +3,15 @@
 
 use std::time::Duration;
 
-use crate::telemetry::UPSTREAM_DURATION as DURATION;
+/// Name of the upstream latency histogram.
+pub const UPSTREAM_DURATION: &str = "piclumen_upstream_request_duration_seconds";
+use UPSTREAM_DURATION as DURATION;
+
+/// Buckets (seconds) of `piclumen_upstream_request_duration_seconds`, up to
+/// the 30 s `--upstream-timeout` default.
+pub const UPSTREAM_DURATION_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 /// The two upstream calls, as metric labels.
 #[derive(Debug, Clone, Copy)]
@@ -22,6 +30,14 @@ struct EndpointMetrics {
 }
 
 impl Endpoint {
+    /// The endpoint's URL path (a span attribute).
+    pub(super) fn path(self) -> &'static str {
+        match self {
+            Self::Create => super::client::CREATE_PATH,
+            Self::Status => super::client::STATUS_PATH,
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             Self::Create => "create",

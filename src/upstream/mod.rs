@@ -7,7 +7,6 @@
 //!   the one the poller uses);
 //! - `error`: `UpstreamError` and how to tell its kinds apart;
 //! - `metrics`: calls and durations per endpoint;
-//! - `redact`: the one URL redactor, for every log line with a URL.
 //!
 //! Here: the [`Upstream`] trait the service calls through, and the
 //! client's defaults.
@@ -20,15 +19,14 @@ use crate::job::Token;
 
 mod client;
 mod error;
-mod metrics;
+pub mod metrics;
 mod payload;
-mod redact;
 mod wire;
 
+pub use crate::redact::redact_url;
 pub use client::{CREATE_PATH, Client, ClientConfig, STATUS_PATH};
 pub use error::UpstreamError;
 pub use payload::{CreatePayload, ResolutionWire, StyleListWire};
-pub use redact::redact_url;
 pub use wire::{BadEntry, StatusEntry, decode_create_reply, decode_status_entries};
 
 /// A boxed future, as the [`Upstream`] trait's calls return.

@@ -23,7 +23,9 @@ impl Poller {
     /// failed task).
     pub(super) fn end_call(&mut self, flight: InFlight, ended: HubError) {
         let now = Instant::now();
-        let InFlight { call, ids, waiters } = flight;
+        let InFlight {
+            call, ids, waiters, ..
+        } = flight;
         let mut waiters: HashMap<Arc<str>, Vec<Waiter>> = waiters.into_iter().collect();
         let shared = Arc::clone(&self.shared);
         let mut state = lock(&shared.state);

@@ -37,6 +37,8 @@ struct InFlight {
     call: Call,
     ids: Vec<Arc<str>>,
     waiters: Vec<(Arc<str>, Vec<Waiter>)>,
+    /// The round's span (disabled with export off), open until applied.
+    span: tracing::Span,
 }
 
 type Done = Result<Vec<StatusEntry>, UpstreamError>;
@@ -74,6 +76,7 @@ pub(super) fn spawn(token: Token, hub: Arc<Inner>) -> Arc<Shared> {
         pause_error: None,
         next_sweep: None,
         fleet,
+        links: crate::otel::RoundLinks::default(),
     };
     // No parent: a poller serves many calls, and must not carry the request
     // id of whichever call happened to start it.
@@ -97,6 +100,8 @@ struct Poller {
     next_sweep: Option<Instant>,
     /// With fleet polling: this token's part in it.
     fleet: Option<fleet::FleetSide>,
+    /// The calls each job's next round serves, for its span's links.
+    links: crate::otel::RoundLinks,
 }
 
 impl Poller {
@@ -150,14 +155,15 @@ impl Poller {
     fn command(&mut self, cmd: Cmd) {
         let now = Instant::now();
         match cmd {
-            Cmd::Watch(id) => {
+            Cmd::Watch(id, link) => {
+                self.links.watch(&id, link);
                 if let Some(fleet) = &mut self.fleet {
                     fleet.watched(Arc::clone(&id), now);
                 }
                 self.schedule.watch(id, now);
             }
             Cmd::Round(round) => self.apply_round(&round, now),
-            Cmd::Check(id, waiter) => {
+            Cmd::Check(id, waiter, link) => {
                 if let Some(until) = self.schedule.paused_until(now) {
                     let error = self.pause_error.clone().map_or(
                         HubError::Upstream(UpstreamError::RateLimited { retry_after: None }),
@@ -170,6 +176,7 @@ impl Poller {
                     .entry(Arc::clone(&id))
                     .or_default()
                     .push(waiter);
+                self.links.check(&id, link);
                 self.schedule.check(id);
             }
         }
@@ -225,7 +232,15 @@ impl Poller {
         upstream_metrics().ids.record(ids.len() as f64);
         let source = Arc::clone(&self.hub.source);
         let request = source.batch_status(&self.shared.token, &ids);
-        let flight = InFlight { call, ids, waiters };
+        let schedule = &self.schedule;
+        let span = self.links.round_span(&ids, |id| schedule.is_watched(id));
+        let request = request.instrument(span.clone());
+        let flight = InFlight {
+            call,
+            ids,
+            waiters,
+            span,
+        };
         let task = self.calls.spawn(request);
         self.flights.insert(task.id(), flight);
     }
@@ -237,7 +252,9 @@ impl Poller {
         let sharing = self.sharing();
         match result {
             Ok(entries) => {
-                let InFlight { call, ids, waiters } = flight;
+                let InFlight {
+                    call, ids, waiters, ..
+                } = flight;
                 let mut waiters: HashMap<Arc<str>, Vec<Waiter>> = waiters.into_iter().collect();
                 let mut by_id: HashMap<String, StatusEntry> = entries
                     .into_iter()
@@ -284,7 +301,12 @@ impl Poller {
                 }
             }
             Err(error) if error.is_transient() => {
-                let InFlight { call, waiters, .. } = flight;
+                let InFlight {
+                    call,
+                    waiters,
+                    span,
+                    ..
+                } = flight;
                 for waiter in waiters.into_iter().flat_map(|(_, w)| w) {
                     let _ = waiter.send(Err(HubError::Upstream(error.clone())));
                 }
@@ -304,10 +326,16 @@ impl Poller {
                     }
                     Verdict::Paused(until) => {
                         upstream_metrics().retries.increment(1);
+                        crate::otel::retry_event(
+                            &span,
+                            until.saturating_duration_since(now),
+                            &error.to_string(),
+                        );
                         debug!(%error, pause = ?until.saturating_duration_since(now), "transient upstream trouble; pausing the token");
                         if sharing {
                             self.share_pause(until.saturating_duration_since(now), &error);
                         }
+                        self.links.clear_checks();
                         self.pause(until, error, now);
                     }
                     Verdict::Continue => {}
