@@ -235,13 +235,28 @@ async fn rediss_urls_speak_tls() {
     ];
     let a = replica(&["--upstream-url", &upstream], &env);
     let b = replica(&["--upstream-url", &upstream], &env);
-    let first = a
-        .client()
-        .await
-        .generate_image(call(TOKEN, "tls", Duration::from_secs(10)))
-        .await
-        .expect("created through a TLS store")
-        .into_inner();
+    // UNAVAILABLE `IDEMPOTENCY_STORE_UNAVAILABLE` promises nothing was
+    // created and asks for a retry: a loaded machine may need one while the
+    // first TLS handshake completes. A store that never speaks TLS fails.
+    let mut client = a.client().await;
+    let end = tokio::time::Instant::now() + Duration::from_secs(15);
+    let first = loop {
+        match client
+            .generate_image(call(TOKEN, "tls", Duration::from_secs(10)))
+            .await
+        {
+            Ok(reply) => break reply.into_inner(),
+            Err(status) => {
+                assert_status(&status, Code::Unavailable, "IDEMPOTENCY_STORE_UNAVAILABLE");
+                assert!(
+                    tokio::time::Instant::now() < end,
+                    "no create through the TLS store: {status:?}\n{}",
+                    a.log_text()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
     let retry = b
         .client()
         .await

@@ -110,6 +110,17 @@ impl RedisBackend {
             .and_then(|client| ConnectionManager::new_lazy_with_config(client, config))
             .inspect_err(|e| warn!(store = %location, error = %e, "cannot set up the Redis client"))
             .ok();
+        // Connect now, off the request path, so the first call does not pay
+        // for the handshake (TLS included). A failure here is not logged:
+        // the first call that fails says so.
+        if let (Some(connection), Ok(runtime)) =
+            (&connection, tokio::runtime::Handle::try_current())
+        {
+            let mut connection = connection.clone();
+            runtime.spawn(async move {
+                let _: RedisResult<()> = redis::cmd("PING").query_async(&mut connection).await;
+            });
+        }
         Self {
             connection,
             location,
