@@ -25,20 +25,18 @@
 
 use std::{
     collections::HashMap,
-    future::Future,
-    pin::Pin,
     sync::Arc,
-    task::{Context, Poll, ready},
+    task::{Context, Poll},
     time::Instant,
 };
 
 use bytes::Bytes;
-use http_body::{Frame, SizeHint};
 use metrics::{Counter, Histogram};
-use pin_project_lite::pin_project;
 use prost::Message;
-use tonic::codegen::http::{HeaderMap, Request, Response};
+use tonic::codegen::http::{Request, Response};
 use tower::{Layer, Service};
+
+use crate::call_end::{Observed, ObservedBody, Observer};
 
 /// The histogram's name, for the exporter's bucket configuration.
 pub const HANDLING_SECONDS: &str = "grpc_server_handling_seconds";
@@ -63,8 +61,6 @@ pub const CODE_NAMES: [&str; 17] = [
     "DataLoss",
     "Unauthenticated",
 ];
-const CANCELED: u8 = 1;
-const UNKNOWN: u8 = 2;
 
 /// The handles of one method.
 #[derive(Debug)]
@@ -174,9 +170,9 @@ impl<S, B, RB> Service<Request<B>> for GrpcMetrics<S>
 where
     S: Service<Request<B>, Response = Response<RB>>,
 {
-    type Response = Response<MeteredBody<RB>>;
+    type Response = Response<ObservedBody<RB, Call>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future>;
+    type Future = Observed<S::Future, Call>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -188,154 +184,37 @@ where
             Call {
                 metrics: metrics.clone(),
                 started: Instant::now(),
-                code: CANCELED,
+                framing: Framing::default(),
             }
         });
-        ResponseFuture {
-            inner: self.inner.call(request),
-            call,
-        }
+        Observed::new(self.inner.call(request), call)
     }
 }
 
-/// One measured call: recorded (handled count and duration) when dropped,
-/// with `code`, which stays `Canceled` unless a status is seen first.
+/// One measured call: its messages counted as they go out, recorded
+/// (handled count and duration) when it ends.
 #[derive(Debug)]
-struct Call {
+pub struct Call {
     metrics: Arc<MethodMetrics>,
     started: Instant,
-    code: u8,
+    framing: Framing,
 }
 
-impl Call {
-    fn finish(mut self, code: u8) {
-        self.code = code;
+impl Observer for Call {
+    fn data(&mut self, data: &Bytes) {
+        let messages = self.framing.messages_started(data);
+        if messages > 0 {
+            self.metrics.msg_sent.increment(messages);
+        }
     }
-}
 
-impl Drop for Call {
-    fn drop(&mut self) {
-        if let Some(counter) = self.metrics.handled.get(usize::from(self.code)) {
+    fn end(self, code: u8) {
+        if let Some(counter) = self.metrics.handled.get(usize::from(code)) {
             counter.increment(1);
         }
         self.metrics
             .handling
             .record(self.started.elapsed().as_secs_f64());
-    }
-}
-
-/// The code in `grpc-status`, if present; out-of-range values count as
-/// `Unknown`, as grpc-go treats them.
-fn status_code(headers: &HeaderMap) -> Option<u8> {
-    let value = headers.get("grpc-status")?;
-    let code = std::str::from_utf8(value.as_bytes())
-        .ok()
-        .and_then(|s| s.parse::<u8>().ok())
-        .filter(|&c| usize::from(c) < CODE_NAMES.len())
-        .unwrap_or(UNKNOWN);
-    Some(code)
-}
-
-pin_project! {
-    /// Future of [`GrpcMetrics`]: wraps the response body.
-    #[derive(Debug)]
-    pub struct ResponseFuture<F> {
-        #[pin]
-        inner: F,
-        call: Option<Call>,
-    }
-}
-
-impl<F, RB, E> Future for ResponseFuture<F>
-where
-    F: Future<Output = Result<Response<RB>, E>>,
-{
-    type Output = Result<Response<MeteredBody<RB>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let result = ready!(this.inner.poll(cx));
-        let mut call = this.call.take();
-        let response = match result {
-            Ok(response) => response,
-            Err(e) => {
-                if let Some(call) = call {
-                    call.finish(UNKNOWN);
-                }
-                return Poll::Ready(Err(e));
-            }
-        };
-        // Trailers-only response (errors, mostly): the status is final now.
-        if let Some(code) = status_code(response.headers())
-            && let Some(call) = call.take()
-        {
-            call.finish(code);
-        }
-        Poll::Ready(Ok(response.map(|inner| MeteredBody {
-            inner,
-            call,
-            framing: Framing::default(),
-        })))
-    }
-}
-
-pin_project! {
-    /// A response body that counts the gRPC messages it carries and records
-    /// the call when its trailers pass, it ends, or it is dropped.
-    #[derive(Debug)]
-    pub struct MeteredBody<B> {
-        #[pin]
-        inner: B,
-        // Taken (and so recorded) when the status is seen.
-        call: Option<Call>,
-        framing: Framing,
-    }
-}
-
-impl<B> http_body::Body for MeteredBody<B>
-where
-    B: http_body::Body<Data = Bytes>,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
-        match &frame {
-            Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
-                    if let Some(call) = this.call {
-                        let messages = this.framing.messages_started(data);
-                        if messages > 0 {
-                            call.metrics.msg_sent.increment(messages);
-                        }
-                    }
-                } else if let Some(trailers) = frame.trailers_ref()
-                    && let Some(call) = this.call.take()
-                {
-                    call.finish(status_code(trailers).unwrap_or(UNKNOWN));
-                }
-            }
-            // A failed body, or one that ended without a status.
-            Some(Err(_)) | None => {
-                if let Some(call) = this.call.take() {
-                    call.finish(UNKNOWN);
-                }
-            }
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 
@@ -422,12 +301,6 @@ mod tests {
             CODE_NAMES[tonic::Code::Unauthenticated as usize],
             "Unauthenticated"
         );
-        let mut headers = HeaderMap::new();
-        assert_eq!(status_code(&headers), None);
-        headers.insert("grpc-status", "5".parse().expect("ascii"));
-        assert_eq!(status_code(&headers), Some(5));
-        headers.insert("grpc-status", "99".parse().expect("ascii"));
-        assert_eq!(status_code(&headers), Some(UNKNOWN));
     }
 
     #[test]

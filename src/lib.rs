@@ -23,6 +23,8 @@
 //! - `auth`: caller authentication (API keys) and TLS settings.
 //! - `request_id`: `x-request-id` on every call, its responses and log lines.
 //! - `grpc_metrics`: per-RPC Prometheus metrics (grpc-go's names and labels).
+//! - `call_end`: how a gRPC call ended (status, unknown, cancelled), for
+//!   the metrics and the SERVER spans.
 //! - `telemetry`: logging and metrics setup.
 //! - `redact`: the one URL redactor, for every log line with a URL.
 //! - `codec`: the prost codec with small per-call buffers.
@@ -32,6 +34,7 @@
 //! - `otel`: OpenTelemetry tracing: W3C trace context in, spans out over OTLP.
 
 pub mod auth;
+pub mod call_end;
 pub mod cli;
 pub mod codec;
 pub mod config;

@@ -17,7 +17,6 @@ use std::{
     task::{Context, Poll, ready},
 };
 
-use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tonic::codegen::http::{HeaderMap, Request, Response};
 use tower::{Layer, Service};
@@ -25,13 +24,14 @@ use tracing::{Span, field::Empty, instrument::Instrumented};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::{TARGET, enabled, propagation};
-use crate::request_id::HEADER as REQUEST_ID;
+use crate::{
+    call_end::{Observed, ObservedBody, Observer},
+    request_id::HEADER as REQUEST_ID,
+};
 
 /// gRPC codes OpenTelemetry counts as a server error (the others are the
 /// caller's).
-const SERVER_ERRORS: [i64; 6] = [2, 4, 12, 13, 14, 15];
-/// gRPC's CANCELLED: the response ended before its status.
-const CANCELLED: i64 = 1;
+const SERVER_ERRORS: [u8; 6] = [2, 4, 12, 13, 14, 15];
 /// Paths left untraced: health probes would drown the calls.
 const UNTRACED_PREFIX: &str = "/grpc.health.v1.Health/";
 /// The HTTP API's routes, as `http.route` (any other path has none, so
@@ -62,9 +62,9 @@ impl<S, B, RB> Service<Request<B>> for GrpcTrace<S>
 where
     S: Service<Request<B>, Response = Response<RB>>,
 {
-    type Response = Response<TracedBody<RB>>;
+    type Response = Response<ObservedBody<RB, CallSpan>>;
     type Error = S::Error;
-    type Future = GrpcFuture<S::Future>;
+    type Future = Observed<Instrumented<S::Future>, CallSpan>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -73,17 +73,12 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let path = request.uri().path();
         if !enabled() || path.starts_with(UNTRACED_PREFIX) {
-            return GrpcFuture {
-                inner: Instrumented::none(self.inner.call(request)),
-                span: None,
-            };
+            return Observed::new(Instrumented::none(self.inner.call(request)), None);
         }
         let span = grpc_span(path, request.headers());
         let inner = span.in_scope(|| self.inner.call(request));
-        GrpcFuture {
-            inner: Instrumented::some(inner, span.clone()),
-            span: Some(span),
-        }
+        let call = CallSpan(span.clone());
+        Observed::new(Instrumented::some(inner, span), Some(call))
     }
 }
 
@@ -132,118 +127,16 @@ impl<F> InstrumentedExt<F> for Instrumented<F> {
     }
 }
 
-pin_project! {
-    /// The response of a traced gRPC call.
-    #[derive(Debug)]
-    pub struct GrpcFuture<F> {
-        #[pin]
-        inner: Instrumented<F>,
-        span: Option<Span>,
-    }
-}
-
-impl<F, RB, E> Future for GrpcFuture<F>
-where
-    F: Future<Output = Result<Response<RB>, E>>,
-{
-    type Output = Result<Response<TracedBody<RB>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let response = ready!(this.inner.poll(cx))?;
-        let mut call = this.span.take().map(|span| CallSpan(Some(span)));
-        // A trailers-only response (every error tonic returns from a
-        // handler) carries its status in the headers.
-        if let Some(code) = grpc_status(response.headers())
-            && let Some(span) = call.take()
-        {
-            span.finish(code);
-        }
-        Poll::Ready(Ok(response.map(|inner| TracedBody { inner, call })))
-    }
-}
-
-/// A call's span until its status is known; a call whose response is
-/// dropped before that (the caller went away) ends CANCELLED.
+/// A call's span, given its gRPC code when the call ends.
 #[derive(Debug)]
-struct CallSpan(Option<Span>);
+pub struct CallSpan(Span);
 
-impl CallSpan {
-    fn finish(mut self, code: i64) {
-        if let Some(span) = self.0.take() {
-            record_status(&span, code);
+impl Observer for CallSpan {
+    fn end(self, code: u8) {
+        self.0.record("rpc.grpc.status_code", i64::from(code));
+        if SERVER_ERRORS.contains(&code) {
+            self.0.record("otel.status_code", "ERROR");
         }
-    }
-}
-
-impl Drop for CallSpan {
-    fn drop(&mut self) {
-        if let Some(span) = self.0.take() {
-            record_status(&span, CANCELLED);
-        }
-    }
-}
-
-fn record_status(span: &Span, code: i64) {
-    span.record("rpc.grpc.status_code", code);
-    if SERVER_ERRORS.contains(&code) {
-        span.record("otel.status_code", "ERROR");
-    }
-}
-
-fn grpc_status(headers: &HeaderMap) -> Option<i64> {
-    headers
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-}
-
-pin_project! {
-    /// A response body that ends its call's span with the `grpc-status` of
-    /// its trailers.
-    #[derive(Debug)]
-    pub struct TracedBody<B> {
-        #[pin]
-        inner: B,
-        call: Option<CallSpan>,
-    }
-}
-
-impl<B: Body> Body for TracedBody<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
-        if this.call.is_some() {
-            match &frame {
-                Some(Ok(frame)) => {
-                    if let Some(code) = frame.trailers_ref().and_then(grpc_status)
-                        && let Some(call) = this.call.take()
-                    {
-                        call.finish(code);
-                    }
-                }
-                // Ended without a status, or broken: the call did not
-                // complete.
-                None | Some(Err(_)) => {
-                    this.call.take();
-                }
-            }
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

@@ -242,11 +242,6 @@ fn key() -> String {
     TokenKey::of(&token()).as_str().to_owned()
 }
 
-/// Calls sent in `[from, from + span)`.
-fn calls_in(fake: &Fake, from: Instant, span: Duration) -> Vec<Vec<String>> {
-    fake.calls_between(from, from + span)
-}
-
 async fn state_of(sub: &mut Subscription) -> Option<JobState> {
     match next_state(sub).await {
         Snapshot::Status(s) => Some(s.state),
@@ -254,23 +249,38 @@ async fn state_of(sub: &mut Subscription) -> Option<JobState> {
     }
 }
 
+/// Every node watches jobs `0..jobs`.
+fn watch_all(nodes: &[Node], jobs: usize) -> Vec<Subscription> {
+    nodes
+        .iter()
+        .flat_map(|n| (0..jobs).map(|i| n.hub.subscribe(&token(), &id(i))))
+        .collect()
+}
+
+/// Each subscription's next state is `state`.
+async fn expect_each(subs: &mut [Subscription], state: JobState) {
+    for sub in subs {
+        assert_eq!(state_of(sub).await, Some(state));
+    }
+}
+
+/// The calls sent in `measured` rounds after `settle` rounds.
+async fn calls_after(fake: &Fake, settle: u32, measured: u32) -> Vec<Vec<String>> {
+    sleep(INTERVAL * settle).await;
+    let from = Instant::now();
+    sleep(INTERVAL * measured).await;
+    fake.calls_between(from, from + INTERVAL * measured)
+}
+
 #[tokio::test(start_paused = true)]
 async fn four_replicas_watching_every_job_make_one_call_per_round() {
     let fake = Fake::with_jobs(40);
     let store = Store::default();
     let nodes = fleet(4, &fake, &store);
-    let mut subs: Vec<Subscription> = nodes
-        .iter()
-        .flat_map(|n| (0..40).map(|i| n.hub.subscribe(&token(), &id(i))))
-        .collect();
-    for sub in &mut subs {
-        assert_eq!(state_of(sub).await, Some(JobState::Pending));
-    }
+    let mut subs = watch_all(&nodes, 40);
+    expect_each(&mut subs, JobState::Pending).await;
     // Two rounds to settle, then five measured rounds.
-    sleep(INTERVAL * 2).await;
-    let from = Instant::now();
-    sleep(INTERVAL * 5).await;
-    let calls = calls_in(&fake, from, INTERVAL * 5);
+    let calls = calls_after(&fake, 2, 5).await;
     assert_eq!(
         calls.len(),
         5,
@@ -283,9 +293,7 @@ async fn four_replicas_watching_every_job_make_one_call_per_round() {
         fake.set(&id(i), JobState::Succeeded);
     }
     let changed = Instant::now();
-    for sub in &mut subs {
-        assert_eq!(state_of(sub).await, Some(JobState::Succeeded));
-    }
+    expect_each(&mut subs, JobState::Succeeded).await;
     assert!(changed.elapsed() <= INTERVAL + Duration::from_millis(100));
     // Every job finished: no watcher is left, and the lease was given back.
     sleep(INTERVAL).await;
@@ -300,13 +308,8 @@ async fn one_viewer_per_job_spread_over_replicas_makes_one_call_per_round() {
     let mut subs: Vec<Subscription> = (0..40)
         .map(|i| nodes[i % 4].hub.subscribe(&token(), &id(i)))
         .collect();
-    for sub in &mut subs {
-        assert_eq!(state_of(sub).await, Some(JobState::Pending));
-    }
-    sleep(INTERVAL * 2).await;
-    let from = Instant::now();
-    sleep(INTERVAL * 5).await;
-    let calls = calls_in(&fake, from, INTERVAL * 5);
+    expect_each(&mut subs, JobState::Pending).await;
+    let calls = calls_after(&fake, 2, 5).await;
     assert_eq!(calls.len(), 5, "{calls:?}");
     assert!(calls.iter().all(|ids| ids.len() == 40), "{calls:?}");
 }
@@ -359,13 +362,8 @@ async fn a_429_pauses_the_whole_fleet() {
     let fake = Fake::with_jobs(4);
     let store = Store::default();
     let nodes = fleet(2, &fake, &store);
-    let mut subs: Vec<Subscription> = nodes
-        .iter()
-        .flat_map(|n| (0..4).map(|i| n.hub.subscribe(&token(), &id(i))))
-        .collect();
-    for sub in &mut subs {
-        state_of(sub).await;
-    }
+    let mut subs = watch_all(&nodes, 4);
+    expect_each(&mut subs, JobState::Pending).await;
     fake.script(Scripted::Fail(UpstreamError::RateLimited {
         retry_after: Some(Duration::from_secs(7)),
     }));
@@ -413,32 +411,19 @@ async fn an_unreachable_store_means_each_replica_polls_alone_until_it_is_back() 
     let store = Store::default();
     store.set_down(true);
     let nodes = fleet(3, &fake, &store);
-    let mut subs: Vec<Subscription> = nodes
-        .iter()
-        .flat_map(|n| (0..5).map(|i| n.hub.subscribe(&token(), &id(i))))
-        .collect();
-    for sub in &mut subs {
-        assert_eq!(state_of(sub).await, Some(JobState::Pending));
-    }
-    sleep(INTERVAL).await;
-    let from = Instant::now();
-    sleep(INTERVAL * 3).await;
+    let mut subs = watch_all(&nodes, 5);
+    expect_each(&mut subs, JobState::Pending).await;
     assert_eq!(
-        calls_in(&fake, from, INTERVAL * 3).len(),
+        calls_after(&fake, 1, 3).await.len(),
         9,
         "each replica alone"
     );
     store.set_down(false);
-    sleep(INTERVAL * 2).await;
-    let from = Instant::now();
-    sleep(INTERVAL * 3).await;
-    assert_eq!(calls_in(&fake, from, INTERVAL * 3).len(), 3, "shared again");
+    assert_eq!(calls_after(&fake, 2, 3).await.len(), 3, "shared again");
     for i in 0..5 {
         fake.set(&id(i), JobState::Succeeded);
     }
-    for sub in &mut subs {
-        assert_eq!(state_of(sub).await, Some(JobState::Succeeded));
-    }
+    expect_each(&mut subs, JobState::Succeeded).await;
 }
 
 #[tokio::test(start_paused = true)]
