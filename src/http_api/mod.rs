@@ -47,7 +47,7 @@ pub use self::{
     lax::{LocItem, ValidationDetail, ValidationError},
     openapi::{
         ApiDoc, CheckImageFailure, GenerationFailed, GenerationStarted, GenerationSucceeded,
-        StillProcessing,
+        SharedFailures, StillProcessing,
     },
     status::{ErrorBody, http_status},
 };
@@ -127,14 +127,11 @@ pub async fn serve(
     responses(
         (status = 200, description = "The generation started.", body = GenerationStarted),
         (status = 400, description = "A field is out of range (reason `INVALID_REQUEST`), or Piclumen refused the request (`UPSTREAM_BAD_REQUEST`, `UPSTREAM_REJECTED`).", body = ErrorBody),
-        (status = 401, description = "The token (or API key) is missing, malformed or rejected.", body = ErrorBody),
-        (status = 403, description = "Piclumen refused the token.", body = ErrorBody),
         (status = 413, description = "The body is larger than the server's limit.", body = ErrorBody),
         (status = 422, description = "A query parameter is missing, or the body is not JSON or has a field of the wrong type.", body = ValidationError),
         (status = 429, description = "Rate limited by Piclumen (with `Retry-After` when known) or by the server's per-token limit.", body = ErrorBody),
         (status = 500, description = "Piclumen answered something unexpected, or rejected the server's own token.", body = ErrorBody),
-        (status = 503, description = "Piclumen is unreachable, or the server is shutting down.", body = ErrorBody),
-        (status = 504, description = "Piclumen did not answer in time.", body = ErrorBody),
+        SharedFailures,
     )
 )]
 async fn generate_image(
@@ -204,14 +201,11 @@ async fn generate_image(
         (status = 200, description = "Done: the first image's URL.", body = GenerationSucceeded),
         (status = 202, description = "Queued or running (or a state this version does not know): `Image still processing. Current status: <Piclumen's status>`.", body = StillProcessing),
         (status = 400, description = "The mark id is empty or malformed, or Piclumen refused the request.", body = ErrorBody),
-        (status = 401, description = "The token (or API key) is missing, malformed or rejected.", body = ErrorBody),
-        (status = 403, description = "Piclumen refused the token.", body = ErrorBody),
         (status = 404, description = "This token has no job with this mark id (reason `JOB_NOT_FOUND`).", body = ErrorBody),
         (status = 422, description = "A query parameter is missing.", body = ValidationError),
         (status = 429, description = "Rate limited by Piclumen (with `Retry-After` when known).", body = ErrorBody),
         (status = 500, description = "The generation failed (`GenerationFailed`, with `mark_id`), or Piclumen answered something unexpected (`ErrorBody`, with `reason`).", body = CheckImageFailure),
-        (status = 503, description = "Piclumen is unreachable, or the server is shutting down.", body = ErrorBody),
-        (status = 504, description = "Piclumen did not answer in time.", body = ErrorBody),
+        SharedFailures,
     )
 )]
 async fn check_image(

@@ -2,13 +2,37 @@
 //! Swagger UI at `/docs`) and the success shapes it describes.
 
 use serde::Serialize;
-use utoipa::{OpenApi, ToSchema};
+use utoipa::{IntoResponses, OpenApi, ToSchema};
 
 use super::{
     body::{GenerateImageBody, ResolutionBody, StyleInfoBody},
     lax::{LocItem, ValidationDetail, ValidationError},
     status::ErrorBody,
 };
+
+/// The failures both endpoints share, word for word.
+#[derive(IntoResponses)]
+#[allow(dead_code)] // Only described, never built: the handlers answer with `ErrorBody`.
+pub enum SharedFailures {
+    /// 401.
+    #[response(
+        status = 401,
+        description = "The token (or API key) is missing, malformed or rejected."
+    )]
+    Unauthenticated(ErrorBody),
+    /// 403.
+    #[response(status = 403, description = "Piclumen refused the token.")]
+    Refused(ErrorBody),
+    /// 503.
+    #[response(
+        status = 503,
+        description = "Piclumen is unreachable, or the server is shutting down."
+    )]
+    Unavailable(ErrorBody),
+    /// 504.
+    #[response(status = 504, description = "Piclumen did not answer in time.")]
+    TimedOut(ErrorBody),
+}
 
 /// `200` of `/generate-image`.
 #[derive(Debug, Clone, Serialize, ToSchema)]
