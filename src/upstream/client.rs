@@ -3,7 +3,7 @@
 //! the whole exchange, records its metrics and sorts out the answer. The
 //! create call is never retried here: it may have cost credits.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use serde::Serialize;
@@ -63,9 +63,13 @@ impl Default for ClientConfig {
     }
 }
 
-/// The Piclumen client. Cheap to clone.
+/// The Piclumen client. Cheap to clone: one reference count, as every call
+/// clones it into its own future.
 #[derive(Debug, Clone)]
-pub struct Client {
+pub struct Client(Arc<Inner>);
+
+#[derive(Debug)]
+struct Inner {
     http: reqwest::Client,
     /// Parsed once: building and parsing a URL per call costs more than the
     /// rest of the request setup.
@@ -117,17 +121,17 @@ impl Client {
             reqwest::Url::parse(&format!("{base}{path}"))
                 .map_err(|e| format!("upstream URL {:?}: {e}", redact_url(base)))
         };
-        Ok(Self {
+        Ok(Self(Arc::new(Inner {
             http,
             create_url: url(CREATE_PATH)?,
             status_url: url(STATUS_PATH)?,
             timeout: config.timeout,
-        })
+        })))
     }
 
     /// The bound on one whole call (`--upstream-timeout`).
     pub fn timeout(&self) -> Duration {
-        self.timeout
+        self.0.timeout
     }
 
     /// Starts a generation and returns its mark id. Never retried here: the
@@ -163,7 +167,7 @@ impl Client {
     pub async fn batch_status_entries(
         &self,
         token: &Token,
-        mark_ids: &[std::sync::Arc<str>],
+        mark_ids: &[Arc<str>],
     ) -> Result<Vec<StatusEntry>, UpstreamError> {
         let ids: Vec<&str> = mark_ids.iter().map(|id| &**id).collect();
         let body = self
@@ -189,21 +193,22 @@ impl Client {
         body: Vec<u8>,
         deadline: Option<Instant>,
     ) -> Result<bytes::Bytes, UpstreamError> {
+        let this = &*self.0;
         let timeout = match deadline {
-            Some(d) => self
+            Some(d) => this
                 .timeout
                 .min(d.saturating_duration_since(Instant::now())),
-            None => self.timeout,
+            None => this.timeout,
         };
         if timeout.is_zero() {
             return Err(UpstreamError::Timeout(timeout));
         }
         let url = match endpoint {
-            Endpoint::Create => &self.create_url,
-            Endpoint::Status => &self.status_url,
+            Endpoint::Create => &this.create_url,
+            Endpoint::Status => &this.status_url,
         };
         let span = crate::otel::client_span("POST", endpoint.path(), url.host_str());
-        let request = self
+        let request = this
             .http
             .post(url.clone())
             .header(header::AUTHORIZATION, token.expose())
