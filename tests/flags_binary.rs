@@ -11,11 +11,14 @@ use clap::CommandFactory;
 use common::{
     Process, Sim,
     args::{flags, path_str, secs, subcommand, temp_file},
-    authed, eventually, generate, generate_refused, long_jobs,
+    assert_api_key_missing, authed, eventually, generate, generate_refused, long_jobs,
     process::refused,
 };
-use piclumen_grpc::{config::Cli, pb};
-use tonic::Code;
+use piclumen_grpc::{
+    config::Cli,
+    pb::{self, image_service_client::ImageServiceClient},
+};
+use tonic::{Code, transport::Channel};
 
 const TOKEN: &str = "config-token";
 
@@ -256,6 +259,17 @@ fn every_environment_variable_reaches_the_binary() {
     }
 }
 
+/// `request` is refused as INVALID_REQUEST, its message saying `says`.
+async fn assert_invalid(
+    client: &mut ImageServiceClient<Channel>,
+    request: pb::GenerateImageRequest,
+    says: &str,
+) {
+    let request = authed(TOKEN, request);
+    let status = generate_refused(client, request, Code::InvalidArgument, "INVALID_REQUEST").await;
+    assert!(status.message().contains(says), "{status:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn custom_limits_reach_request_validation() {
     let sim = Sim::start(long_jobs()).await;
@@ -269,18 +283,8 @@ async fn custom_limits_reach_request_validation() {
     )
     .await;
     let mut client = server.client().await;
-    let request = authed(TOKEN, generate("eleven char"));
-    let status = generate_refused(
-        &mut client,
-        request,
-        Code::InvalidArgument,
-        "INVALID_REQUEST",
-    )
-    .await;
-    assert!(
-        status.message().contains("11 characters, the limit is 10"),
-        "{status:?}"
-    );
+    let request = generate("eleven char");
+    assert_invalid(&mut client, request, "11 characters, the limit is 10").await;
     for width in [100, 600] {
         let mut request = generate("ten chars!");
         request.resolution = Some(pb::Resolution {
@@ -288,18 +292,7 @@ async fn custom_limits_reach_request_validation() {
             height: 256,
             batch_size: 1,
         });
-        let request = authed(TOKEN, request);
-        let status = generate_refused(
-            &mut client,
-            request,
-            Code::InvalidArgument,
-            "INVALID_REQUEST",
-        )
-        .await;
-        assert!(
-            status.message().contains("must be 128 to 512 pixels"),
-            "{status:?}"
-        );
+        assert_invalid(&mut client, request, "must be 128 to 512 pixels").await;
     }
     let mut request = generate("ten chars!");
     request.resolution = Some(pb::Resolution {
@@ -334,14 +327,7 @@ async fn api_keys_file_is_loaded_at_start() {
     let server =
         Process::serve_against_async(&sim.url(), &["--api-keys-file", path_str(&good)], &[]).await;
     let mut client = server.client().await;
-    let request = authed(TOKEN, generate("p"));
-    generate_refused(
-        &mut client,
-        request,
-        Code::Unauthenticated,
-        "API_KEY_MISSING",
-    )
-    .await;
+    assert_api_key_missing(&mut client, TOKEN).await;
     for (key, ok) in [("key-two", true), ("key-three", false)] {
         let mut request = authed(TOKEN, generate("p"));
         request

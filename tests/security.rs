@@ -25,14 +25,7 @@ async fn api_keys_gate_image_calls_but_not_health() {
     let server = Server::start(config, sim.url()).await;
     let mut client = server.client().await;
 
-    let request = authed(TOKEN, generate("p"));
-    generate_refused(
-        &mut client,
-        request,
-        Code::Unauthenticated,
-        "API_KEY_MISSING",
-    )
-    .await;
+    assert_api_key_missing(&mut client, TOKEN).await;
     let mut wrong = authed(TOKEN, generate("p"));
     wrong
         .metadata_mut()

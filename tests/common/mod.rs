@@ -465,6 +465,13 @@ pub async fn generate_refused(
     status
 }
 
+/// GenerateImage as `token` without an `x-api-key` is refused:
+/// UNAUTHENTICATED, `API_KEY_MISSING`.
+pub async fn assert_api_key_missing(client: &mut ImageServiceClient<Channel>, token: &str) {
+    let request = authed(token, generate("p"));
+    generate_refused(client, request, Code::Unauthenticated, "API_KEY_MISSING").await;
+}
+
 /// Polls `check` every 20 ms until it holds, for at most `limit`.
 pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
 where
