@@ -10,16 +10,19 @@
 //! A measurement, not a test: it asserts nothing about timing.
 
 mod common;
+#[path = "../tests/support/redis_server.rs"]
+mod redis_server;
 
-use std::{
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use clap::Parser;
-use common::{Process, spawn, spawn_server, unused_addr};
-use piclumen_grpc::pb::{self, JobState, image_service_client::ImageServiceClient};
-use tonic::{Request, transport::Channel};
+use common::{
+    Process, authed, change_share, connect, lag_ms, percentile, sim_json, spawn_server, spawn_sim,
+    unix_ms,
+};
+use piclumen_grpc::pb::{self, image_service_client::ImageServiceClient};
+use redis_server::Redis;
+use tonic::transport::Channel;
 
 const TOKEN: &str = "bench-token";
 
@@ -48,78 +51,6 @@ struct Args {
     bench: bool,
 }
 
-/// A `redis-server` child, persistence off; killed when dropped.
-struct Redis(std::process::Child, std::path::PathBuf);
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        let _ = std::fs::remove_dir_all(&self.1);
-    }
-}
-
-fn redis(port: u16) -> Redis {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/redis.sh");
-    let output = Command::new("bash")
-        .arg(script)
-        .output()
-        .expect("scripts/redis.sh");
-    let binary = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-    let dir = std::env::temp_dir().join(format!("piclumen-bench-fleet-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let child = Command::new(binary)
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .arg("--dir")
-        .arg(&dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server");
-    for _ in 0..300 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Redis(child, dir)
-}
-
-async fn sim_json(http: &reqwest::Client, sim: &str, path: &str) -> serde_json::Value {
-    let body = http
-        .get(format!("http://{sim}{path}"))
-        .send()
-        .await
-        .expect("sim")
-        .text()
-        .await
-        .expect("sim body");
-    serde_json::from_str(&body).expect("json")
-}
-
-fn authed<T>(message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {TOKEN}").parse().expect("ascii"),
-    );
-    request
-}
-
-fn unix_ms() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
 /// Follows one watch; returns (mark id, share of the job's duration at
 /// which the simulator made the change, when it arrived) per change.
 async fn follow(
@@ -127,9 +58,12 @@ async fn follow(
     mark_id: String,
 ) -> Vec<(String, f64, f64)> {
     let mut stream = client
-        .watch_image(authed(pb::WatchImageRequest {
-            mark_id: mark_id.clone(),
-        }))
+        .watch_image(authed(
+            TOKEN,
+            pb::WatchImageRequest {
+                mark_id: mark_id.clone(),
+            },
+        ))
         .await
         .expect("watch")
         .into_inner();
@@ -141,13 +75,7 @@ async fn follow(
         }
         let state = update.job.expect("job").state();
         let changed = previous.replace(state) != Some(state);
-        // Running at 40% of the duration, succeeded at 100%.
-        let share = match state {
-            JobState::Running => Some(0.4),
-            JobState::Succeeded => Some(1.0),
-            _ => None,
-        };
-        if let Some(share) = share.filter(|_| changed) {
+        if let Some(share) = change_share(state).filter(|_| changed) {
             seen.push((mark_id.clone(), share, unix_ms()));
         }
     }
@@ -157,24 +85,11 @@ async fn follow(
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let redis_port = unused_addr()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse::<u16>().ok())
-        .expect("port");
-    let _redis = redis(redis_port);
-    let store = format!("redis://127.0.0.1:{redis_port}");
+    let redis = Redis::start();
+    let store = redis.url();
     let job = humantime::format_duration(args.job_duration).to_string();
     // Durations vary by 20%, so changes fall at random points of the round.
-    let sim = spawn(&[
-        "sim",
-        "--listen",
-        "127.0.0.1:0",
-        "--job-duration",
-        &job,
-        "--job-jitter",
-        "0.2",
-    ]);
+    let sim = spawn_sim(&["--job-duration", &job, "--job-jitter", "0.2"]);
     let interval = humantime::format_duration(args.poll_interval).to_string();
     let batch = args.batch_max.to_string();
     let replicas: Vec<Process> = (0..args.replicas)
@@ -198,21 +113,19 @@ async fn main() {
         .collect();
     let mut clients = Vec::new();
     for replica in &replicas {
-        let channel = Channel::from_shared(format!("http://{}", replica.addr))
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect");
-        clients.push(ImageServiceClient::new(channel));
+        clients.push(connect(&replica.addr).await);
     }
     let mut ids = Vec::new();
     let count = clients.len();
     for i in 0..args.jobs {
         let created = clients[i % count]
-            .generate_image(authed(pb::GenerateImageRequest {
-                prompt: format!("fleet bench {i}"),
-                ..Default::default()
-            }))
+            .generate_image(authed(
+                TOKEN,
+                pb::GenerateImageRequest {
+                    prompt: format!("fleet bench {i}"),
+                    ..Default::default()
+                },
+            ))
             .await
             .expect("generate")
             .into_inner();
@@ -254,11 +167,7 @@ async fn main() {
         }
         let mut lags: Vec<f64> = seen
             .iter()
-            .filter_map(|(id, share, received)| {
-                let job = &created[id];
-                let at = job["created_unix_ms"].as_f64()? + job["duration_ms"].as_f64()? * share;
-                Some(received - at)
-            })
+            .filter_map(|(id, share, received)| lag_ms(&created, id, *share, *received))
             .collect();
         lags.sort_by(f64::total_cmp);
         println!(

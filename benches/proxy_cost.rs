@@ -28,7 +28,7 @@ use bytes::Bytes;
 use common::{
     Process,
     process::{self, BIN},
-    spawn, usage,
+    spawn_sim, usage,
 };
 use piclumen_grpc::pb;
 use prost::Message;
@@ -309,33 +309,11 @@ async fn main() {
     let o = opts();
     let job_duration = "100000s";
     // An instant upstream for the per-call cost, one with 20 ms for sharing.
-    let instant_sim = spawn(&[
-        "sim",
-        "--listen",
-        "127.0.0.1:0",
-        "--job-duration",
-        job_duration,
-    ]);
-    let slow_sim = spawn(&[
-        "sim",
-        "--listen",
-        "127.0.0.1:0",
-        "--job-duration",
-        job_duration,
-        "--latency",
-        "20ms",
-    ]);
+    let instant_sim = spawn_sim(&["--job-duration", job_duration]);
+    let slow_sim = spawn_sim(&["--job-duration", job_duration, "--latency", "20ms"]);
     let serve = |sim: &str| {
         let upstream = format!("http://{sim}");
-        let mut args = vec![
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream-url",
-            &upstream,
-            "--max-generates-per-token",
-            "1000",
-        ];
+        let mut args = process::serve_args(&upstream, &["--max-generates-per-token", "1000"]);
         args.extend(o.server_args.iter().map(String::as_str));
         start_pinned(&o.wrap, BIN, &args)
     };

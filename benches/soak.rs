@@ -15,9 +15,9 @@ use std::{
 };
 
 use clap::Parser;
-use common::{spawn, spawn_server, status_kib, unused_addr};
+use common::{authed, connect, spawn_server, spawn_sim, status_kib, unused_addr};
 use piclumen_grpc::pb::{self, image_service_client::ImageServiceClient};
-use tonic::{Request, transport::Channel};
+use tonic::transport::Channel;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -33,15 +33,6 @@ struct Args {
 }
 
 type Codes = Arc<Mutex<BTreeMap<String, u64>>>;
-
-fn authed<T>(token: &str, message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("ascii"),
-    );
-    request
-}
 
 fn count(codes: &Codes, rpc: &str, code: tonic::Code) {
     *codes
@@ -167,10 +158,7 @@ async fn tasks(http: &reqwest::Client, metrics: &str) -> f64 {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let sim = spawn(&[
-        "sim",
-        "--listen",
-        "127.0.0.1:0",
+    let sim = spawn_sim(&[
         "--job-duration",
         "4s",
         "--job-jitter",
@@ -180,7 +168,7 @@ async fn main() {
         "--fail-429-rate",
         "0.02",
     ]);
-    let metrics = unused_addr();
+    let metrics = unused_addr().to_string();
     let server = spawn_server(
         &sim.addr,
         &[
@@ -207,12 +195,7 @@ async fn main() {
     report("idle start", tasks(&http, &metrics).await);
     let mut clients = Vec::new();
     for _ in 0..10 {
-        let channel = Channel::from_shared(format!("http://{}", server.addr))
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect");
-        clients.push(ImageServiceClient::new(channel));
+        clients.push(connect(&server.addr).await);
     }
     let codes: Codes = Arc::default();
     // Warm-up: allocator arenas, connection pools and buffers reach their

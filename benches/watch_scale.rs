@@ -10,11 +10,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{spawn, spawn_server, status_kib, usage};
+use common::{
+    authed, change_share, connect, lag_ms, percentile, sim_json, spawn_server, spawn_sim,
+    status_kib, unix_ms, usage,
+};
 
 use clap::Parser;
-use piclumen_grpc::pb::{self, JobState, image_service_client::ImageServiceClient};
-use tonic::{Request, transport::Channel};
+use piclumen_grpc::pb::{self, JobState};
 
 const TOKEN: &str = "bench-token";
 
@@ -43,57 +45,20 @@ struct Args {
     bench: bool,
 }
 
+/// The simulator's (status calls, ids asked) so far.
 async fn sim_stats(http: &reqwest::Client, sim: &str) -> (u64, u64) {
-    let body = http
-        .get(format!("http://{sim}/_sim/stats"))
-        .send()
-        .await
-        .expect("stats")
-        .text()
-        .await
-        .expect("stats body");
-    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let v = sim_json(http, sim, "/_sim/stats").await;
     (
         v["status_calls"].as_u64().unwrap_or(0),
         v["status_ids"].as_u64().unwrap_or(0),
     )
 }
 
-fn authed<T>(token: &str, message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("ascii"),
-    );
-    request
-}
-
-fn unix_ms() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
     let job = humantime::format_duration(args.job_duration).to_string();
-    let sim = spawn(&[
-        "sim",
-        "--listen",
-        "127.0.0.1:0",
-        "--job-duration",
-        &job,
-        "--job-jitter",
-        "0.2",
-    ]);
+    let sim = spawn_sim(&["--job-duration", &job, "--job-jitter", "0.2"]);
     let interval = humantime::format_duration(args.poll_interval).to_string();
     let batch = args.batch_max.to_string();
     let max_watches = (args.watches + 100).to_string();
@@ -119,12 +84,7 @@ async fn main() {
 
     let mut clients = Vec::new();
     for _ in 0..args.connections {
-        let channel = Channel::from_shared(format!("http://{}", server.addr))
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect");
-        clients.push(ImageServiceClient::new(channel));
+        clients.push(connect(&server.addr).await);
     }
 
     // Start every job and its watch; each task reports when its job reached
@@ -185,14 +145,7 @@ async fn main() {
                 }
                 let state = update.job.expect("job").state();
                 let last_state = previous.replace(state);
-                // The simulator switches to running at 40% of the job's
-                // duration and to success at 100%, from its creation.
-                let change = match state {
-                    JobState::Running => Some(0.4),
-                    JobState::Succeeded => Some(1.0),
-                    _ => None,
-                };
-                if let Some(change) = change.filter(|_| last_state != Some(state)) {
+                if let Some(change) = change_share(state).filter(|_| last_state != Some(state)) {
                     seen.push((created.mark_id.clone(), change, unix_ms()));
                 }
             }
@@ -250,19 +203,9 @@ async fn main() {
     for t in tasks {
         seen.extend(t.await.expect("watch task"));
     }
-    let body = http
-        .get(format!("http://{}/_sim/jobs", sim.addr))
-        .send()
-        .await
-        .expect("jobs")
-        .text()
-        .await
-        .expect("jobs body");
-    let created: serde_json::Value = serde_json::from_str(&body).expect("jobs json");
+    let created = sim_json(&http, &sim.addr, "/_sim/jobs").await;
     let lag_of = |(id, share, received): &(String, f64, f64)| {
-        let job = &created[id];
-        let at = job["created_unix_ms"].as_f64()? + job["duration_ms"].as_f64()? * share;
-        Some((received - at) / 1000.0)
+        lag_ms(&created, id, *share, *received).map(|ms| ms / 1000.0)
     };
     let mut lags: Vec<f64> = seen.iter().filter_map(lag_of).collect();
     lags.sort_by(f64::total_cmp);

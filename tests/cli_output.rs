@@ -11,8 +11,8 @@ use std::path::Path;
 use common::{
     Harness, TOKEN,
     client::{
-        files_in, image_host, one_json_object, png_size, run_client, run_client_with_umask,
-        script_success, stderr_of,
+        client_args, files_in, image_host, one_json_object, png_size, run_client,
+        run_client_with_umask, script_success, stderr_of,
     },
     process, unused_addr,
 };
@@ -21,25 +21,25 @@ use serde_json::json;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generate_wait_json_prints_the_final_job_and_nothing_else() {
     let h = Harness::start().await;
-    let server = format!("http://{}", h.server.addr);
-    let output = run_client(&[
+    let server = h.url();
+    let output = run_client(&client_args(
         "generate",
-        "--server",
         &server,
-        "--token",
         TOKEN,
-        "a magical landscape",
-        "--wait",
-        "--json",
-        "--batch-size",
-        "2",
-        "--width",
-        "128",
-        "--height",
-        "96",
-        "--seed",
-        "9896923949",
-    ])
+        &[
+            "a magical landscape",
+            "--wait",
+            "--json",
+            "--batch-size",
+            "2",
+            "--width",
+            "128",
+            "--height",
+            "96",
+            "--seed",
+            "9896923949",
+        ],
+    ))
     .await;
     let stderr = stderr_of(&output);
     assert_eq!(output.status.code(), Some(0), "{stderr}");
@@ -71,26 +71,23 @@ async fn generate_wait_json_prints_the_final_job_and_nothing_else() {
     assert!(stderr.contains("queue position"), "{stderr}");
 
     // `watch --json` of the finished job prints the same job, without seed.
-    let watched = run_client(&[
-        "watch", "--server", &server, "--token", TOKEN, &mark_id, "--json",
-    ])
-    .await;
+    let watched = run_client(&client_args("watch", &server, TOKEN, &[&mark_id, "--json"])).await;
     assert_eq!(watched.status.code(), Some(0), "{}", stderr_of(&watched));
     let mut expected = job.clone();
     expected.as_object_mut().expect("object").remove("seed");
     assert_eq!(one_json_object(&watched.stdout), expected);
 
-    let checked = run_client(&[
-        "check", "--server", &server, "--token", TOKEN, &mark_id, "--json",
-    ])
-    .await;
+    let checked = run_client(&client_args("check", &server, TOKEN, &[&mark_id, "--json"])).await;
     assert_eq!(checked.status.code(), Some(0), "{}", stderr_of(&checked));
     assert_eq!(one_json_object(&checked.stdout), expected);
 
     // Without --wait, --json gives the mark id and seed at once.
-    let started = run_client(&[
-        "generate", "--server", &server, "--token", TOKEN, "p", "--json", "--seed", "5",
-    ])
+    let started = run_client(&client_args(
+        "generate",
+        &server,
+        TOKEN,
+        &["p", "--json", "--seed", "5"],
+    ))
     .await;
     assert_eq!(started.status.code(), Some(0), "{}", stderr_of(&started));
     let started = one_json_object(&started.stdout);
@@ -101,17 +98,13 @@ async fn generate_wait_json_prints_the_final_job_and_nothing_else() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_job_exits_1_and_still_prints_its_json() {
     let h = Harness::start().await;
-    let server = format!("http://{}", h.server.addr);
-    let output = run_client(&[
+    let server = h.url();
+    let output = run_client(&client_args(
         "generate",
-        "--server",
         &server,
-        "--token",
         TOKEN,
-        "a castle [sim:fail]",
-        "--wait",
-        "--json",
-    ])
+        &["a castle [sim:fail]", "--wait", "--json"],
+    ))
     .await;
     let stderr = stderr_of(&output);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
@@ -124,7 +117,7 @@ async fn a_failed_job_exits_1_and_still_prints_its_json() {
 
     // Plain `watch` and `check` of the failed job exit 1 too.
     for command in ["watch", "check"] {
-        let output = run_client(&[command, "--server", &server, "--token", TOKEN, mark_id]).await;
+        let output = run_client(&client_args(command, &server, TOKEN, &[mark_id])).await;
         assert_eq!(
             output.status.code(),
             Some(1),
@@ -201,29 +194,29 @@ fn usage_errors_exit_2_and_help_lists_the_exit_codes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_saves_the_simulators_images_decodable_at_the_jobs_size() {
     let h = Harness::start().await;
-    let server = format!("http://{}", h.server.addr);
+    let server = h.url();
     let scratch = tempfile::tempdir().expect("tempdir");
     // A directory that does not exist yet, two levels deep.
     let dir = scratch.path().join("new").join("images");
     let dir_text = dir.to_string_lossy().into_owned();
-    let output = run_client(&[
+    let output = run_client(&client_args(
         "generate",
-        "--server",
         &server,
-        "--token",
         TOKEN,
-        "a magical landscape",
-        "--wait",
-        "--json",
-        "--batch-size",
-        "2",
-        "--width",
-        "200",
-        "--height",
-        "120",
-        "--out",
-        &dir_text,
-    ])
+        &[
+            "a magical landscape",
+            "--wait",
+            "--json",
+            "--batch-size",
+            "2",
+            "--width",
+            "200",
+            "--height",
+            "120",
+            "--out",
+            &dir_text,
+        ],
+    ))
     .await;
     let stderr = stderr_of(&output);
     assert_eq!(output.status.code(), Some(0), "{stderr}");
@@ -252,16 +245,12 @@ async fn out_saves_the_simulators_images_decodable_at_the_jobs_size() {
     // Plain output with --out lists the saved files; `watch` saves the same.
     let mark_id = job["mark_id"].as_str().expect("mark_id");
     let again = scratch.path().join("again");
-    let output = run_client(&[
+    let output = run_client(&client_args(
         "watch",
-        "--server",
         &server,
-        "--token",
         TOKEN,
-        mark_id,
-        "--out",
-        &again.to_string_lossy(),
-    ])
+        &[mark_id, "--out", &again.to_string_lossy()],
+    ))
     .await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr_of(&output));
     let listed: Vec<String> = String::from_utf8_lossy(&output.stdout)
@@ -286,7 +275,7 @@ async fn out_saves_the_simulators_images_decodable_at_the_jobs_size() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_download_exits_3_and_leaves_no_file() {
     let h = Harness::start().await;
-    let server = format!("http://{}", h.server.addr);
+    let server = h.url();
     let host = image_host().await;
     let refused = format!("http://{}/x.png", unused_addr());
     let ok = format!("{host}/ok.png");
@@ -310,9 +299,12 @@ async fn a_failed_download_exits_3_and_leaves_no_file() {
         .await;
         let dir = scratch.path().join(token);
         let dir_text = dir.to_string_lossy().into_owned();
-        let output = run_client(&[
-            "watch", "--server", &server, "--token", token, &mark_id, "--out", &dir_text, "--json",
-        ])
+        let output = run_client(&client_args(
+            "watch",
+            &server,
+            token,
+            &[&mark_id, "--out", &dir_text, "--json"],
+        ))
         .await;
         let stderr = stderr_of(&output);
         assert_eq!(output.status.code(), Some(3), "{token}: {stderr}");
@@ -338,16 +330,12 @@ async fn a_failed_download_exits_3_and_leaves_no_file() {
     std::fs::write(dir.join("notes.txt"), "mine").expect("write");
     script_success(&h, "dl-keep", "mark-keep", &[(&cut, "x.png")]).await;
     let dir_text = dir.to_string_lossy().into_owned();
-    let output = run_client(&[
+    let output = run_client(&client_args(
         "watch",
-        "--server",
         &server,
-        "--token",
         "dl-keep",
-        "mark-keep",
-        "--out",
-        &dir_text,
-    ])
+        &["mark-keep", "--out", &dir_text],
+    ))
     .await;
     assert_eq!(output.status.code(), Some(3), "{}", stderr_of(&output));
     assert_eq!(files_in(&dir), ["notes.txt"]);
@@ -363,9 +351,12 @@ async fn a_failed_download_exits_3_and_leaves_no_file() {
     .await;
     let dir = scratch.path().join("ok");
     let dir_text = dir.to_string_lossy().into_owned();
-    let output = run_client(&[
-        "watch", "--server", &server, "--token", "dl-ok", "mark-ok", "--out", &dir_text, "--json",
-    ])
+    let output = run_client(&client_args(
+        "watch",
+        &server,
+        "dl-ok",
+        &["mark-ok", "--out", &dir_text, "--json"],
+    ))
     .await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr_of(&output));
     assert_eq!(files_in(&dir), ["_escape-2.png", "_escape.png"]);
@@ -398,7 +389,7 @@ async fn out_saves_images_with_the_mode_of_the_callers_umask() {
     use std::os::unix::fs::PermissionsExt;
 
     let h = Harness::start().await;
-    let server = format!("http://{}", h.server.addr);
+    let server = h.url();
     let host = image_host().await;
     let ok = format!("{host}/ok.png");
     let cut = format!("{host}/cut.png");
@@ -411,9 +402,7 @@ async fn out_saves_images_with_the_mode_of_the_callers_umask() {
         let dir_text = dir.to_string_lossy().into_owned();
         let output = run_client_with_umask(
             umask,
-            &[
-                "watch", "--server", &server, "--token", &token, &mark_id, "--out", &dir_text,
-            ],
+            &client_args("watch", &server, &token, &[&mark_id, "--out", &dir_text]),
         )
         .await;
         assert_eq!(output.status.code(), Some(0), "{}", stderr_of(&output));
@@ -444,16 +433,12 @@ async fn out_saves_images_with_the_mode_of_the_callers_umask() {
         let dir_text = dir.to_string_lossy().into_owned();
         let output = run_client_with_umask(
             umask,
-            &[
+            &client_args(
                 "watch",
-                "--server",
                 &server,
-                "--token",
                 &failed_token,
-                &failed_mark,
-                "--out",
-                &dir_text,
-            ],
+                &[&failed_mark, "--out", &dir_text],
+            ),
         )
         .await;
         assert_eq!(output.status.code(), Some(3), "{}", stderr_of(&output));

@@ -12,7 +12,7 @@ use std::{
 
 use common::{
     Harness, TOKEN,
-    client::{image_host, one_json_object, png_size, script_success},
+    client::{client_args, image_host, one_json_object, png_size, script_success},
     process,
 };
 
@@ -50,6 +50,18 @@ fn open_pty() -> Pty {
         master: master.into(),
         terminal: terminal.into(),
     }
+}
+
+/// [`run_on_terminal`] off the runtime, which keeps serving the in-process
+/// server and simulator meanwhile.
+async fn on_terminal(args: &[&str], stdout_on_terminal: bool) -> (ExitStatus, Vec<u8>, String) {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_on_terminal(&args, stdout_on_terminal)
+    })
+    .await
+    .expect("join")
 }
 
 /// Runs the client with stderr on a terminal (stdout too when
@@ -105,32 +117,29 @@ fn run_on_terminal(args: &[&str], stdout_on_terminal: bool) -> (ExitStatus, Vec<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminal_gets_live_progress_while_stdout_stays_clean_json() {
     let h = Harness::start().await;
-    let server = format!("http://{}", h.server.addr);
+    let server = h.url();
     let scratch = tempfile::tempdir().expect("tempdir");
     let dir = scratch.path().join("images");
-    let args = [
-        "generate",
-        "--server",
-        &server,
-        "--token",
-        TOKEN,
-        "a magical landscape",
-        "--wait",
-        "--json",
-        "--width",
-        "160",
-        "--height",
-        "120",
-        "--out",
-        &dir.to_string_lossy(),
-    ]
-    .map(str::to_owned);
-    let (status, stdout, screen) = tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        run_on_terminal(&args, false)
-    })
-    .await
-    .expect("join");
+    let (status, stdout, screen) = on_terminal(
+        &client_args(
+            "generate",
+            &server,
+            TOKEN,
+            &[
+                "a magical landscape",
+                "--wait",
+                "--json",
+                "--width",
+                "160",
+                "--height",
+                "120",
+                "--out",
+                &dir.to_string_lossy(),
+            ],
+        ),
+        false,
+    )
+    .await;
     assert!(status.success(), "{screen}");
     let job = one_json_object(&stdout);
     assert_eq!(job["state"], "SUCCEEDED");
@@ -166,29 +175,22 @@ async fn a_terminal_gets_live_progress_while_stdout_stays_clean_json() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminal_shows_a_download_bar_for_out() {
     let h = Harness::start().await;
-    let server = format!("http://{}", h.server.addr);
+    let server = h.url();
     let host = image_host().await;
     let slow = format!("{host}/slow.png");
     script_success(&h, "tty", "mark-tty", &[(&slow, "slow.png")]).await;
     let scratch = tempfile::tempdir().expect("tempdir");
     let dir = scratch.path().join("images");
-    let args = [
-        "watch",
-        "--server",
-        &server,
-        "--token",
-        "tty",
-        "mark-tty",
-        "--out",
-        &dir.to_string_lossy(),
-    ]
-    .map(|s| s.to_owned());
-    let (status, _, screen) = tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        run_on_terminal(&args, true)
-    })
-    .await
-    .expect("join");
+    let (status, _, screen) = on_terminal(
+        &client_args(
+            "watch",
+            &server,
+            "tty",
+            &["mark-tty", "--out", &dir.to_string_lossy()],
+        ),
+        true,
+    )
+    .await;
     assert!(status.success(), "{screen}");
     // The bar names the file and counts bytes against the total.
     assert!(screen.contains("slow.png ["), "no download bar: {screen:?}");

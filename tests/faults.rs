@@ -21,6 +21,8 @@ enum Outcome {
 fn watch_cases() -> Vec<(&'static str, Value, Outcome)> {
     use Outcome::*;
     let body = |b: &str| json!({"http_status": 200, "body": b});
+    // Twice a server error, then the real reply.
+    let twice = |status: u16| json!({"http_status": status, "body": "x", "times": 2});
     vec![
         (
             "400",
@@ -52,26 +54,10 @@ fn watch_cases() -> Vec<(&'static str, Value, Outcome)> {
             json!({"http_status": 429, "body": "{}", "times": 2}),
             Recovers,
         ),
-        (
-            "500",
-            json!({"http_status": 500, "body": "x", "times": 2}),
-            Recovers,
-        ),
-        (
-            "502",
-            json!({"http_status": 502, "body": "x", "times": 2}),
-            Recovers,
-        ),
-        (
-            "503",
-            json!({"http_status": 503, "body": "x", "times": 2}),
-            Recovers,
-        ),
-        (
-            "504",
-            json!({"http_status": 504, "body": "x", "times": 2}),
-            Recovers,
-        ),
+        ("500", twice(500), Recovers),
+        ("502", twice(502), Recovers),
+        ("503", twice(503), Recovers),
+        ("504", twice(504), Recovers),
         (
             "reset mid-body",
             json!({"reset": true, "http_status": 200, "body": "{\"st", "times": 2}),
@@ -117,12 +103,9 @@ fn watch_cases() -> Vec<(&'static str, Value, Outcome)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_meets_each_upstream_fault() {
-    let sim = Sim::start(sim_config()).await;
-    let mut upstream = client_config(sim.url());
-    upstream.timeout = Duration::from_millis(500);
-    let upstream = piclumen_grpc::upstream::Client::new(&upstream).expect("client");
-    let server = Server::start_with_client(server_config(), upstream).await;
-    let mut client = server.client().await;
+    let h = Harness::with_upstream_timeout(Duration::from_millis(500)).await;
+    let sim = &h.sim;
+    let mut client = h.client().await;
     for (name, fault, outcome) in watch_cases() {
         let mark_id = start_job(&mut client, TOKEN, name).await;
         let mut fault = fault;
@@ -354,16 +337,7 @@ async fn fault_scripts_with_a_misspelled_key_or_no_effect_are_refused() {
         ),
     ];
     for (script, named) in cases {
-        let reply = sim
-            .http
-            .post(format!("{}/_sim/faults", sim.url()))
-            .header("content-type", "application/json")
-            .body(script.to_string())
-            .send()
-            .await
-            .expect("post");
-        let status = reply.status();
-        let body = reply.text().await.expect("body");
+        let (status, body) = sim.post_faults(&script).await;
         assert_eq!(status, 400, "{script}: {body}");
         assert!(body.contains(named), "{script}: {body}");
     }

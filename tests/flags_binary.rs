@@ -11,17 +11,28 @@ use clap::CommandFactory;
 use common::{
     Process, Sim,
     args::{flags, path_str, secs, subcommand, temp_file},
-    assert_status, authed, eventually, generate, long_jobs,
+    assert_api_key_missing, authed, eventually, generate, generate_refused, long_jobs,
     process::refused,
 };
-use piclumen_grpc::{config::Cli, pb};
-use tonic::Code;
+use piclumen_grpc::{
+    config::Cli,
+    pb::{self, image_service_client::ImageServiceClient},
+};
+use tonic::{Code, transport::Channel};
 
 const TOKEN: &str = "config-token";
 
+/// `serve --listen 127.0.0.1:0 ARGS...` with `env`, which must refuse to
+/// start; its stderr.
+fn refused_serve(args: &[&str], env: &[(&str, &str)]) -> String {
+    refused(
+        &[&["serve", "--listen", "127.0.0.1:0"][..], args].concat(),
+        env,
+    )
+}
+
 #[test]
 fn bad_values_stop_the_binary_before_it_listens() {
-    let listen = ["serve", "--listen", "127.0.0.1:0"];
     for (flag, value, range) in [
         ("--poll-interval", "0s", "accepted range: 250ms to 30days"),
         (
@@ -40,28 +51,21 @@ fn bad_values_stop_the_binary_before_it_listens() {
         ("--max-watches", "0", "accepted range: 1 to"),
         ("--max-prompt-chars", "0", "accepted range: 1 or more"),
     ] {
-        let stderr = refused(&[&listen[..], &[flag, value]].concat(), &[]);
+        let stderr = refused_serve(&[flag, value], &[]);
         assert!(
             stderr.contains(&format!("invalid value '{value}' for '{flag} "))
                 && stderr.contains(range),
             "{flag} {value}: {stderr}"
         );
     }
-    let stderr = refused(&listen, &[("PICLUMEN_TOKEN", "secret-part\nrest")]);
+    let stderr = refused_serve(&[], &[("PICLUMEN_TOKEN", "secret-part\nrest")]);
     assert!(stderr.contains("--token (PICLUMEN_TOKEN)"), "{stderr}");
     assert!(stderr.contains("printable ASCII"), "{stderr}");
     assert!(
         !stderr.contains("secret-part"),
         "the token is printed: {stderr}"
     );
-    let stderr = refused(
-        &[
-            &listen[..],
-            &["--min-dimension", "600", "--max-dimension", "512"],
-        ]
-        .concat(),
-        &[],
-    );
+    let stderr = refused_serve(&["--min-dimension", "600", "--max-dimension", "512"], &[]);
     assert!(
         stderr.contains("--min-dimension (600) must not exceed --max-dimension (512)"),
         "{stderr}"
@@ -105,88 +109,54 @@ fn env_cases(existing: &str) -> Vec<(&'static str, &'static str, String, Vec<Str
         "--upstream-url",
     );
     case("serve", "PICLUMEN_TOKEN", "a b", &listen, "--token");
-    for (env, value, flag) in [
-        ("PICLUMEN_POLL_INTERVAL", "0s", "--poll-interval"),
-        ("PICLUMEN_BATCH_MAX", "0", "--batch-max"),
-        ("PICLUMEN_MAX_WATCH", "0s", "--max-watch"),
-        ("PICLUMEN_HEARTBEAT", "0s", "--heartbeat"),
-        ("PICLUMEN_MAX_WATCHES", "0", "--max-watches"),
-        ("PICLUMEN_FAILURE_BUDGET", "0s", "--failure-budget"),
-        ("PICLUMEN_UPSTREAM_TIMEOUT", "0s", "--upstream-timeout"),
-        (
-            "PICLUMEN_UPSTREAM_CONNECT_TIMEOUT",
-            "0s",
-            "--upstream-connect-timeout",
-        ),
-        ("PICLUMEN_IDEMPOTENCY_TTL", "0s", "--idempotency-ttl"),
-        ("PICLUMEN_MIN_DIMENSION", "0", "--min-dimension"),
-        ("PICLUMEN_MAX_DIMENSION", "0", "--max-dimension"),
-        ("PICLUMEN_MAX_PROMPT_CHARS", "0", "--max-prompt-chars"),
-        ("PICLUMEN_DRAIN_TIMEOUT", "0s", "--drain-timeout"),
-        (
-            "PICLUMEN_MAX_CONNECTION_AGE",
-            "500ms",
-            "--max-connection-age",
-        ),
-        (
-            "PICLUMEN_MAX_CONNECTION_AGE_GRACE",
-            "soon",
-            "--max-connection-age-grace",
-        ),
-        (
-            "PICLUMEN_MAX_GENERATES_PER_TOKEN",
-            "0",
-            "--max-generates-per-token",
-        ),
-        ("PICLUMEN_MAX_REQUEST_BYTES", "0", "--max-request-bytes"),
-        (
-            "PICLUMEN_HTTP2_KEEPALIVE_INTERVAL",
-            "0s",
-            "--http2-keepalive-interval",
-        ),
-        (
-            "PICLUMEN_HTTP2_KEEPALIVE_TIMEOUT",
-            "0s",
-            "--http2-keepalive-timeout",
-        ),
-        (
-            "PICLUMEN_MAX_STREAMS_PER_CONNECTION",
-            "0",
-            "--max-streams-per-connection",
-        ),
-        (
-            "PICLUMEN_ALLOW_UNAUTHENTICATED",
-            "maybe",
-            "--allow-unauthenticated",
-        ),
-        ("PICLUMEN_METRICS_LISTEN", "nope", "--metrics-listen"),
-        ("PICLUMEN_HTTP_LISTEN", "nope", "--http-listen"),
-        (
-            "PICLUMEN_OTLP_ENDPOINT",
-            "collector:4317",
-            "--otlp-endpoint",
-        ),
-        (
-            "PICLUMEN_IDEMPOTENCY_STORE",
-            "mysql://h",
-            "--idempotency-store",
-        ),
-        ("PICLUMEN_SIMULATE", "maybe", "--simulate"),
-        ("PICLUMEN_FLEET_POLLING", "sometimes", "--fleet-polling"),
-        ("PICLUMEN_SIM_JOB_DURATION", "0s", "--sim-job-duration"),
-        ("PICLUMEN_LOG_FORMAT", "xml", "--log-format"),
-        ("PICLUMEN_LOG", "piclumen_grpc=loud", "--log"),
+    // The flag a variable stands for is its name less the prefix, in kebab
+    // case: PICLUMEN_POLL_INTERVAL is --poll-interval.
+    let flag_of = |prefix: &str, env: &str| {
+        format!("--{}", env[prefix.len()..].to_lowercase().replace('_', "-"))
+    };
+    for (env, value) in [
+        ("PICLUMEN_POLL_INTERVAL", "0s"),
+        ("PICLUMEN_BATCH_MAX", "0"),
+        ("PICLUMEN_MAX_WATCH", "0s"),
+        ("PICLUMEN_HEARTBEAT", "0s"),
+        ("PICLUMEN_MAX_WATCHES", "0"),
+        ("PICLUMEN_FAILURE_BUDGET", "0s"),
+        ("PICLUMEN_UPSTREAM_TIMEOUT", "0s"),
+        ("PICLUMEN_UPSTREAM_CONNECT_TIMEOUT", "0s"),
+        ("PICLUMEN_IDEMPOTENCY_TTL", "0s"),
+        ("PICLUMEN_MIN_DIMENSION", "0"),
+        ("PICLUMEN_MAX_DIMENSION", "0"),
+        ("PICLUMEN_MAX_PROMPT_CHARS", "0"),
+        ("PICLUMEN_DRAIN_TIMEOUT", "0s"),
+        ("PICLUMEN_MAX_CONNECTION_AGE", "500ms"),
+        ("PICLUMEN_MAX_CONNECTION_AGE_GRACE", "soon"),
+        ("PICLUMEN_MAX_GENERATES_PER_TOKEN", "0"),
+        ("PICLUMEN_MAX_REQUEST_BYTES", "0"),
+        ("PICLUMEN_HTTP2_KEEPALIVE_INTERVAL", "0s"),
+        ("PICLUMEN_HTTP2_KEEPALIVE_TIMEOUT", "0s"),
+        ("PICLUMEN_MAX_STREAMS_PER_CONNECTION", "0"),
+        ("PICLUMEN_ALLOW_UNAUTHENTICATED", "maybe"),
+        ("PICLUMEN_METRICS_LISTEN", "nope"),
+        ("PICLUMEN_HTTP_LISTEN", "nope"),
+        ("PICLUMEN_OTLP_ENDPOINT", "collector:4317"),
+        ("PICLUMEN_IDEMPOTENCY_STORE", "mysql://h"),
+        ("PICLUMEN_SIMULATE", "maybe"),
+        ("PICLUMEN_FLEET_POLLING", "sometimes"),
+        ("PICLUMEN_SIM_JOB_DURATION", "0s"),
+        ("PICLUMEN_LOG_FORMAT", "xml"),
+        ("PICLUMEN_LOG", "piclumen_grpc=loud"),
     ] {
-        case("serve", env, value, &listen, &invalid_value(flag, value));
+        let flag = flag_of("PICLUMEN_", env);
+        case("serve", env, value, &listen, &invalid_value(&flag, value));
     }
     for env in ["PICLUMEN_USER_AGENT", "PICLUMEN_ORIGIN", "PICLUMEN_REFERER"] {
-        let flag = env["PICLUMEN_".len()..].to_lowercase().replace('_', "-");
+        let flag = flag_of("PICLUMEN_", env);
         case(
             "serve",
             env,
             "two\nlines",
             &listen,
-            &format!("--{flag} is not a valid HTTP header"),
+            &format!("{flag} is not a valid HTTP header"),
         );
     }
     case(
@@ -233,14 +203,15 @@ fn env_cases(existing: &str) -> Vec<(&'static str, &'static str, String, Vec<Str
         &[],
         &invalid_value("--listen", "nope"),
     );
-    for (env, value, flag) in [
-        ("PICLUMEN_SIM_JOB_DURATION", "0s", "--job-duration"),
-        ("PICLUMEN_SIM_JOB_JITTER", "2", "--job-jitter"),
-        ("PICLUMEN_SIM_LATENCY", "soon", "--latency"),
-        ("PICLUMEN_SIM_FAIL_5XX_RATE", "2", "--fail-5xx-rate"),
-        ("PICLUMEN_SIM_FAIL_429_RATE", "-1", "--fail-429-rate"),
+    for (env, value) in [
+        ("PICLUMEN_SIM_JOB_DURATION", "0s"),
+        ("PICLUMEN_SIM_JOB_JITTER", "2"),
+        ("PICLUMEN_SIM_LATENCY", "soon"),
+        ("PICLUMEN_SIM_FAIL_5XX_RATE", "2"),
+        ("PICLUMEN_SIM_FAIL_429_RATE", "-1"),
     ] {
-        case("sim", env, value, &listen, &invalid_value(flag, value));
+        let flag = flag_of("PICLUMEN_SIM_", env);
+        case("sim", env, value, &listen, &invalid_value(&flag, value));
     }
     case(
         "sim",
@@ -288,20 +259,23 @@ fn every_environment_variable_reaches_the_binary() {
     }
 }
 
+/// `request` is refused as INVALID_REQUEST, its message saying `says`.
+async fn assert_invalid(
+    client: &mut ImageServiceClient<Channel>,
+    request: pb::GenerateImageRequest,
+    says: &str,
+) {
+    let request = authed(TOKEN, request);
+    let status = generate_refused(client, request, Code::InvalidArgument, "INVALID_REQUEST").await;
+    assert!(status.message().contains(says), "{status:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn custom_limits_reach_request_validation() {
     let sim = Sim::start(long_jobs()).await;
-    let upstream = sim.url();
-    let server = Process::start_async(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream-url",
-            &upstream,
-            "--min-dimension",
-            "128",
-        ],
+    let server = Process::serve_against_async(
+        &sim.url(),
+        &["--min-dimension", "128"],
         &[
             ("PICLUMEN_MAX_DIMENSION", "512"),
             ("PICLUMEN_MAX_PROMPT_CHARS", "10"),
@@ -309,15 +283,8 @@ async fn custom_limits_reach_request_validation() {
     )
     .await;
     let mut client = server.client().await;
-    let status = client
-        .generate_image(authed(TOKEN, generate("eleven char")))
-        .await
-        .expect_err("prompt over the limit");
-    assert_status(&status, Code::InvalidArgument, "INVALID_REQUEST");
-    assert!(
-        status.message().contains("11 characters, the limit is 10"),
-        "{status:?}"
-    );
+    let request = generate("eleven char");
+    assert_invalid(&mut client, request, "11 characters, the limit is 10").await;
     for width in [100, 600] {
         let mut request = generate("ten chars!");
         request.resolution = Some(pb::Resolution {
@@ -325,15 +292,7 @@ async fn custom_limits_reach_request_validation() {
             height: 256,
             batch_size: 1,
         });
-        let status = client
-            .generate_image(authed(TOKEN, request))
-            .await
-            .expect_err("width out of range");
-        assert_status(&status, Code::InvalidArgument, "INVALID_REQUEST");
-        assert!(
-            status.message().contains("must be 128 to 512 pixels"),
-            "{status:?}"
-        );
+        assert_invalid(&mut client, request, "must be 128 to 512 pixels").await;
     }
     let mut request = generate("ten chars!");
     request.resolution = Some(pb::Resolution {
@@ -351,52 +310,24 @@ async fn custom_limits_reach_request_validation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_keys_file_is_loaded_at_start() {
     let missing = "/nonexistent/piclumen-api-keys";
-    let stderr = refused(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--api-keys-file",
-            missing,
-        ],
-        &[],
-    );
+    let stderr = refused_serve(&["--api-keys-file", missing], &[]);
     assert!(
         stderr.contains(&format!("cannot read API keys file {missing}")),
         "{stderr}"
     );
     let empty = temp_file("empty-keys.txt", "# no key yet\n\n");
-    let stderr = refused(
-        &["serve", "--listen", "127.0.0.1:0"],
-        &[("PICLUMEN_API_KEYS_FILE", path_str(&empty))],
-    );
+    let stderr = refused_serve(&[], &[("PICLUMEN_API_KEYS_FILE", path_str(&empty))]);
     assert!(
         stderr.contains("the API keys file holds no key"),
         "{stderr}"
     );
 
     let sim = Sim::start(long_jobs()).await;
-    let upstream = sim.url();
     let good = temp_file("good-keys.txt", "# callers\nkey-one\n  key-two  \n");
-    let server = Process::start_async(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream-url",
-            &upstream,
-            "--api-keys-file",
-            path_str(&good),
-        ],
-        &[],
-    )
-    .await;
+    let server =
+        Process::serve_against_async(&sim.url(), &["--api-keys-file", path_str(&good)], &[]).await;
     let mut client = server.client().await;
-    let status = client
-        .generate_image(authed(TOKEN, generate("p")))
-        .await
-        .expect_err("no key");
-    assert_status(&status, Code::Unauthenticated, "API_KEY_MISSING");
+    assert_api_key_missing(&mut client, TOKEN).await;
     for (key, ok) in [("key-two", true), ("key-three", false)] {
         let mut request = authed(TOKEN, generate("p"));
         request
@@ -412,24 +343,12 @@ async fn api_keys_file_is_loaded_at_start() {
 /// polled them over several rounds; returns (status calls, ids asked).
 async fn poll_three_watches(batch_max: Option<&str>) -> (u64, u64) {
     let sim = Sim::start(long_jobs()).await;
-    let upstream = sim.url();
     let env: Vec<(&str, &str)> = batch_max
         .map(|b| ("PICLUMEN_BATCH_MAX", b))
         .into_iter()
         .collect();
-    let server = Process::start_async(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream-url",
-            &upstream,
-            "--poll-interval",
-            "250ms",
-        ],
-        &env,
-    )
-    .await;
+    let server =
+        Process::serve_against_async(&sim.url(), &["--poll-interval", "250ms"], &env).await;
     let mut client = server.client().await;
     let mut streams = Vec::new();
     for n in 0..3 {

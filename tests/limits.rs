@@ -256,18 +256,8 @@ async fn keepalive_pings_close_connections_to_dead_peers() {
     let mut direct = h.client().await;
     let mark_id = start_job(&mut direct, TOKEN, "long").await;
     let (proxy, frozen, mut closed) = freezable_proxy(h.server.addr).await;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{proxy}"))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect through the proxy");
-    let mut client = ImageServiceClient::new(channel);
-    let mut watch = client
-        .watch_image(authed(TOKEN, pb::WatchImageRequest { mark_id }))
-        .await
-        .expect("watch")
-        .into_inner();
-    watch.message().await.expect("first").expect("message");
+    let mut client = ImageServiceClient::new(channel_to(proxy).await);
+    let (_watch, _) = open_watch(&mut client, TOKEN, mark_id).await;
     // A live peer answers the server's pings: the connection stays up over
     // many ping intervals and more than interval + timeout.
     tokio::time::sleep(Duration::from_secs(3)).await;

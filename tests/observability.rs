@@ -4,33 +4,14 @@
 
 mod common;
 
-use std::sync::OnceLock;
-
 use common::*;
 use piclumen_grpc::{job::Token, pb};
 use serde_json::json;
 use tonic::Code;
-use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
 
+/// What the in-process server logs at debug level, as JSON and as text.
 fn logs() -> &'static Captured {
-    static LOGS: OnceLock<Captured> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let captured = Captured::default();
-        tracing_subscriber::registry()
-            .with(EnvFilter::new("debug"))
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_writer(captured.clone()),
-            )
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_ansi(false)
-                    .with_writer(captured.clone()),
-            )
-            .init();
-        captured
-    })
+    Captured::global("debug", true)
 }
 
 fn log_text() -> String {
@@ -307,17 +288,7 @@ fn with_code<'a>(labels: [(&'a str, &'a str); 3], code: &'a str) -> Vec<(&'a str
 async fn grpc_metrics_count_calls_by_code_and_time_streams_to_their_end() {
     let metrics = unused_addr();
     let metrics_text = metrics.to_string();
-    let served = serve_binary(&[
-        "--simulate",
-        "--listen",
-        "127.0.0.1:0",
-        "--sim-job-duration",
-        "1s",
-        "--poll-interval",
-        "250ms",
-        "--metrics-listen",
-        &metrics_text,
-    ]);
+    let served = serve_binary(&[SIMULATE_FAST, &["--metrics-listen", &metrics_text]].concat());
     let mut client =
         pb::image_service_client::ImageServiceClient::connect(format!("http://{}", served.addr))
             .await

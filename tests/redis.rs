@@ -5,13 +5,12 @@
 
 mod common;
 
-use std::{sync::OnceLock, time::Duration};
+use std::time::Duration;
 
 use common::*;
 use piclumen_grpc::{pb, server::ServerConfig};
 use serde_json::json;
 use tonic::{Code, Request};
-use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
 
 #[path = "support/redis_server.rs"]
 mod redis_server;
@@ -37,20 +36,9 @@ fn call(token: &str, id: &str, timeout: Duration) -> Request<pb::GenerateImageRe
     request
 }
 
+/// What the in-process servers log at info level, as text.
 fn logs() -> &'static Captured {
-    static LOGS: OnceLock<Captured> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let captured = Captured::default();
-        tracing_subscriber::registry()
-            .with(EnvFilter::new("info"))
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_ansi(false)
-                    .with_writer(captured.clone()),
-            )
-            .init();
-        captured
-    })
+    Captured::global("info", false)
 }
 
 /// Log lines containing every one of `parts`.

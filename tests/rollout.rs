@@ -38,10 +38,20 @@ fn call(id: &str, timeout: Duration) -> Request<pb::GenerateImageRequest> {
 
 /// A replica sharing the store at `store` (a `redis://` URL).
 fn replica(upstream: &str, store: &str) -> Process {
-    Process::serve(
-        &["--listen", "127.0.0.1:0", "--upstream-url", upstream],
-        &[("PICLUMEN_IDEMPOTENCY_STORE", store)],
-    )
+    Process::serve_against(upstream, &[], &[("PICLUMEN_IDEMPOTENCY_STORE", store)])
+}
+
+/// Replicas A and B sharing a new Redis in front of one simulator whose
+/// next create takes 3 s, long enough to act while it is in flight.
+async fn two_replicas_with_a_slow_create() -> (Redis, Sim, Process, Process) {
+    let redis = Redis::start();
+    let sim = Sim::start(sim_config()).await;
+    let (upstream, store) = (sim.url(), redis.url());
+    let a = replica(&upstream, &store);
+    let b = replica(&upstream, &store);
+    sim.script(json!([{"endpoint": "create", "delay_ms": 3000}]))
+        .await;
+    (redis, sim, a, b)
 }
 
 /// Sends SIGTERM, as every rollout does.
@@ -69,13 +79,7 @@ async fn exit_status(served: &mut Process) -> ExitStatus {
 
 #[tokio::test]
 async fn a_rollout_with_a_create_in_flight_creates_once() {
-    let redis = Redis::start();
-    let sim = Sim::start(sim_config()).await;
-    let (upstream, store) = (sim.url(), redis.url());
-    let mut a = replica(&upstream, &store);
-    let b = replica(&upstream, &store);
-    sim.script(json!([{"endpoint": "create", "delay_ms": 3000}]))
-        .await;
+    let (_redis, sim, mut a, b) = two_replicas_with_a_slow_create().await;
 
     // The caller gives up after 1 s; the create goes on in A.
     let status = bounded(
@@ -115,13 +119,7 @@ async fn a_rollout_with_a_create_in_flight_creates_once() {
 
 #[tokio::test]
 async fn a_holder_killed_after_sending_leaves_the_outcome_unknown() {
-    let redis = Redis::start();
-    let sim = Sim::start(sim_config()).await;
-    let (upstream, store) = (sim.url(), redis.url());
-    let mut a = replica(&upstream, &store);
-    let b = replica(&upstream, &store);
-    sim.script(json!([{"endpoint": "create", "delay_ms": 3000}]))
-        .await;
+    let (_redis, sim, mut a, b) = two_replicas_with_a_slow_create().await;
     let mut a_client = a.client().await;
     let caller = tokio::spawn(async move {
         a_client
@@ -281,12 +279,8 @@ async fn connections_age_out_and_clients_reconnect_by_themselves() {
     config.max_connection_age_grace = Duration::from_secs(2);
     let h = Harness::with(long_jobs(), config).await;
     let relay = Relay::start(h.server.addr).await;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", relay.addr))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
-    let mut client = pb::image_service_client::ImageServiceClient::new(channel);
+    let mut client =
+        pb::image_service_client::ImageServiceClient::new(channel_to(relay.addr).await);
 
     // A call in flight when the connection reaches its age (about 1 s)
     // finishes: the GOAWAY lets open calls end.
@@ -386,10 +380,7 @@ async fn cli_rides_through(command: &[&str], kill: bool) -> serde_json::Value {
     })
     .await;
     let upstream = sim.url();
-    let mut a = Process::serve(
-        &["--listen", "127.0.0.1:0", "--upstream-url", &upstream],
-        &[],
-    );
+    let mut a = Process::serve_against(&upstream, &[], &[]);
     let server = format!("http://{}", a.addr);
     let mut args = command.to_vec();
     let mark_id;

@@ -25,17 +25,12 @@ async fn api_keys_gate_image_calls_but_not_health() {
     let server = Server::start(config, sim.url()).await;
     let mut client = server.client().await;
 
-    let status = client
-        .generate_image(authed(TOKEN, generate("p")))
-        .await
-        .expect_err("no key");
-    assert_status(&status, Code::Unauthenticated, "API_KEY_MISSING");
+    assert_api_key_missing(&mut client, TOKEN).await;
     let mut wrong = authed(TOKEN, generate("p"));
     wrong
         .metadata_mut()
         .insert("x-api-key", "key-alph".parse().expect("ascii"));
-    let status = client.generate_image(wrong).await.expect_err("wrong key");
-    assert_status(&status, Code::Unauthenticated, "API_KEY_INVALID");
+    generate_refused(&mut client, wrong, Code::Unauthenticated, "API_KEY_INVALID").await;
     let (_, end) = collect_watch(&mut client, TOKEN, "m").await;
     assert_status(
         &end.expect_err("watch without key"),

@@ -7,25 +7,15 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Process, Sim, args::secs, authed, eventually, generate, long_jobs, process};
+use common::{
+    Process, SIMULATE_FAST, Sim, args::secs, authed, eventually, generate, long_jobs, process,
+};
 
 const TOKEN: &str = "config-token";
 
 #[test]
 fn generate_wait_against_serve_simulate() {
-    let server = Process::start(
-        &[
-            "serve",
-            "--simulate",
-            "--listen",
-            "127.0.0.1:0",
-            "--sim-job-duration",
-            "1s",
-            "--poll-interval",
-            "250ms",
-        ],
-        &[],
-    );
+    let server = Process::serve(SIMULATE_FAST, &[]);
     let url = format!("http://{}", server.addr);
     let output = process::command(&[
         "generate",
@@ -299,17 +289,7 @@ fn refuses_an_exposed_default_token_without_caller_auth() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn startup_line_redacts_the_upstream_credentials() {
-    let server = Process::start_async(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream-url",
-            "http://op:hunter2@127.0.0.1:9",
-        ],
-        &[],
-    )
-    .await;
+    let server = Process::serve_against_async("http://op:hunter2@127.0.0.1:9", &[], &[]).await;
     let log = server.log_text();
     let line = log
         .lines()
@@ -323,15 +303,13 @@ async fn startup_line_redacts_the_upstream_credentials() {
 async fn the_log_filter_applies() {
     let sim = Sim::start(long_jobs()).await;
     let upstream = sim.url();
-    let args = [
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream-url",
+    let debug = Process::serve_against_async(
         &upstream,
-    ];
-    let debug = Process::start_async(&args, &[("PICLUMEN_LOG", "warn,piclumen_grpc=debug")]).await;
-    let info = Process::start_async(&args, &[]).await;
+        &[],
+        &[("PICLUMEN_LOG", "warn,piclumen_grpc=debug")],
+    )
+    .await;
+    let info = Process::serve_against_async(&upstream, &[], &[]).await;
     for server in [&debug, &info] {
         let mut client = server.client().await;
         client

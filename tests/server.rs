@@ -65,6 +65,22 @@ async fn reflection_v1(
         .expect("response")
 }
 
+/// The v1 reflection reply to FileContainingSymbol `symbol`: the files
+/// that define it.
+async fn files_containing(
+    h: &Harness,
+    symbol: &str,
+) -> tonic_reflection::pb::v1::FileDescriptorResponse {
+    use tonic_reflection::pb::v1::{
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let request = MessageRequest::FileContainingSymbol(symbol.into());
+    let MessageResponse::FileDescriptorResponse(files) = reflection_v1(h, request).await else {
+        panic!("{symbol} should resolve to descriptors");
+    };
+    files
+}
+
 #[tokio::test]
 async fn reflection_v1_lists_services_and_serves_commented_descriptors() {
     use prost::Message;
@@ -84,15 +100,8 @@ async fn reflection_v1_lists_services_and_serves_commented_descriptors() {
             "{name} missing from {names:?}"
         );
     }
-    let MessageResponse::FileDescriptorResponse(files) = reflection_v1(
-        &h,
-        MessageRequest::FileContainingSymbol("piclumen.v1.ImageService".into()),
-    )
-    .await
-    else {
-        panic!("expected descriptors");
-    };
-    let file = files
+    let file = files_containing(&h, "piclumen.v1.ImageService")
+        .await
         .file_descriptor_proto
         .iter()
         .map(|b| prost_types::FileDescriptorProto::decode(b.as_slice()).expect("descriptor"))
@@ -106,14 +115,7 @@ async fn reflection_v1_lists_services_and_serves_commented_descriptors() {
             .contains("WatchImage streams the job's state")
     }));
     // Error details resolve too, so grpcurl can print them.
-    let MessageResponse::FileDescriptorResponse(_) = reflection_v1(
-        &h,
-        MessageRequest::FileContainingSymbol("google.rpc.ErrorInfo".into()),
-    )
-    .await
-    else {
-        panic!("google.rpc.ErrorInfo should resolve");
-    };
+    files_containing(&h, "google.rpc.ErrorInfo").await;
 }
 
 #[tokio::test]
@@ -182,12 +184,7 @@ async fn shutdown_drains_unary_calls_ends_watches_and_flips_health() {
     );
 
     let mark_id = start_job(&mut client, TOKEN, "long").await;
-    let mut watch = client
-        .watch_image(authed(TOKEN, pb::WatchImageRequest { mark_id }))
-        .await
-        .expect("watch")
-        .into_inner();
-    watch.message().await.expect("first").expect("message");
+    let (mut watch, _) = open_watch(&mut client, TOKEN, mark_id).await;
     // 200 more watches over other connections, each waiting for its end.
     let mut others = Vec::new();
     for i in 0..200 {
@@ -199,12 +196,7 @@ async fn shutdown_drains_unary_calls_ends_watches_and_flips_health() {
     for i in 0..200 {
         let mut c = others[i % others.len()].clone();
         let id = start_job(&mut c, TOKEN, "long").await;
-        let mut stream = c
-            .watch_image(authed(TOKEN, pb::WatchImageRequest { mark_id: id }))
-            .await
-            .expect("watch")
-            .into_inner();
-        stream.message().await.expect("first").expect("message");
+        let (mut stream, _) = open_watch(&mut c, TOKEN, id).await;
         ending.push(tokio::spawn(async move { final_status(&mut stream).await }));
     }
     // A bounded unary load running through the drain.
@@ -326,12 +318,7 @@ async fn a_call_arriving_during_the_drain_gets_shutting_down() {
     let mut client = h.client().await;
     let mark_id = start_job(&mut client, TOKEN, "long").await;
     // An open watch keeps the drain going while the late call arrives.
-    let mut watch = client
-        .watch_image(authed(TOKEN, pb::WatchImageRequest { mark_id }))
-        .await
-        .expect("watch")
-        .into_inner();
-    watch.message().await.expect("first").expect("message");
+    let (mut watch, _) = open_watch(&mut client, TOKEN, mark_id).await;
 
     // A CheckImage whose message waits for `send`; `opened` fires when the
     // transport first asks for the message, that is once the stream's

@@ -24,10 +24,13 @@ use opentelemetry_proto::tonic::{
     common::v1::{AnyValue, KeyValue, any_value},
     trace::v1::{Span, span::SpanKind},
 };
-use piclumen_grpc::pb;
+use piclumen_grpc::pb::{self, image_service_client::ImageServiceClient};
 use prost::Message;
 use tokio::net::TcpListener;
-use tonic::{Request, Response, Status, transport::server::TcpIncoming};
+use tonic::{
+    Request, Response, Status,
+    transport::{Channel, server::TcpIncoming},
+};
 
 /// A token that must appear in no exported span.
 const SECRET_TOKEN: &str = "sk-tracing-secret-0123456789";
@@ -154,6 +157,22 @@ impl Caller {
         metadata.insert("tracestate", "caller=1".parse().expect("tracestate"));
         request
     }
+
+    /// GenerateImage of `message` as this caller; the new job's mark id.
+    async fn generate(
+        &self,
+        client: &mut ImageServiceClient<Channel>,
+        message: pb::GenerateImageRequest,
+    ) -> String {
+        bounded(
+            "GenerateImage",
+            client.generate_image(self.request(message)),
+        )
+        .await
+        .expect("generate")
+        .into_inner()
+        .mark_id
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -234,20 +253,9 @@ fn assert_no_secret(received: &Received) {
 /// Nothing is exported before shutdown (a one-minute batch delay), so what
 /// the receiver holds after SIGTERM is what the flush sent.
 fn serve(sim: &Sim, endpoint: &str, protocol: &str, extra: &[&str]) -> Process {
-    let upstream = sim.url();
-    let args = [
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream-url",
-            upstream.as_str(),
-            "--poll-interval",
-            "250ms",
-        ][..],
-        extra,
-    ]
-    .concat();
-    Process::serve(
+    let args = [&["--poll-interval", "250ms"][..], extra].concat();
+    Process::serve_against(
+        &sim.url(),
         &args,
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
@@ -402,16 +410,12 @@ async fn generate_check_and_watch_join_the_callers_traces_over_grpc() {
     let mut client = served.client().await;
 
     let generate = Caller::new();
-    let request = generate.request(pb::GenerateImageRequest {
+    let request = pb::GenerateImageRequest {
         prompt: "a lighthouse".into(),
         request_id: "trace-request-1".into(),
         ..Default::default()
-    });
-    let mark_id = bounded("GenerateImage", client.generate_image(request))
-        .await
-        .expect("generate")
-        .into_inner()
-        .mark_id;
+    };
+    let mark_id = generate.generate(&mut client, request).await;
 
     let check = Caller::new();
     let request = check.request(pb::CheckImageRequest {
@@ -561,15 +565,11 @@ async fn http_protobuf_export_and_the_http_api_join_the_callers_trace() {
     let mut client = served.client().await;
 
     let generate = Caller::new();
-    let request = generate.request(pb::GenerateImageRequest {
+    let request = pb::GenerateImageRequest {
         prompt: "a harbour".into(),
         ..Default::default()
-    });
-    let mark_id = bounded("GenerateImage", client.generate_image(request))
-        .await
-        .expect("generate")
-        .into_inner()
-        .mark_id;
+    };
+    let mark_id = generate.generate(&mut client, request).await;
 
     // The first version's HTTP API, token in the query string.
     let caller = Caller::new();
@@ -666,9 +666,9 @@ async fn http_protobuf_export_and_the_http_api_join_the_callers_trace() {
 async fn an_unreachable_collector_neither_fails_calls_nor_floods_the_log() {
     let sim = Sim::start(sim_config()).await;
     let nowhere = format!("http://{}", unused_addr());
-    let upstream = sim.url();
-    let mut served = Process::serve(
-        &["--listen", "127.0.0.1:0", "--upstream-url", &upstream],
+    let mut served = Process::serve_against(
+        &sim.url(),
+        &[],
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", nowhere.as_str()),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),

@@ -6,9 +6,22 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use piclumen_grpc::pb::{self, JobState};
+use piclumen_grpc::{
+    pb::{self, JobState, image_service_client::ImageServiceClient},
+    server::ServerConfig,
+};
 use serde_json::json;
-use tonic::Code;
+use tonic::{Code, transport::Channel};
+
+/// A server with `config` in front of a simulator whose jobs outlast any
+/// test, a client of it, and the mark id of one job started: what each
+/// test of how a watch ends starts from.
+async fn one_long_job(config: ServerConfig) -> (Harness, ImageServiceClient<Channel>, String) {
+    let h = Harness::with(long_jobs(), config).await;
+    let mut client = h.client().await;
+    let mark_id = start_job(&mut client, TOKEN, "long").await;
+    (h, client, mark_id)
+}
 
 #[tokio::test]
 async fn watch_streams_each_change_and_ends_ok_on_success() {
@@ -140,16 +153,8 @@ async fn tokens_never_see_each_others_jobs() {
 
 #[tokio::test]
 async fn cancelling_a_watch_stops_its_polling() {
-    let sim = long_jobs();
-    let h = Harness::with(sim, server_config()).await;
-    let mut client = h.client().await;
-    let mark_id = start_job(&mut client, TOKEN, "long").await;
-    let mut stream = client
-        .watch_image(authed(TOKEN, pb::WatchImageRequest { mark_id }))
-        .await
-        .expect("watch")
-        .into_inner();
-    stream.message().await.expect("first").expect("message");
+    let (h, mut client, mark_id) = one_long_job(server_config()).await;
+    let (stream, _) = open_watch(&mut client, TOKEN, mark_id).await;
     // Polled every 200 ms while watched...
     assert!(
         eventually(Duration::from_secs(30), || async {
@@ -172,12 +177,9 @@ async fn cancelling_a_watch_stops_its_polling() {
 
 #[tokio::test]
 async fn max_watch_time_ends_with_deadline_exceeded() {
-    let sim = long_jobs();
     let mut config = server_config();
     config.service.max_watch = Duration::from_millis(600);
-    let h = Harness::with(sim, config).await;
-    let mut client = h.client().await;
-    let mark_id = start_job(&mut client, TOKEN, "long").await;
+    let (_h, mut client, mark_id) = one_long_job(config).await;
     let (messages, end) = collect_watch(&mut client, TOKEN, &mark_id).await;
     assert!(!messages.is_empty());
     let status = end.expect_err("max watch");
@@ -187,10 +189,7 @@ async fn max_watch_time_ends_with_deadline_exceeded() {
 
 #[tokio::test]
 async fn caller_deadline_ends_a_watch_with_deadline_exceeded() {
-    let sim = long_jobs();
-    let h = Harness::with(sim, server_config()).await;
-    let mut client = h.client().await;
-    let mark_id = start_job(&mut client, TOKEN, "long").await;
+    let (_h, mut client, mark_id) = one_long_job(server_config()).await;
     let mut request = authed(TOKEN, pb::WatchImageRequest { mark_id });
     request.set_timeout(Duration::from_millis(700));
     let started = std::time::Instant::now();
@@ -208,18 +207,10 @@ async fn caller_deadline_ends_a_watch_with_deadline_exceeded() {
 
 #[tokio::test]
 async fn quiet_watches_get_heartbeats() {
-    let sim = long_jobs();
     let mut config = server_config();
     config.service.heartbeat = Duration::from_millis(300);
-    let h = Harness::with(sim, config).await;
-    let mut client = h.client().await;
-    let mark_id = start_job(&mut client, TOKEN, "long").await;
-    let mut stream = client
-        .watch_image(authed(TOKEN, pb::WatchImageRequest { mark_id }))
-        .await
-        .expect("watch")
-        .into_inner();
-    let first = stream.message().await.expect("first").expect("message");
+    let (_h, mut client, mark_id) = one_long_job(config).await;
+    let (mut stream, first) = open_watch(&mut client, TOKEN, mark_id).await;
     assert!(!first.heartbeat, "the first message is the state itself");
     // The queue index changes over 12 s; within ~1 s we see heartbeats that
     // repeat the current state.
@@ -238,14 +229,10 @@ async fn quiet_watches_get_heartbeats() {
 
 #[tokio::test]
 async fn watch_rides_out_transient_upstream_trouble() {
-    let sim = Sim::start(sim_config()).await;
-    let mut upstream = client_config(sim.url());
-    upstream.timeout = Duration::from_millis(300);
-    let upstream = piclumen_grpc::upstream::Client::new(&upstream).expect("client");
-    let server = Server::start_with_client(server_config(), upstream).await;
-    let mut client = server.client().await;
+    let h = Harness::with_upstream_timeout(Duration::from_millis(300)).await;
+    let mut client = h.client().await;
     let mark_id = start_job(&mut client, TOKEN, "p").await;
-    sim.script(json!([
+    h.sim.script(json!([
         {"endpoint": "status", "http_status": 503, "body": "busy", "times": 2},
         {"endpoint": "status", "http_status": 429, "body": "{}", "headers": {"Retry-After": "1"}},
         {"endpoint": "status", "delay_ms": 1000},
@@ -256,7 +243,7 @@ async fn watch_rides_out_transient_upstream_trouble() {
     end.expect("the watch recovers and ends OK");
     assert_eq!(states(&messages).last(), Some(&JobState::Succeeded));
     assert_eq!(
-        sim.stat("scripted_faults").await,
+        h.sim.stat("scripted_faults").await,
         5,
         "every fault was met and retried"
     );
@@ -264,12 +251,9 @@ async fn watch_rides_out_transient_upstream_trouble() {
 
 #[tokio::test]
 async fn a_long_outage_ends_watches_with_unavailable() {
-    let sim = long_jobs();
     let mut config = server_config();
     config.hub.failure_budget = Duration::from_millis(800);
-    let h = Harness::with(sim, config).await;
-    let mut client = h.client().await;
-    let mark_id = start_job(&mut client, TOKEN, "p").await;
+    let (h, mut client, mark_id) = one_long_job(config).await;
     h.sim
         .script(json!([{"endpoint": "status", "http_status": 502, "body": "down", "times": 1000}]))
         .await;

@@ -31,6 +31,17 @@ pub async fn run_client_with_umask(umask: &str, args: &[&str]) -> Output {
         .expect("join")
 }
 
+/// `COMMAND --server SERVER --token TOKEN ARGS...`: a client call to the
+/// server at the URL `server` as `token`.
+pub fn client_args<'a>(
+    command: &'a str,
+    server: &'a str,
+    token: &'a str,
+    args: &[&'a str],
+) -> Vec<&'a str> {
+    [&[command, "--server", server, "--token", token][..], args].concat()
+}
+
 pub fn stderr_of(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }

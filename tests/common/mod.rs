@@ -177,6 +177,16 @@ impl Sim {
 
     /// Scripts the simulator's next replies (see `sim::Fault`).
     pub async fn script(&self, faults: Value) {
+        let (status, why) = self.post_faults(&faults).await;
+        assert!(
+            status.is_success(),
+            "scripting faults failed: {status}: {why}"
+        );
+    }
+
+    /// Posts `faults` to the simulator's script endpoint, accepted or not:
+    /// the reply's status and body.
+    pub async fn post_faults(&self, faults: &Value) -> (reqwest::StatusCode, String) {
         let reply = self
             .http
             .post(format!("{}/_sim/faults", self.url()))
@@ -184,13 +194,9 @@ impl Sim {
             .body(faults.to_string())
             .send()
             .await
-            .expect("script faults");
+            .expect("post faults");
         let status = reply.status();
-        let why = reply.text().await.unwrap_or_default();
-        assert!(
-            status.is_success(),
-            "scripting faults failed: {status}: {why}"
-        );
+        (status, reply.text().await.unwrap_or_default())
     }
 }
 
@@ -231,11 +237,7 @@ impl Server {
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect")
+        channel_to(self.addr).await
     }
 
     pub async fn client(&self) -> ImageServiceClient<Channel> {
@@ -274,9 +276,35 @@ impl Harness {
         Self { sim, server }
     }
 
+    /// A simulator and a server whose upstream calls time out after
+    /// `timeout`.
+    pub async fn with_upstream_timeout(timeout: Duration) -> Self {
+        let sim = Sim::start(sim_config()).await;
+        let mut upstream = client_config(sim.url());
+        upstream.timeout = timeout;
+        let client = Client::new(&upstream).expect("client");
+        let server = Server::start_with_client(server_config(), client).await;
+        Self { sim, server }
+    }
+
     pub async fn client(&self) -> ImageServiceClient<Channel> {
         self.server.client().await
     }
+
+    /// The server's URL, as the client subcommands take it in `--server`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.server.addr)
+    }
+}
+
+/// A plaintext HTTP/2 channel to `addr` (a server, or a proxy in front of
+/// one).
+pub async fn channel_to(addr: impl std::fmt::Display) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect")
 }
 
 /// A request carrying `authorization: Bearer <token>`.
@@ -310,6 +338,26 @@ pub async fn start_job(
     .expect("generate")
     .into_inner()
     .mark_id
+}
+
+/// Opens a watch of `mark_id` and reads its first message (the job's
+/// state), so the server holds the watch from here on; returns the stream
+/// and that message.
+pub async fn open_watch(
+    client: &mut ImageServiceClient<Channel>,
+    token: &str,
+    mark_id: String,
+) -> (
+    tonic::Streaming<pb::WatchImageResponse>,
+    pb::WatchImageResponse,
+) {
+    let mut stream = client
+        .watch_image(authed(token, pb::WatchImageRequest { mark_id }))
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = stream.message().await.expect("first").expect("message");
+    (stream, first)
 }
 
 /// Follows a watch to its end: every message, then how the stream ended.
@@ -361,6 +409,18 @@ pub fn token(raw: &str) -> Token {
     Token::new(raw).expect("token")
 }
 
+/// `serve --simulate` on a free loopback port, its jobs fast enough for
+/// tests: one second long, polled every 250 ms.
+pub const SIMULATE_FAST: &[&str] = &[
+    "--simulate",
+    "--listen",
+    "127.0.0.1:0",
+    "--sim-job-duration",
+    "1s",
+    "--poll-interval",
+    "250ms",
+];
+
 /// A loopback address that was just free: nothing listens there.
 pub fn unused_addr() -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -389,6 +449,29 @@ pub async fn assert_unary_calls_fail(
     assert_status(&status, code, reason);
 }
 
+/// Sends `request` to GenerateImage, which must refuse it with `code` and
+/// `reason`; returns the status for the caller's further checks.
+pub async fn generate_refused(
+    client: &mut ImageServiceClient<Channel>,
+    request: Request<pb::GenerateImageRequest>,
+    code: Code,
+    reason: &str,
+) -> Status {
+    let status = client
+        .generate_image(request)
+        .await
+        .expect_err("GenerateImage should fail");
+    assert_status(&status, code, reason);
+    status
+}
+
+/// GenerateImage as `token` without an `x-api-key` is refused:
+/// UNAUTHENTICATED, `API_KEY_MISSING`.
+pub async fn assert_api_key_missing(client: &mut ImageServiceClient<Channel>, token: &str) {
+    let request = authed(token, generate("p"));
+    generate_refused(client, request, Code::Unauthenticated, "API_KEY_MISSING").await;
+}
+
 /// Polls `check` every 20 ms until it holds, for at most `limit`.
 pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
 where
@@ -411,6 +494,23 @@ where
 pub struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
 
 impl Captured {
+    /// The log of this test binary: a global subscriber, installed on first
+    /// use, writing events at `filter` as JSON lines (when `json`) and as
+    /// plain text lines, both here.
+    pub fn global(filter: &str, json: bool) -> &'static Captured {
+        use tracing_subscriber::{EnvFilter, fmt, layer::SubscriberExt, util::SubscriberInitExt};
+        static LOGS: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
+        LOGS.get_or_init(|| {
+            let captured = Captured::default();
+            tracing_subscriber::registry()
+                .with(EnvFilter::new(filter))
+                .with(json.then(|| fmt::layer().json().with_writer(captured.clone())))
+                .with(fmt::layer().with_ansi(false).with_writer(captured.clone()))
+                .init();
+            captured
+        })
+    }
+
     /// Everything written so far, as text.
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().expect("log buffer")).into_owned()

@@ -76,6 +76,23 @@ pub fn command_with_umask(umask: &str, args: &[&str]) -> Command {
     command
 }
 
+/// `serve --listen 127.0.0.1:0 --upstream-url UPSTREAM ARGS...`: a server
+/// on a free loopback port in front of the Piclumen API (or a simulator)
+/// at `upstream`.
+pub fn serve_args<'a>(upstream: &'a str, args: &[&'a str]) -> Vec<&'a str> {
+    [
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream-url",
+            upstream,
+        ][..],
+        args,
+    ]
+    .concat()
+}
+
 /// The address in a `listening on ADDR` log line, text or JSON. A JSON line
 /// is decoded and its string fields searched, so the address comes out
 /// without the quotes and escapes around it.
@@ -136,6 +153,18 @@ impl Process {
     /// [`Process::start`] of `serve ARGS...`.
     pub fn serve(args: &[&str], env: &[(&str, &str)]) -> Self {
         Self::start(&[&["serve"], args].concat(), env)
+    }
+
+    /// `serve` on a free loopback port against `upstream`, then `args` (see
+    /// [`serve_args`]).
+    pub fn serve_against(upstream: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start(&serve_args(upstream, args), env)
+    }
+
+    /// [`Process::serve_against`] from async code (see
+    /// [`Process::start_async`]).
+    pub async fn serve_against_async(upstream: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_async(&serve_args(upstream, args), env).await
     }
 
     /// [`Process::start`] from async code: the wait for the listening line
