@@ -474,3 +474,45 @@ async fn request_ids_are_forgotten_after_the_window() {
     );
     assert_eq!(sim.stat("create_calls").await, 2);
 }
+
+#[tokio::test]
+async fn creates_reuse_upstream_connections_beyond_64_in_flight() {
+    const IN_FLIGHT: usize = 128;
+    const WAVES: usize = 4;
+    let mut sim = sim_config();
+    // Long enough that every create of a wave is in flight at once.
+    sim.latency = Duration::from_millis(100);
+    let mut config = server_config();
+    config.service.max_generates_per_token = IN_FLIGHT;
+    let h = Harness::with(sim, config).await;
+    let client = h.client().await;
+    for wave in 0..WAVES {
+        let calls: Vec<_> = (0..IN_FLIGHT)
+            .map(|i| {
+                let mut client = client.clone();
+                tokio::spawn(async move {
+                    client
+                        .generate_image(authed(TOKEN, generate(&format!("wave {wave} call {i}"))))
+                        .await
+                })
+            })
+            .collect();
+        for call in calls {
+            bounded("a create", call)
+                .await
+                .expect("join")
+                .expect("generate");
+        }
+        // Let the last replies hand their connections back to the pool.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(h.sim.stat("create_calls").await, (IN_FLIGHT * WAVES) as u64);
+    // Each wave finds the previous wave's connections idle: the first wave
+    // opens at most one per create and later waves reuse them, where a cap
+    // on idle connections below the peak would reopen the excess each wave.
+    let connections = h.sim.stat("connections").await;
+    assert!(
+        connections <= (IN_FLIGHT + IN_FLIGHT / 4) as u64,
+        "{connections} upstream connections for {WAVES} waves of {IN_FLIGHT} creates"
+    );
+}

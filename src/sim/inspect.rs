@@ -20,6 +20,7 @@ pub(super) async fn stats(State(sim): State<Sim>) -> Json<Value> {
         "scripted_faults": Calls::read(&c.scripted_faults),
         "faults_queued": sim.faults.queued(),
         "unauthorized": Calls::read(&c.unauthorized),
+        "connections": Calls::read(&c.connections),
         "jobs": jobs,
     }))
 }

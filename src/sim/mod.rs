@@ -6,7 +6,7 @@
 //! `success` with `batch_size` images (or `failed` for prompts containing
 //! `[sim:fail]`). A finished job is forgotten some minutes after it
 //! finished (see `world`). `GET /_sim/stats` counts every request, injected
-//! faults included; `POST /_sim/faults` scripts the next replies; `GET
+//! faults included, and the TCP connections accepted; `POST /_sim/faults` scripts the next replies; `GET
 //! /_sim/creates` shows the accepted creates, each as `{"headers", "body"}`;
 //! `GET /_sim/requests` shows the headers of the latest request to each
 //! endpoint, as `{"create": headers, "status": headers}` (`null` before the
@@ -153,10 +153,14 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// The simulator's HTTP routes.
 pub fn router(config: SimConfig) -> Router {
+    routes(config, Arc::default())
+}
+
+fn routes(config: SimConfig, calls: Arc<Calls>) -> Router {
     let sim = Sim {
         faults: Arc::new(Faults::new(&config)),
         config: Arc::new(config),
-        calls: Arc::default(),
+        calls,
         world: Arc::default(),
         images: Arc::default(),
     };
@@ -178,11 +182,14 @@ pub async fn serve(
     config: SimConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    // Without TCP_NODELAY small replies can wait on delayed ACKs (~40 ms).
-    let listener = listener.tap_io(|tcp| {
+    let calls = Arc::<Calls>::default();
+    let accepted = Arc::clone(&calls);
+    let listener = listener.tap_io(move |tcp| {
+        Calls::count(&accepted.connections, 1);
+        // Without TCP_NODELAY small replies can wait on delayed ACKs (~40 ms).
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, router(config))
+    axum::serve(listener, routes(config, calls))
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -42,6 +42,8 @@ pub(super) struct Calls {
     pub(super) injected_429: AtomicU64,
     pub(super) scripted_faults: AtomicU64,
     pub(super) unauthorized: AtomicU64,
+    /// TCP connections accepted, so tests can see whether callers reuse them.
+    pub(super) connections: AtomicU64,
 }
 
 impl Calls {
