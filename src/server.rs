@@ -7,7 +7,8 @@ mod connection_age;
 
 use std::{
     future::Future,
-    task::{Context, Poll, ready},
+    sync::Arc,
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -20,7 +21,7 @@ use tonic::{
 };
 use tonic_health::ServingStatus;
 use tower::{Layer, Service};
-use tower_http::cors::{AllowOrigin, Cors, CorsLayer};
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tracing::{info, warn};
 
 use crate::{
@@ -199,27 +200,29 @@ pub fn cors_layer(origins: &[String]) -> Result<CorsLayer, ServerError> {
 #[derive(Debug, Clone)]
 struct BrowserCorsLayer(CorsLayer);
 
-impl<S: Clone> Layer<S> for BrowserCorsLayer {
+impl<S> Layer<S> for BrowserCorsLayer {
     type Service = BrowserCors<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
         BrowserCors {
-            cors: self.0.layer(inner.clone()),
-            direct: inner,
+            cors: Arc::new(self.0.clone()),
+            inner,
         }
     }
 }
 
-/// See [`BrowserCorsLayer`].
+/// See [`BrowserCorsLayer`]. The server clones its service stack for every
+/// request, so the policy sits behind an `Arc`: a clone of the policy
+/// itself allocates, and only browser calls need one.
 #[derive(Debug, Clone)]
 struct BrowserCors<S> {
-    cors: Cors<S>,
-    direct: S,
+    cors: Arc<CorsLayer>,
+    inner: S,
 }
 
 impl<S, B, RB> Service<Request<B>> for BrowserCors<S>
 where
-    S: Service<Request<B>, Response = Response<RB>>,
+    S: Service<Request<B>, Response = Response<RB>> + Clone,
     RB: Default,
 {
     type Response = Response<RB>;
@@ -227,15 +230,17 @@ where
     type Future = Either<tower_http::cors::ResponseFuture<S::Future>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        ready!(self.cors.poll_ready(cx))?;
-        self.direct.poll_ready(cx)
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         if request.headers().contains_key(ORIGIN) {
-            Either::Left(self.cors.call(request))
+            // The service polled ready goes to the call; its clone stays.
+            let clone = self.inner.clone();
+            let ready = std::mem::replace(&mut self.inner, clone);
+            Either::Left(self.cors.layer(ready).call(request))
         } else {
-            Either::Right(self.direct.call(request))
+            Either::Right(self.inner.call(request))
         }
     }
 }
@@ -280,12 +285,8 @@ pub async fn run_with_http(
         StoreLocation::Redis(url) if config.fleet_polling == FleetPolling::On => Some(url.as_str()),
         _ => None,
     };
-    let upstream: std::sync::Arc<dyn crate::upstream::Upstream> = std::sync::Arc::new(client);
-    let hub = Hub::for_store(
-        config.hub.clone(),
-        std::sync::Arc::new(upstream.clone()),
-        fleet,
-    );
+    let upstream: Arc<dyn crate::upstream::Upstream> = Arc::new(client);
+    let hub = Hub::for_store(config.hub.clone(), Arc::new(upstream.clone()), fleet);
     let core = Core::new(config.service.clone(), upstream, hub, draining.clone());
     let service = ImageServiceImpl::new(core);
     let service_for_http = service.clone();
