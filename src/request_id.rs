@@ -6,13 +6,15 @@
 use std::{
     future::Future,
     pin::Pin,
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
+    time::Instant,
 };
 
 use futures_util::Stream;
+use pin_project_lite::pin_project;
 use tonic::codegen::http::{HeaderValue, Request, Response};
 use tower::{Layer, Service};
-use tracing::{Instrument, Span, debug, info_span};
+use tracing::{Instrument, Span, debug, info_span, instrument::Instrumented};
 
 /// The metadata key.
 pub const HEADER: &str = "x-request-id";
@@ -40,11 +42,10 @@ pub struct RequestId<S> {
 impl<S, B, RB> Service<Request<B>> for RequestId<S>
 where
     S: Service<Request<B>, Response = Response<RB>>,
-    S::Future: Send + 'static,
 {
     type Response = Response<RB>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<RB>, S::Error>> + Send>>;
+    type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -64,19 +65,43 @@ where
             method = request.uri().path()
         );
         let response = span.in_scope(|| self.inner.call(request));
-        Box::pin(
-            async move {
-                let started = std::time::Instant::now();
-                let mut response = response.await?;
-                response.headers_mut().insert(HEADER, id);
-                debug!(
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "call answered"
-                );
-                Ok(response)
-            }
-            .instrument(span),
-        )
+        ResponseFuture {
+            inner: response.instrument(span),
+            id: Some(id),
+            started: Instant::now(),
+        }
+    }
+}
+
+pin_project! {
+    /// [`RequestId`]'s future: the call inside its span; its response gets
+    /// the id. A named type rather than a boxed one: this runs on every call.
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: Instrumented<F>,
+        id: Option<HeaderValue>,
+        started: Instant,
+    }
+}
+
+impl<F, RB, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<RB>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let mut response = ready!(this.inner.as_mut().poll(cx))?;
+        if let Some(id) = this.id.take() {
+            response.headers_mut().insert(HEADER, id);
+        }
+        debug!(
+            parent: this.inner.span(),
+            elapsed_ms = this.started.elapsed().as_millis() as u64,
+            "call answered"
+        );
+        Poll::Ready(Ok(response))
     }
 }
 
