@@ -1,18 +1,22 @@
 //! What a call costs us, against the plain-proxy floor (`examples/floor.rs`)
 //! measured in the same run: req/s, latency, errors by gRPC code, server CPU
-//! per call (from `/proc/PID/stat`) and upstream calls per call, for
+//! per call (from `/proc`) and upstream calls per call, for
 //! GenerateImage, CheckImage on one job, CheckImage over many jobs and
 //! tokens, and CheckImage one at a time.
 //!
 //! Run through `scripts/bench.sh` (which builds the release binaries). The
 //! server under test is pinned to core 0 with one tokio worker; this
 //! process (the load, over raw HTTP/2) and the simulator run on core 1.
-//! Runs of ours and the floor alternate; each figure is the median run.
+//! Each run gives ours and the floor the same seconds of load, in
+//! alternating slices of at most a second (ours, floor, floor, ours, ...),
+//! so that both meet the same moments of a noisy host; each figure is the
+//! median run. Server CPU is read from each thread's `schedstat`.
 //!
 //! Flags: `--seconds N` (per run, default 6), `--runs N` (default 3),
 //! `--floor PATH` (the floor binary), `--only SCENARIO` (a prefix of its
 //! name), `--server-args "FLAGS"` (extra `serve` flags), `--wrap "CMD"` (a
-//! prefix for our server's command, e.g. `perf record -g --`).
+//! prefix for our server's command, e.g. `perf record -g --`). With
+//! `PROXY_COST_EACH_RUN` set, each run's pair is printed on stderr.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -230,35 +234,100 @@ async fn sim_counters(sim: &str) -> u64 {
     stats["create_calls"].as_u64().unwrap_or(0) + stats["status_calls"].as_u64().unwrap_or(0)
 }
 
+/// CPU time of every thread of `pid`, in seconds: from each thread's
+/// `schedstat` (nanoseconds), else `/proc/PID/stat` (10 ms ticks, too
+/// coarse for one-second slices).
 fn cpu_seconds(pid: u32) -> f64 {
-    usage(pid).1
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"));
+    let nanos: Option<u64> = threads.ok().and_then(|threads| {
+        threads
+            .map(|t| {
+                let path = t.ok()?.path().join("schedstat");
+                let text = std::fs::read_to_string(path).ok()?;
+                text.split_whitespace().next()?.parse::<u64>().ok()
+            })
+            .sum()
+    });
+    nanos.map_or_else(|| usage(pid).1, |n| n as f64 / 1e9)
 }
 
-async fn measure(target: &Process, sim: &str, scenario: &Scenario, seconds: f64) -> Outcome {
-    // Warm up: connections, pools, caches.
-    load(&target.addr, scenario, 0.5).await;
-    let cpu0 = cpu_seconds(target.pid());
-    let up0 = sim_counters(sim).await;
-    let started = Instant::now();
-    let (mut latencies, codes) = load(&target.addr, scenario, seconds).await;
-    let elapsed = started.elapsed().as_secs_f64();
-    let cpu1 = cpu_seconds(target.pid());
-    let up1 = sim_counters(sim).await;
-    latencies.sort_unstable();
-    let calls = latencies.len() as u64;
-    let pct = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-            .map_or(0.0, |us| f64::from(*us) / 1000.0)
-    };
-    Outcome {
-        rps: calls as f64 / elapsed,
-        p50_ms: pct(0.50),
-        p99_ms: pct(0.99),
-        codes,
-        cpu_us: (cpu1 - cpu0) * 1e6 / calls.max(1) as f64,
-        upstream_per_call: (up1 - up0) as f64 / calls.max(1) as f64,
+/// What one side measured over its slices of a run, summed.
+#[derive(Debug, Default)]
+struct Tally {
+    latencies: Vec<u32>,
+    codes: BTreeMap<String, u64>,
+    elapsed: f64,
+    cpu: f64,
+    upstream: u64,
+}
+
+impl Tally {
+    async fn slice(&mut self, target: &Process, sim: &str, scenario: &Scenario, seconds: f64) {
+        let cpu0 = cpu_seconds(target.pid());
+        let up0 = sim_counters(sim).await;
+        let started = Instant::now();
+        let (latencies, codes) = load(&target.addr, scenario, seconds).await;
+        self.elapsed += started.elapsed().as_secs_f64();
+        self.cpu += cpu_seconds(target.pid()) - cpu0;
+        self.upstream += sim_counters(sim).await - up0;
+        self.latencies.extend(latencies);
+        for (code, n) in codes {
+            *self.codes.entry(code).or_default() += n;
+        }
     }
+
+    fn outcome(mut self) -> Outcome {
+        self.latencies.sort_unstable();
+        let latencies = &self.latencies;
+        let calls = latencies.len() as u64;
+        let pct = |p: f64| {
+            latencies
+                .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+                .map_or(0.0, |us| f64::from(*us) / 1000.0)
+        };
+        Outcome {
+            rps: calls as f64 / self.elapsed.max(1e-9),
+            p50_ms: pct(0.50),
+            p99_ms: pct(0.99),
+            codes: self.codes,
+            cpu_us: self.cpu * 1e6 / calls.max(1) as f64,
+            upstream_per_call: self.upstream as f64 / calls.max(1) as f64,
+        }
+    }
+}
+
+/// Longest slice of load one side gets before the other takes its turn.
+const SLICE_SECONDS: f64 = 1.0;
+
+/// One run: `seconds` of load on each of `ours` and `floor`, in alternating
+/// slices of at most a second (ours, floor, floor, ours, ...), so both
+/// sides meet the same moments of a noisy host; a side's figures sum its
+/// slices.
+async fn measure_pair(
+    ours: &Process,
+    floor: &Process,
+    sim: &str,
+    scenario: &Scenario,
+    seconds: f64,
+) -> (Outcome, Outcome) {
+    // Warm up: connections, pools, caches.
+    for target in [ours, floor] {
+        load(&target.addr, scenario, 0.5).await;
+    }
+    let slices = (seconds / SLICE_SECONDS).ceil().max(1.0) as usize;
+    let slice = seconds / slices as f64;
+    let (mut a, mut b) = (Tally::default(), Tally::default());
+    for i in 0..slices {
+        let order = if i % 2 == 0 {
+            [(ours, &mut a), (floor, &mut b)]
+        } else {
+            [(floor, &mut b), (ours, &mut a)]
+        };
+        for (target, tally) in order {
+            tally.slice(target, sim, scenario, slice).await;
+        }
+    }
+    (a.outcome(), b.outcome())
 }
 
 fn median(mut runs: Vec<Outcome>) -> Outcome {
@@ -404,8 +473,16 @@ async fn main() {
         let mut ours = Vec::new();
         let mut floors = Vec::new();
         for _ in 0..o.runs {
-            ours.push(measure(&ours_proc, &sim.addr, scenario, o.seconds).await);
-            floors.push(measure(&floor_proc, &sim.addr, scenario, o.seconds).await);
+            let (a, b) =
+                measure_pair(&ours_proc, &floor_proc, &sim.addr, scenario, o.seconds).await;
+            if std::env::var_os("PROXY_COST_EACH_RUN").is_some() {
+                eprintln!(
+                    "run: ours {:.0} req/s {:.1} us/call | floor {:.0} req/s {:.1} us/call",
+                    a.rps, a.cpu_us, b.rps, b.cpu_us
+                );
+            }
+            ours.push(a);
+            floors.push(b);
         }
         if !o.wrap.is_empty() {
             // Let a wrapping profiler finish its file before the kill.
