@@ -148,9 +148,15 @@ fn frame(message: &impl Message) -> Bytes {
     out.into()
 }
 
-/// Drives `scenario` against `addr` for `seconds`; returns per-call
-/// latencies (microseconds) and grpc-status counts.
-async fn load(addr: &str, scenario: &Scenario, seconds: f64) -> (Vec<u32>, BTreeMap<String, u64>) {
+/// Drives `scenario` against `addr` for `seconds`, taking its requests from
+/// the `start`th on (so slices go on where the last one stopped); returns
+/// per-call latencies (microseconds) and grpc-status counts.
+async fn load(
+    addr: &str,
+    scenario: &Scenario,
+    seconds: f64,
+    start: usize,
+) -> (Vec<u32>, BTreeMap<String, u64>) {
     let end = Instant::now() + Duration::from_secs_f64(seconds);
     let mut tasks = tokio::task::JoinSet::new();
     for c in 0..scenario.connections {
@@ -165,7 +171,7 @@ async fn load(addr: &str, scenario: &Scenario, seconds: f64) -> (Vec<u32>, BTree
             tasks.spawn(async move {
                 let mut latencies = Vec::new();
                 let mut codes: BTreeMap<String, u64> = BTreeMap::new();
-                let mut n = c * scenario.streams + s;
+                let mut n = start + c * scenario.streams + s;
                 while Instant::now() < end {
                     let (token, body) = &scenario.requests[n % scenario.requests.len()];
                     n += scenario.connections * scenario.streams;
@@ -259,6 +265,8 @@ struct Tally {
     elapsed: f64,
     cpu: f64,
     upstream: u64,
+    /// Requests sent so far, warm-up included: where the next slice starts.
+    sent: usize,
 }
 
 impl Tally {
@@ -266,7 +274,8 @@ impl Tally {
         let cpu0 = cpu_seconds(target.pid());
         let up0 = sim_counters(sim).await;
         let started = Instant::now();
-        let (latencies, codes) = load(&target.addr, scenario, seconds).await;
+        let (latencies, codes) = load(&target.addr, scenario, seconds, self.sent).await;
+        self.sent += latencies.len();
         self.elapsed += started.elapsed().as_secs_f64();
         self.cpu += cpu_seconds(target.pid()) - cpu0;
         self.upstream += sim_counters(sim).await - up0;
@@ -310,13 +319,13 @@ async fn measure_pair(
     scenario: &Scenario,
     seconds: f64,
 ) -> (Outcome, Outcome) {
+    let (mut a, mut b) = (Tally::default(), Tally::default());
     // Warm up: connections, pools, caches.
-    for target in [ours, floor] {
-        load(&target.addr, scenario, 0.5).await;
+    for (target, tally) in [(ours, &mut a), (floor, &mut b)] {
+        tally.sent = load(&target.addr, scenario, 0.5, 0).await.0.len();
     }
     let slices = (seconds / SLICE_SECONDS).ceil().max(1.0) as usize;
     let slice = seconds / slices as f64;
-    let (mut a, mut b) = (Tally::default(), Tally::default());
     for i in 0..slices {
         let order = if i % 2 == 0 {
             [(ours, &mut a), (floor, &mut b)]
