@@ -37,31 +37,51 @@ pub(super) fn jittered(age: Duration, draw: f64) -> Duration {
 
 /// An accepted connection that reads end of file (and fails writes) once
 /// `close_at` has passed, so hyper ends it.
+///
+/// Polling the timer costs a timer update and the task's cooperative budget,
+/// and reads and writes happen several times per call: the timer is polled
+/// only to arm it and when a read is about to wait (so that an idle
+/// connection wakes at its end); other reads and writes load its state.
 #[derive(Debug)]
 pub(super) struct Aged<IO> {
     io: IO,
     close_at: Pin<Box<Sleep>>,
+    /// Whether `close_at` has been polled, so the timer runs.
+    armed: bool,
     closed: bool,
 }
 
 impl<IO> Aged<IO> {
-    /// `io`, closed `lifetime` from now.
     pub(super) fn new(io: IO, lifetime: Duration) -> Self {
         Self {
             io,
             close_at: Box::pin(tokio::time::sleep_until(Instant::now() + lifetime)),
+            armed: false,
             closed: false,
         }
     }
 
-    /// Whether the connection's time is up; registers for the wake-up when
-    /// it is not, so a quiet connection is closed on time too.
-    fn is_closed(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.closed && self.close_at.as_mut().poll(cx).is_ready() {
-            tracing::debug!("connection closed: its age and grace ran out");
-            self.closed = true;
+    /// Whether the connection's end has passed, from the timer's state.
+    fn is_closed(&mut self) -> bool {
+        if !self.closed && self.close_at.is_elapsed() {
+            self.close();
         }
         self.closed
+    }
+
+    /// Polls the timer, so it wakes this task at the end; whether the end
+    /// has passed.
+    fn arm(&mut self, cx: &mut Context<'_>) -> bool {
+        self.armed = true;
+        if !self.closed && self.close_at.as_mut().poll(cx).is_ready() {
+            self.close();
+        }
+        self.closed
+    }
+
+    fn close(&mut self) {
+        tracing::debug!("connection closed: its age and grace ran out");
+        self.closed = true;
     }
 }
 
@@ -87,10 +107,13 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Aged<IO> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.is_closed(cx) {
+        if this.is_closed() || (!this.armed && this.arm(cx)) {
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut this.io).poll_read(cx, buf)
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Pending if this.arm(cx) => Poll::Ready(Ok(())),
+            other => other,
+        }
     }
 }
 
@@ -101,7 +124,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Aged<IO> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.is_closed(cx) {
+        if this.is_closed() {
             return Poll::Ready(Err(aged_out()));
         }
         Pin::new(&mut this.io).poll_write(cx, buf)
@@ -113,7 +136,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Aged<IO> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.is_closed(cx) {
+        if this.is_closed() {
             return Poll::Ready(Err(aged_out()));
         }
         Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
@@ -161,6 +184,22 @@ mod tests {
         let n = aged.read(&mut buf).await.expect("eof");
         assert_eq!(n, 0);
         assert_eq!(start.elapsed(), Duration::from_secs(10));
+        assert!(aged.write_all(b"late").await.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_connection_reads_end_of_file_after_its_end() {
+        let (ours, mut theirs) = tokio::io::duplex(64);
+        let mut aged = Aged::new(ours, Duration::from_secs(10));
+        let mut buf = [0u8; 1];
+        theirs.write_all(b"a").await.expect("write");
+        aged.read_exact(&mut buf)
+            .await
+            .expect("read before the end");
+        tokio::time::advance(Duration::from_secs(11)).await;
+        // Data waits, yet the end has passed: end of file, not the data.
+        theirs.write_all(b"b").await.expect("write");
+        assert_eq!(aged.read(&mut buf).await.expect("eof"), 0);
         assert!(aged.write_all(b"late").await.is_err());
     }
 }
