@@ -93,7 +93,11 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         let mut response = ready!(this.inner.as_mut().poll(cx))?;
-        if let Some(id) = this.id.take() {
+        if let Some(mut id) = this.id.take() {
+            // Unique per call: never worth a slot in the connection's HPACK
+            // table. Indexed, each id evicted an older entry and made the
+            // encoder compare against every id still held (about 50).
+            id.set_sensitive(true);
             response.headers_mut().insert(HEADER, id);
         }
         debug!(
@@ -146,5 +150,42 @@ impl<S: Stream> Stream for InSpan<S> {
         let this = &mut *self;
         let _entered = this.span.enter();
         this.inner.as_mut().poll_next(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn answered(request: Request<()>) -> Response<()> {
+        let service = tower::service_fn(|_: Request<()>| async { Ok::<_, ()>(Response::new(())) });
+        let mut service = RequestIdLayer.layer(service);
+        service
+            .call(request)
+            .await
+            .expect("the inner service answers")
+    }
+
+    #[tokio::test]
+    async fn the_echoed_id_is_kept_out_of_hpack_tables() {
+        let mut request = Request::new(());
+        request
+            .headers_mut()
+            .insert(HEADER, HeaderValue::from_static("req-4715"));
+        let response = answered(request).await;
+        let id = response.headers().get(HEADER).expect("echoed");
+        assert_eq!(id, "req-4715");
+        assert!(
+            id.is_sensitive(),
+            "h2 encodes sensitive values never-indexed"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_generated_id_is_kept_out_of_hpack_tables() {
+        let response = answered(Request::new(())).await;
+        let id = response.headers().get(HEADER).expect("generated");
+        assert_eq!(id.len(), 32);
+        assert!(id.is_sensitive());
     }
 }
