@@ -1,11 +1,16 @@
 //! Logging (tracing, text or JSON) and the optional Prometheus endpoint,
 //! with the buckets of its latency histograms.
 
+mod fields;
+mod time;
+
 use std::{io::IsTerminal, net::SocketAddr};
 
 use metrics_exporter_prometheus::Matcher;
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::{EnvFilter, fmt};
+
+use self::{fields::TextFields, time::Rfc3339Micros};
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -53,18 +58,20 @@ pub fn init_logging_with(
         let builder = fmt()
             .with_env_filter(filter)
             .with_writer(writer)
+            .with_timer(Rfc3339Micros)
             .with_ansi(std::io::stderr().is_terminal());
         match format {
-            LogFormat::Text => builder.init(),
+            LogFormat::Text => builder.fmt_fields(TextFields).init(),
             LogFormat::Json => builder.json().flatten_event(true).init(),
         }
         return guard;
     };
     let layer = fmt::layer()
         .with_writer(writer)
+        .with_timer(Rfc3339Micros)
         .with_ansi(std::io::stderr().is_terminal());
     let layer = match format {
-        LogFormat::Text => layer.boxed(),
+        LogFormat::Text => layer.fmt_fields(TextFields).boxed(),
         LogFormat::Json => layer
             .json()
             .flatten_event(true)
