@@ -9,8 +9,10 @@
 //! process (the load, over raw HTTP/2) and the simulator run on core 1.
 //! Each run gives ours and the floor the same seconds of load, in
 //! alternating slices of at most a second (ours, floor, floor, ours, ...),
-//! so that both meet the same moments of a noisy host; each figure is the
-//! median run. Server CPU is read from each thread's `schedstat`.
+//! so that both meet the same moments of a noisy host. A scenario's figures
+//! are those of its median run, ranked by the run's own req/s ratio, so
+//! both rows and both ratios come from one pair that met the same moments.
+//! Server CPU is read from each thread's `schedstat`.
 //!
 //! Flags: `--seconds N` (per run, default 6), `--runs N` (default 3),
 //! `--floor PATH` (the floor binary), `--only SCENARIO` (a prefix of its
@@ -339,8 +341,12 @@ async fn measure_pair(
     (a.outcome(), b.outcome())
 }
 
-fn median(mut runs: Vec<Outcome>) -> Outcome {
-    runs.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+/// The run whose ours-to-floor req/s ratio is the median. Each side's
+/// median on its own could pair a fast moment of one with a slow moment
+/// of the other, the very mismatch the slices are there to avoid.
+fn median_pair(mut runs: Vec<(Outcome, Outcome)>) -> (Outcome, Outcome) {
+    let ratio = |(ours, floor): &(Outcome, Outcome)| ours.rps / floor.rps.max(1e-9);
+    runs.sort_by(|a, b| ratio(a).total_cmp(&ratio(b)));
     runs.swap_remove(runs.len() / 2)
 }
 
@@ -479,8 +485,7 @@ async fn main() {
         }
         let ours_proc = serve(&sim.addr);
         let floor_proc = floor(&sim.addr);
-        let mut ours = Vec::new();
-        let mut floors = Vec::new();
+        let mut runs = Vec::new();
         for _ in 0..o.runs {
             let (a, b) =
                 measure_pair(&ours_proc, &floor_proc, &sim.addr, scenario, o.seconds).await;
@@ -490,15 +495,14 @@ async fn main() {
                     a.rps, a.cpu_us, b.rps, b.cpu_us
                 );
             }
-            ours.push(a);
-            floors.push(b);
+            runs.push((a, b));
         }
         if !o.wrap.is_empty() {
             // Let a wrapping profiler finish its file before the kill.
             ours_proc.signal("INT");
             std::thread::sleep(Duration::from_secs(5));
         }
-        let (ours, floor) = (median(ours), median(floors));
+        let (ours, floor) = median_pair(runs);
         for (label, r) in [("piclumen-grpc", &ours), ("floor", &floor)] {
             println!(
                 "| {} | {label} | {:.0} | {:.2} | {:.2} | {:?} | {:.1} | {:.3} |",
