@@ -94,6 +94,10 @@ where
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
         let mut pending = Pending(this.pending.0.take());
+        if pending.0.is_none() {
+            // Nothing observes this call: no status to look for.
+            return Poll::Ready(result.map(|r| r.map(|inner| ObservedBody { inner, pending })));
+        }
         let response = match result {
             Ok(response) => response,
             Err(e) => {
@@ -135,6 +139,9 @@ where
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
         let frame = ready!(this.inner.poll_frame(cx));
+        if this.pending.0.is_none() {
+            return Poll::Ready(frame);
+        }
         match &frame {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
@@ -281,5 +288,34 @@ mod tests {
         let ready = std::future::ready(Err::<Response<Frames>, ()>(()));
         assert!(Observed::new(ready, Some(failed.clone())).await.is_err());
         assert_eq!(failed.get().1, vec![UNKNOWN]);
+    }
+
+    #[tokio::test]
+    async fn without_an_observer_the_response_passes_through() {
+        let frames = vec![
+            Frame::data(Bytes::from_static(b"abc")),
+            Frame::trailers(status("0")),
+        ];
+        let mut response = Response::new(Frames(frames.into()));
+        *response.headers_mut() = status("7");
+        let ready = std::future::ready(Ok::<_, ()>(response));
+        let response = Observed::<_, Seen>::new(ready, None)
+            .await
+            .expect("response");
+        assert_eq!(status_code(response.headers()), Some(7));
+        let mut body = response.into_body();
+        let mut seen = Vec::new();
+        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+        {
+            let frame = frame.expect("infallible");
+            match frame.into_data() {
+                Ok(data) => seen.push(format!("data {}", data.len())),
+                Err(frame) => seen.push(format!(
+                    "trailers {:?}",
+                    frame.into_trailers().ok().as_ref().and_then(status_code)
+                )),
+            }
+        }
+        assert_eq!(seen, ["data 3", "trailers Some(0)"]);
     }
 }
