@@ -24,6 +24,15 @@ impl<'a> MakeVisitor<Writer<'a>> for TextFields {
     }
 }
 
+/// Visitor methods that hand their field to the default visitor as is.
+macro_rules! forward {
+    ($($method:ident: $value:ty),* $(,)?) => {
+        $(fn $method(&mut self, field: &Field, value: $value) {
+            self.0.$method(field, value);
+        })*
+    };
+}
+
 /// The default visitor; only `record_str` of fields other than the
 /// message differs, and only in speed.
 #[derive(Debug)]
@@ -38,40 +47,16 @@ impl Visit for TextVisitor<'_> {
         }
     }
 
-    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.0.record_debug(field, value);
-    }
-
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        self.0.record_f64(field, value);
-    }
-
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        self.0.record_i64(field, value);
-    }
-
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.0.record_u64(field, value);
-    }
-
-    fn record_i128(&mut self, field: &Field, value: i128) {
-        self.0.record_i128(field, value);
-    }
-
-    fn record_u128(&mut self, field: &Field, value: u128) {
-        self.0.record_u128(field, value);
-    }
-
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        self.0.record_bool(field, value);
-    }
-
-    fn record_bytes(&mut self, field: &Field, value: &[u8]) {
-        self.0.record_bytes(field, value);
-    }
-
-    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.0.record_error(field, value);
+    forward! {
+        record_debug: &dyn fmt::Debug,
+        record_error: &(dyn std::error::Error + 'static),
+        record_f64: f64,
+        record_i64: i64,
+        record_u64: u64,
+        record_i128: i128,
+        record_u128: u128,
+        record_bool: bool,
+        record_bytes: &[u8],
     }
 }
 
