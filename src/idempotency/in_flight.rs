@@ -2,56 +2,65 @@
 //! them to end and its outcome to be recorded before the process exits:
 //! a create is paid for whether or not a caller still waits for it.
 
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 /// The count of creates in flight; cheap to clone, shared by the service
 /// and the server's drain.
-#[derive(Debug, Clone)]
-pub struct CreatesInFlight {
-    count: Arc<watch::Sender<usize>>,
-}
+#[derive(Debug, Clone, Default)]
+pub struct CreatesInFlight(Arc<Shared>);
 
-impl Default for CreatesInFlight {
-    fn default() -> Self {
-        Self {
-            count: Arc::new(watch::Sender::new(0)),
-        }
-    }
+/// An atomic count, and a wake-up when it falls to zero: every create
+/// enters and leaves, so neither takes a lock (a `watch` channel took a
+/// write lock and woke its eight notifiers on both), while the drain,
+/// which waits once, pays for the waiting.
+#[derive(Debug, Default)]
+struct Shared {
+    count: AtomicUsize,
+    idle: Notify,
 }
 
 impl CreatesInFlight {
     /// Counts one create until the returned guard is dropped.
     pub fn enter(&self) -> InFlight {
-        self.count.send_modify(|n| *n += 1);
-        InFlight {
-            count: Arc::clone(&self.count),
-        }
+        self.0.count.fetch_add(1, Ordering::AcqRel);
+        InFlight(Arc::clone(&self.0))
     }
 
     /// How many creates are in flight now.
     pub fn count(&self) -> usize {
-        *self.count.borrow()
+        self.0.count.load(Ordering::Acquire)
     }
 
     /// Resolves once no create is in flight.
     pub async fn idle(&self) {
-        let mut rx = self.count.subscribe();
-        // The sender lives in `self`, so this never fails.
-        let _ = rx.wait_for(|n| *n == 0).await;
+        loop {
+            // Registered before the count is read, so a create ending in
+            // between still wakes this wait.
+            let ended = self.0.idle.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if self.count() == 0 {
+                return;
+            }
+            ended.await;
+        }
     }
 }
 
 /// One create in flight; see [`CreatesInFlight::enter`].
 #[derive(Debug)]
-pub struct InFlight {
-    count: Arc<watch::Sender<usize>>,
-}
+pub struct InFlight(Arc<Shared>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.count.send_modify(|n| *n = n.saturating_sub(1));
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
     }
 }
 
@@ -78,5 +87,35 @@ mod tests {
         creates.idle().await;
         assert_eq!(start.elapsed(), Duration::from_secs(3));
         assert_eq!(creates.count(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_wakes_every_waiter_and_waits_again_for_new_creates() {
+        let creates = CreatesInFlight::default();
+        let first = creates.enter();
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let creates = creates.clone();
+                tokio::spawn(async move { creates.idle().await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(waiters.iter().all(|w| !w.is_finished()));
+        drop(first);
+        for waiter in waiters {
+            tokio::time::timeout(Duration::from_secs(1), waiter)
+                .await
+                .expect("woken when the count reached zero")
+                .expect("no panic");
+        }
+        let again = creates.enter();
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), creates.idle())
+                .await
+                .is_err(),
+            "a new create keeps the drain waiting"
+        );
+        drop(again);
+        creates.idle().await;
     }
 }
