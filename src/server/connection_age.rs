@@ -52,6 +52,7 @@ pub(super) struct Aged<IO> {
 }
 
 impl<IO> Aged<IO> {
+    /// `io`, closed `lifetime` from now.
     pub(super) fn new(io: IO, lifetime: Duration) -> Self {
         Self {
             io,
