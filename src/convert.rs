@@ -1,236 +1,81 @@
-//! Free functions between proto messages, domain types and the upstream wire
-//! structs: request validation with Piclumen's defaults, and job mapping.
+//! The gRPC edge's conversions: proto messages to and from domain types (a
+//! GenerateImage message to the [`CreateRequest`] the core takes, a job to
+//! the proto `ImageJob`), and `google.protobuf.Struct` to and from JSON.
+//! Checks and defaults are the domain's (`upstream::CreateRequest`).
 
 use prost_types::{Struct, value::Kind};
 use serde_json::{Map, Number, Value};
 
+pub use crate::upstream::{Limits, bounds};
 use crate::{
     error::Error,
     job::{self, JobState, JobStatus},
     pb,
-    upstream::{CreatePayload, ResolutionWire, StyleListWire},
+    upstream::{CreatePayload, CreateRequest, JsonObject, Resolution},
 };
 
-/// Piclumen web app defaults, as the first service built on it sent them.
-pub mod defaults {
-    /// Model id.
-    pub const MODEL_ID: &str = "23887bba-507e-4249-a0e3-6951e4027f2b";
-    /// Width in pixels.
-    pub const WIDTH: i32 = 1344;
-    /// Height in pixels.
-    pub const HEIGHT: i32 = 768;
-    /// Images per generation.
-    pub const BATCH_SIZE: i32 = 1;
-    /// Sampling steps.
-    pub const STEPS: i32 = 6;
-    /// Guidance scale.
-    pub const CFG: f64 = 1.0;
-    /// Sampler.
-    pub const SAMPLER: &str = "euler";
-    /// Scheduler.
-    pub const SCHEDULER: &str = "normal";
-    /// Denoise.
-    pub const DENOISE: f64 = 1.0;
-    /// High-resolution fix denoise.
-    pub const HIRES_FIX_DENOISE: f64 = 0.5;
-    /// High-resolution scale.
-    pub const HIRES_SCALE: f64 = 2.0;
+/// The domain create request of a GenerateImage message. Fails only on a
+/// `Struct` holding a number JSON cannot carry (NaN, infinity); every other
+/// check is the core's, after it admits the caller.
+pub fn create_request(req: pb::GenerateImageRequest) -> Result<CreateRequest, Error> {
+    let resolution = req.resolution.unwrap_or_default();
+    Ok(CreateRequest {
+        model_ability: object_or_empty("model_ability", req.model_ability.as_ref())?,
+        pony_tags: object_or_empty("pony_tags", req.pony_tags.as_ref())?,
+        multi_img2img_info: styles("multi_img2img_info", req.multi_img2img_info.as_ref())?,
+        img_control_info: styles("img_control_info", req.img_control_info.as_ref())?,
+        prompt: req.prompt,
+        negative_prompt: req.negative_prompt,
+        model_id: req.model_id,
+        resolution: Resolution {
+            width: resolution.width,
+            height: resolution.height,
+            batch_size: resolution.batch_size,
+        },
+        seed: req.seed,
+        steps: req.steps,
+        cfg: req.cfg,
+        sampler_name: req.sampler_name,
+        scheduler: req.scheduler,
+        denoise: req.denoise,
+        hires_fix_denoise: req.hires_fix_denoise,
+        hires_scale: req.hires_scale,
+        high_pixels: req.high_pixels,
+        continue_create: req.continue_create,
+        request_id: req.request_id,
+    })
 }
 
-/// Request bounds, configurable on the command line.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// Smallest width or height in pixels.
-    pub min_dimension: i32,
-    /// Largest width or height in pixels.
-    pub max_dimension: i32,
-    /// Longest prompt (and negative prompt) in characters.
-    pub max_prompt_chars: usize,
+/// A GenerateImage message all the way to Piclumen's create body, as the
+/// service sends it (for tests and fuzzing of the whole mapping).
+pub fn create_payload(
+    req: &pb::GenerateImageRequest,
+    limits: &Limits,
+) -> Result<CreatePayload, Error> {
+    Ok(create_request(req.clone())?.into_payload(limits)?)
 }
 
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            min_dimension: bounds::MIN_DIMENSION,
-            max_dimension: bounds::MAX_DIMENSION,
-            max_prompt_chars: bounds::MAX_PROMPT_CHARS,
-        }
-    }
+fn object_or_empty(field: &'static str, value: Option<&Struct>) -> Result<JsonObject, Error> {
+    value.map_or_else(|| Ok(JsonObject::new()), |s| struct_to_json(field, s))
 }
 
-/// Default request bounds (the `serve` flags read these).
-pub mod bounds {
-    /// `--min-dimension`.
-    pub const MIN_DIMENSION: i32 = 64;
-    /// `--max-dimension`.
-    pub const MAX_DIMENSION: i32 = 4096;
-    /// `--max-prompt-chars`.
-    pub const MAX_PROMPT_CHARS: usize = 4000;
+fn styles(field: &'static str, value: Option<&pb::StyleInfo>) -> Result<Vec<JsonObject>, Error> {
+    value.map_or_else(
+        || Ok(Vec::new()),
+        |info| {
+            info.style_list
+                .iter()
+                .map(|s| struct_to_json(field, s))
+                .collect()
+        },
+    )
 }
-
-/// Longest `request_id`.
-pub const MAX_REQUEST_ID_CHARS: usize = 128;
-/// Longest model id, sampler or scheduler name.
-const MAX_NAME_CHARS: usize = 200;
-/// Largest seed a fresh random one is drawn below (Piclumen's seeds have ten
-/// digits).
-const RANDOM_SEED_BOUND: i64 = 10_000_000_000;
 
 fn invalid(field: &'static str, message: impl Into<String>) -> Error {
     Error::InvalidArgument {
         field,
         message: message.into(),
     }
-}
-
-/// Validates a GenerateImage request and builds Piclumen's create body,
-/// filling defaults; an unset seed becomes a fresh random one.
-pub fn create_payload(
-    req: &pb::GenerateImageRequest,
-    limits: &Limits,
-) -> Result<CreatePayload, Error> {
-    if req.prompt.trim().is_empty() {
-        return Err(invalid("prompt", "must not be empty"));
-    }
-    check_len("prompt", &req.prompt, limits.max_prompt_chars)?;
-    check_len(
-        "negative_prompt",
-        &req.negative_prompt,
-        limits.max_prompt_chars,
-    )?;
-    check_len("request_id", &req.request_id, MAX_REQUEST_ID_CHARS)?;
-    let model_id = name_or("model_id", &req.model_id, defaults::MODEL_ID)?;
-    let sampler_name = name_or("sampler_name", &req.sampler_name, defaults::SAMPLER)?;
-    let scheduler = name_or("scheduler", &req.scheduler, defaults::SCHEDULER)?;
-
-    let res = req.resolution.unwrap_or_default();
-    let width = dimension("resolution.width", res.width, defaults::WIDTH, limits)?;
-    let height = dimension("resolution.height", res.height, defaults::HEIGHT, limits)?;
-    let batch_size = match res.batch_size {
-        0 => defaults::BATCH_SIZE,
-        n @ 1..=4 => n,
-        n => {
-            return Err(invalid(
-                "resolution.batch_size",
-                format!("must be 1 to 4 (got {n})"),
-            ));
-        }
-    };
-    let seed = match req.seed {
-        Some(seed) if seed < 0 => {
-            return Err(invalid(
-                "seed",
-                format!("must not be negative (got {seed})"),
-            ));
-        }
-        Some(seed) => seed,
-        None => rand::random_range(1..RANDOM_SEED_BOUND),
-    };
-    let steps = match req.steps {
-        None => defaults::STEPS,
-        Some(n @ 1..=100) => n,
-        Some(n) => return Err(invalid("steps", format!("must be 1 to 100 (got {n})"))),
-    };
-    Ok(CreatePayload {
-        prompt: req.prompt.clone(),
-        negative_prompt: req.negative_prompt.clone(),
-        model_id,
-        resolution: ResolutionWire {
-            width: width.into(),
-            height: height.into(),
-            batch_size: batch_size.into(),
-        },
-        seed,
-        steps: steps.into(),
-        cfg: float("cfg", req.cfg, defaults::CFG, 0.0, 100.0)?,
-        sampler_name,
-        scheduler,
-        denoise: float("denoise", req.denoise, defaults::DENOISE, 0.0, 1.0)?,
-        hires_fix_denoise: float(
-            "hires_fix_denoise",
-            req.hires_fix_denoise,
-            defaults::HIRES_FIX_DENOISE,
-            0.0,
-            1.0,
-        )?,
-        hires_scale: float(
-            "hires_scale",
-            req.hires_scale,
-            defaults::HIRES_SCALE,
-            1.0,
-            8.0,
-        )?,
-        high_pixels: req.high_pixels.unwrap_or(false),
-        model_ability: struct_or_empty("model_ability", req.model_ability.as_ref())?,
-        pony_tags: struct_or_empty("pony_tags", req.pony_tags.as_ref())?,
-        multi_img2img_info: styles("multi_img2img_info", req.multi_img2img_info.as_ref())?,
-        img_control_info: styles("img_control_info", req.img_control_info.as_ref())?,
-        continue_create: req.continue_create.unwrap_or(false),
-    })
-}
-
-fn check_len(field: &'static str, value: &str, max: usize) -> Result<(), Error> {
-    let chars = value.chars().count();
-    if chars > max {
-        return Err(invalid(
-            field,
-            format!("{chars} characters, the limit is {max}"),
-        ));
-    }
-    Ok(())
-}
-
-fn name_or(field: &'static str, value: &str, default: &str) -> Result<String, Error> {
-    check_len(field, value, MAX_NAME_CHARS)?;
-    Ok(if value.is_empty() { default } else { value }.to_owned())
-}
-
-fn dimension(field: &'static str, value: i32, default: i32, limits: &Limits) -> Result<i32, Error> {
-    match value {
-        0 => Ok(default),
-        v if (limits.min_dimension..=limits.max_dimension).contains(&v) => Ok(v),
-        v => Err(invalid(
-            field,
-            format!(
-                "must be {} to {} pixels, or 0 for the default (got {v})",
-                limits.min_dimension, limits.max_dimension
-            ),
-        )),
-    }
-}
-
-fn float(
-    field: &'static str,
-    value: Option<f64>,
-    default: f64,
-    min: f64,
-    max: f64,
-) -> Result<f64, Error> {
-    match value {
-        None => Ok(default),
-        Some(v) if v.is_finite() && (min..=max).contains(&v) => Ok(v),
-        Some(v) => Err(invalid(field, format!("must be {min} to {max} (got {v})"))),
-    }
-}
-
-fn struct_or_empty(
-    field: &'static str,
-    value: Option<&Struct>,
-) -> Result<Map<String, Value>, Error> {
-    value.map_or_else(|| Ok(Map::new()), |s| struct_to_json(field, s))
-}
-
-fn styles(field: &'static str, value: Option<&pb::StyleInfo>) -> Result<StyleListWire, Error> {
-    let style_list = value
-        .map(|info| {
-            info.style_list
-                .iter()
-                .map(|s| struct_to_json(field, s))
-                .collect()
-        })
-        .transpose()?
-        .unwrap_or_default();
-    Ok(StyleListWire { style_list })
 }
 
 /// A `google.protobuf.Struct` as a JSON object.
@@ -324,26 +169,4 @@ fn into_proto_image(image: job::Image) -> pb::Image {
         height: image.height,
         nsfw: image.nsfw,
     }
-}
-
-/// Validates a mark id from a request.
-pub fn mark_id(value: &str) -> Result<String, Error> {
-    let id = value.trim();
-    if id.is_empty() {
-        return Err(invalid("mark_id", "must not be empty"));
-    }
-    if id.len() > MAX_NAME_CHARS {
-        return Err(invalid(
-            "mark_id",
-            format!("longer than {MAX_NAME_CHARS} bytes"),
-        ));
-    }
-    if id.chars().any(char::is_control) {
-        // Echoed as sent: the caller sees exactly which id was refused.
-        return Err(invalid(
-            "mark_id",
-            format!("contains control characters: {id}"),
-        ));
-    }
-    Ok(id.to_owned())
 }

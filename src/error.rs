@@ -1,12 +1,13 @@
-//! The service's one error type and its one mapping to `tonic::Status`, with
-//! rich details (`ErrorInfo` with a stable reason, `BadRequest`, `RetryInfo`).
+//! The service's one error type, and what every edge needs to answer it
+//! without knowing the others: its class ([`ErrorClass`], the canonical
+//! error model's codes), its stable reason (`ErrorInfo.reason` over gRPC,
+//! `reason` in the HTTP API's body) and its retry delay. The gRPC edge maps
+//! a class to a `Status` code (`service::status`), the HTTP API to an HTTP
+//! status (`http_api::status`); neither goes through the other's types.
 
-use std::{collections::HashMap, time::Duration};
+use std::time::Duration;
 
-use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt};
-
-use crate::upstream::UpstreamError;
+use crate::upstream::{InvalidField, UpstreamError};
 
 /// `ErrorInfo.domain` of every error this service returns.
 pub const ERROR_DOMAIN: &str = "piclumen-grpc";
@@ -108,82 +109,129 @@ impl Error {
     }
 }
 
-impl From<Error> for Status {
-    fn from(error: Error) -> Self {
-        let message = error.to_string();
-        if let Error::Upstream { source, .. } = &error
-            && let Some(detail) = source.detail()
-        {
-            // The chain stays in the log line of this call (its span has the
-            // request id); the caller gets the short message only.
-            tracing::warn!(error = %message, detail, "upstream transport failure");
+impl From<InvalidField> for Error {
+    fn from(e: InvalidField) -> Self {
+        Self::InvalidArgument {
+            field: e.field,
+            message: e.message,
         }
-        let mut details = ErrorDetails::new();
-        let (code, reason) = match &error {
-            Error::InvalidArgument { field, message } => {
-                details.add_bad_request_violation(*field, message.clone());
-                (Code::InvalidArgument, "INVALID_REQUEST")
-            }
-            Error::MissingToken => (Code::Unauthenticated, "TOKEN_MISSING"),
-            Error::ApiKeyMissing => (Code::Unauthenticated, "API_KEY_MISSING"),
-            Error::ApiKeyInvalid => (Code::Unauthenticated, "API_KEY_INVALID"),
-            Error::MalformedToken => (Code::Unauthenticated, "TOKEN_MALFORMED"),
-            Error::NotFound { mark_id } => {
-                details.set_resource_info("piclumen.v1.ImageJob", mark_id.clone(), "", "");
-                (Code::NotFound, "JOB_NOT_FOUND")
-            }
-            Error::ShuttingDown => (Code::Unavailable, "SHUTTING_DOWN"),
-            Error::Internal => (Code::Internal, "INTERNAL"),
-            Error::WatchInterrupted => (Code::Unavailable, "WATCH_INTERRUPTED"),
-            Error::DeadlineExceeded(_) => (Code::DeadlineExceeded, "DEADLINE_EXCEEDED"),
-            Error::ResourceExhausted(_) => (Code::ResourceExhausted, "SERVER_LIMIT"),
-            Error::UpstreamOutage { .. } => (Code::Unavailable, "UPSTREAM_UNAVAILABLE"),
-            Error::CreateOutcomeUnknown { .. } => (Code::Aborted, "CREATE_OUTCOME_UNKNOWN"),
-            Error::IdempotencyStoreUnavailable => {
-                (Code::Unavailable, "IDEMPOTENCY_STORE_UNAVAILABLE")
-            }
-            Error::Upstream {
-                source,
-                default_token,
-            } => upstream_code(source, *default_token, &mut details),
-        };
-        details.set_error_info(reason, ERROR_DOMAIN, HashMap::new());
-        Status::with_error_details(code, message, details)
     }
 }
 
-fn upstream_code(
-    source: &UpstreamError,
-    default_token: bool,
-    details: &mut ErrorDetails,
-) -> (Code, &'static str) {
+/// The canonical class of a failure (`google.rpc.Code`'s names, the error
+/// model both of our edges follow); each edge maps it to its own status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// The request is wrong as sent.
+    InvalidArgument,
+    /// The request cannot succeed in the current state.
+    FailedPrecondition,
+    /// No valid credentials.
+    Unauthenticated,
+    /// Credentials valid but not allowed.
+    PermissionDenied,
+    /// No such job.
+    NotFound,
+    /// A limit or quota ran out.
+    ResourceExhausted,
+    /// The operation's outcome conflicts with an earlier one.
+    Aborted,
+    /// Passing trouble: retry.
+    Unavailable,
+    /// A deadline ran out.
+    DeadlineExceeded,
+    /// A fault of the server or of Piclumen's replies.
+    Internal,
+}
+
+impl Error {
+    /// The class and stable reason of this failure: one table for every
+    /// edge, so a reason means the same over gRPC and HTTP.
+    pub fn classify(&self) -> (ErrorClass, &'static str) {
+        use ErrorClass as C;
+        match self {
+            Self::InvalidArgument { .. } => (C::InvalidArgument, "INVALID_REQUEST"),
+            Self::MissingToken => (C::Unauthenticated, "TOKEN_MISSING"),
+            Self::ApiKeyMissing => (C::Unauthenticated, "API_KEY_MISSING"),
+            Self::ApiKeyInvalid => (C::Unauthenticated, "API_KEY_INVALID"),
+            Self::MalformedToken => (C::Unauthenticated, "TOKEN_MALFORMED"),
+            Self::NotFound { .. } => (C::NotFound, "JOB_NOT_FOUND"),
+            Self::ShuttingDown => (C::Unavailable, "SHUTTING_DOWN"),
+            Self::Internal => (C::Internal, "INTERNAL"),
+            Self::WatchInterrupted => (C::Unavailable, "WATCH_INTERRUPTED"),
+            Self::DeadlineExceeded(_) => (C::DeadlineExceeded, "DEADLINE_EXCEEDED"),
+            Self::ResourceExhausted(_) => (C::ResourceExhausted, "SERVER_LIMIT"),
+            Self::UpstreamOutage { .. } => (C::Unavailable, "UPSTREAM_UNAVAILABLE"),
+            Self::CreateOutcomeUnknown { .. } => (C::Aborted, "CREATE_OUTCOME_UNKNOWN"),
+            Self::IdempotencyStoreUnavailable => (C::Unavailable, "IDEMPOTENCY_STORE_UNAVAILABLE"),
+            Self::Upstream {
+                source,
+                default_token,
+            } => classify_upstream(source, *default_token),
+        }
+    }
+
+    /// How long the caller should wait before retrying, when Piclumen said.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Upstream {
+                source: UpstreamError::RateLimited { retry_after },
+                ..
+            } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// Logs what the caller is not told, once per answered failure: the
+    /// transport chain of an upstream failure (the caller gets the short
+    /// message), and Piclumen refusing the server's own token (the
+    /// operator's to fix). Both edges call it as they answer.
+    pub fn log_for_operator(&self) {
+        let Self::Upstream {
+            source,
+            default_token,
+        } = self
+        else {
+            return;
+        };
+        if let Some(detail) = source.detail() {
+            // The call's span carries the request id.
+            tracing::warn!(error = %self, detail, "upstream transport failure");
+        }
+        if *default_token
+            && matches!(
+                source,
+                UpstreamError::Unauthorized | UpstreamError::Forbidden
+            )
+        {
+            tracing::error!(error = %source, "Piclumen rejected the server's default token");
+        }
+    }
+}
+
+fn classify_upstream(source: &UpstreamError, default_token: bool) -> (ErrorClass, &'static str) {
+    use ErrorClass as C;
     match source {
         // The caller cannot fix the server's own token: it is the operator's.
         UpstreamError::Unauthorized | UpstreamError::Forbidden if default_token => {
-            tracing::error!(error = %source, "Piclumen rejected the server's default token");
-            (Code::Internal, "DEFAULT_TOKEN_REJECTED")
+            (C::Internal, "DEFAULT_TOKEN_REJECTED")
         }
-        UpstreamError::Unauthorized => (Code::Unauthenticated, "TOKEN_REJECTED"),
-        UpstreamError::Forbidden => (Code::PermissionDenied, "PERMISSION_DENIED"),
-        UpstreamError::RateLimited { retry_after } => {
-            if let Some(delay) = retry_after {
-                details.set_retry_info(Some(*delay));
-            }
-            (Code::ResourceExhausted, "UPSTREAM_RATE_LIMITED")
-        }
+        UpstreamError::Unauthorized => (C::Unauthenticated, "TOKEN_REJECTED"),
+        UpstreamError::Forbidden => (C::PermissionDenied, "PERMISSION_DENIED"),
+        UpstreamError::RateLimited { .. } => (C::ResourceExhausted, "UPSTREAM_RATE_LIMITED"),
         // 408: Piclumen gave up waiting for the request; like a 5xx, that
         // passes (`UpstreamError::is_transient` agrees, so watches retry it).
         UpstreamError::Http { status, .. } if *status >= 500 || *status == 408 => {
-            (Code::Unavailable, "UPSTREAM_UNAVAILABLE")
+            (C::Unavailable, "UPSTREAM_UNAVAILABLE")
         }
-        UpstreamError::Http { status: 400, .. } => (Code::InvalidArgument, "UPSTREAM_BAD_REQUEST"),
-        UpstreamError::Http { .. } => (Code::Internal, "UPSTREAM_HTTP_ERROR"),
-        UpstreamError::Build { .. } => (Code::Internal, "UPSTREAM_REQUEST_INVALID"),
+        UpstreamError::Http { status: 400, .. } => (C::InvalidArgument, "UPSTREAM_BAD_REQUEST"),
+        UpstreamError::Http { .. } => (C::Internal, "UPSTREAM_HTTP_ERROR"),
+        UpstreamError::Build { .. } => (C::Internal, "UPSTREAM_REQUEST_INVALID"),
         UpstreamError::Connect { .. } | UpstreamError::Interrupted { .. } => {
-            (Code::Unavailable, "UPSTREAM_UNAVAILABLE")
+            (C::Unavailable, "UPSTREAM_UNAVAILABLE")
         }
-        UpstreamError::Timeout(_) => (Code::DeadlineExceeded, "UPSTREAM_TIMEOUT"),
-        UpstreamError::Rejected { .. } => (Code::FailedPrecondition, "UPSTREAM_REJECTED"),
-        UpstreamError::Decode { .. } => (Code::Internal, "UPSTREAM_BAD_REPLY"),
+        UpstreamError::Timeout(_) => (C::DeadlineExceeded, "UPSTREAM_TIMEOUT"),
+        UpstreamError::Rejected { .. } => (C::FailedPrecondition, "UPSTREAM_REJECTED"),
+        UpstreamError::Decode { .. } => (C::Internal, "UPSTREAM_BAD_REPLY"),
     }
 }

@@ -289,7 +289,7 @@ pub async fn run_with_http(
     let hub = Hub::for_store(config.hub.clone(), Arc::new(upstream.clone()), fleet);
     let core = Core::new(config.service.clone(), upstream, hub, draining.clone());
     let service = ImageServiceImpl::new(core);
-    let service_for_http = service.clone();
+    let service_for_http = service.core();
     let creates = service.core().creates();
 
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -5,8 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use piclumen_grpc::{
-    convert::{Limits, create_payload, mark_id},
-    pb::GenerateImageRequest,
+    convert::create_payload, pb::GenerateImageRequest, service::mark_id, upstream::Limits,
 };
 use prost::Message;
 

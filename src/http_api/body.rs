@@ -1,6 +1,6 @@
 //! The first version's `/generate-image` body: Piclumen's create payload
 //! with its web field names, every field optional, decoded leniently
-//! (`lax`) and turned into the GenerateImage request the gRPC callers send.
+//! (`lax`) and turned into the domain create request the core takes.
 
 use serde_json::{Map, Value, json};
 use utoipa::ToSchema;
@@ -8,7 +8,10 @@ use utoipa::ToSchema;
 use super::lax::{
     Fields, ValidationDetail, boolean, integer, json_error_offset, number, object, string,
 };
-use crate::{convert::json_to_struct, error::Error, pb};
+use crate::{
+    error::Error,
+    upstream::{CreateRequest, Resolution},
+};
 
 /// The first version's body: Piclumen's create payload with its web field
 /// names, every field optional. `null` means unset.
@@ -135,36 +138,23 @@ impl GenerateImageBody {
         }
     }
 
-    /// The GenerateImage request; unset fields stay unset, so the service
+    /// The domain create request; unset fields stay unset, so the core
     /// fills the same defaults as for gRPC callers.
-    pub fn into_request(self) -> Result<pb::GenerateImageRequest, Error> {
-        let resolution = self
-            .resolution
-            .map(|r| {
-                Ok::<_, Error>(pb::Resolution {
-                    width: int32("resolution.width", r.width)?.unwrap_or(0),
-                    height: int32("resolution.height", r.height)?.unwrap_or(0),
-                    batch_size: int32("resolution.batch_size", r.batch_size)?.unwrap_or(0),
-                })
-            })
-            .transpose()?;
-        let styles = |info: Option<StyleInfoBody>| {
-            info.map(|info| pb::StyleInfo {
-                style_list: info
-                    .style_list
-                    .unwrap_or_default()
-                    .iter()
-                    .map(json_to_struct)
-                    .collect(),
-            })
-        };
-        Ok(pb::GenerateImageRequest {
+    pub fn into_request(self) -> Result<CreateRequest, Error> {
+        let resolution = self.resolution.unwrap_or_default();
+        let styles =
+            |info: Option<StyleInfoBody>| info.and_then(|info| info.style_list).unwrap_or_default();
+        Ok(CreateRequest {
+            resolution: Resolution {
+                width: int32("resolution.width", resolution.width)?.unwrap_or(0),
+                height: int32("resolution.height", resolution.height)?.unwrap_or(0),
+                batch_size: int32("resolution.batch_size", resolution.batch_size)?.unwrap_or(0),
+            },
+            steps: int32("steps", self.steps)?,
             prompt: self.prompt.unwrap_or_default(),
             negative_prompt: self.negative_prompt.unwrap_or_default(),
             model_id: self.model_id.unwrap_or_default(),
-            resolution,
             seed: self.seed,
-            steps: int32("steps", self.steps)?,
             cfg: self.cfg,
             sampler_name: self.sampler_name.unwrap_or_default(),
             scheduler: self.scheduler.unwrap_or_default(),
@@ -172,8 +162,8 @@ impl GenerateImageBody {
             hires_fix_denoise: self.hires_fix_denoise,
             hires_scale: self.hires_scale,
             high_pixels: self.high_pixels,
-            model_ability: self.model_ability.as_ref().map(json_to_struct),
-            pony_tags: self.pony_tags.as_ref().map(json_to_struct),
+            model_ability: self.model_ability.unwrap_or_default(),
+            pony_tags: self.pony_tags.unwrap_or_default(),
             multi_img2img_info: styles(self.multi_img2img_info),
             img_control_info: styles(self.img_control_info),
             continue_create: self.continue_create,

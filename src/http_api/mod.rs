@@ -4,15 +4,16 @@
 //! OpenAPI document at `/openapi.json` and Swagger UI at `/docs` (assets
 //! bundled in the binary).
 //!
-//! Nothing here talks to Piclumen: the handlers call the same
+//! Nothing here talks to Piclumen or speaks gRPC: the handlers call the same
 //! transport-free core as the gRPC calls (`crate::service::Core`: same
 //! token rules, validation, hub, coalescing and idempotency store), with
-//! the query token, `x-api-key` and `Idempotency-Key` as plain inputs. A
-//! failure becomes the HTTP status of its gRPC code (`status`).
+//! the query token, `x-api-key` and `Idempotency-Key` as plain inputs and
+//! the body as the domain create request. A failure becomes the HTTP status
+//! of its error class, in this edge's own table (`status`).
 //!
-//! - `body`: the `/generate-image` body and its mapping to GenerateImage.
+//! - `body`: the `/generate-image` body and its mapping to a create request.
 //! - `lax`: the lenient FastAPI-style decoder and its 422 shapes.
-//! - `status`: gRPC code -> HTTP status, error bodies.
+//! - `status`: error class -> HTTP status, error bodies.
 //! - `openapi`: the OpenAPI document and the success shapes.
 
 mod body;
@@ -23,7 +24,7 @@ mod status;
 #[cfg(test)]
 mod tests;
 
-use std::{collections::HashMap, future::Future};
+use std::{collections::HashMap, future::Future, sync::Arc};
 
 use axum::{
     Json, Router,
@@ -56,7 +57,7 @@ use crate::{
     error::Error,
     job::{JobState, JobStatus},
     request_id::RequestIdLayer,
-    service::{Credentials, ImageServiceImpl, TokenInput},
+    service::{Core, Credentials, TokenInput},
 };
 
 /// Header whose value becomes GenerateImage's `request_id` (idempotency key).
@@ -75,12 +76,12 @@ const FAILED: &str = "Image generation failed. Current status: ";
 /// The HTTP routes: both endpoints, `/openapi.json` and `/docs`, with
 /// FastAPI's JSON 404 and 405 answers elsewhere; `max_body_bytes` bounds a
 /// request body (larger ones get 413).
-pub fn router(service: ImageServiceImpl, max_body_bytes: usize) -> Router {
+pub fn router(core: Arc<Core>, max_body_bytes: usize) -> Router {
     let api = Router::new()
         .route("/generate-image", post(generate_image))
         .route("/check-image", post(check_image))
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .with_state(service);
+        .with_state(core);
     api.merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
         .fallback(|| async { detail(StatusCode::NOT_FOUND, "Not Found") })
         .method_not_allowed_fallback(|| async {
@@ -94,7 +95,7 @@ pub fn router(service: ImageServiceImpl, max_body_bytes: usize) -> Router {
 /// requests in flight finish.
 pub async fn serve(
     listener: TcpListener,
-    service: ImageServiceImpl,
+    core: Arc<Core>,
     max_body_bytes: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -102,7 +103,7 @@ pub async fn serve(
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, router(service, max_body_bytes))
+    axum::serve(listener, router(core, max_body_bytes))
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -135,7 +136,7 @@ pub async fn serve(
     )
 )]
 async fn generate_image(
-    State(service): State<ImageServiceImpl>,
+    State(core): State<Arc<Core>>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -160,13 +161,13 @@ async fn generate_image(
     let (Some(token), Some(body)) = (token, body) else {
         return validation_error(details);
     };
-    let mut message = match body.into_request() {
-        Ok(message) => message,
+    let mut request = match body.into_request() {
+        Ok(request) => request,
         Err(error) => return error_of(error),
     };
     if let Some(key) = headers.get(IDEMPOTENCY_KEY_HEADER) {
         match key.to_str() {
-            Ok(key) => message.request_id = key.to_owned(),
+            Ok(key) => request.request_id = key.to_owned(),
             Err(_) => {
                 return error_of(Error::InvalidArgument {
                     field: "request_id",
@@ -176,7 +177,7 @@ async fn generate_image(
         }
     }
     let credentials = credentials(token, &headers);
-    match service.core().generate(&credentials, message, None).await {
+    match core.generate(&credentials, request, None).await {
         Ok(created) => Json(GenerationStarted {
             statuscode: StatusCode::OK.as_u16(),
             message: STARTED.into(),
@@ -209,7 +210,7 @@ async fn generate_image(
     )
 )]
 async fn check_image(
-    State(service): State<ImageServiceImpl>,
+    State(core): State<Arc<Core>>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
@@ -223,7 +224,7 @@ async fn check_image(
         return validation_error(details);
     };
     let credentials = credentials(token, &headers);
-    match service.core().check(&credentials, mark_id, None).await {
+    match core.check(&credentials, mark_id, None).await {
         Ok(status) => job_response(status),
         Err(error) => error_of(error),
     }

@@ -1,6 +1,7 @@
-//! How the HTTP API answers a failure: the HTTP status of a gRPC code
-//! (Google's mapping), the `{"statuscode", "message", "reason"}` body with
-//! `Retry-After` when known, and FastAPI's 422 and plain `detail` answers.
+//! How the HTTP API answers a failure, in a table of its own: the HTTP
+//! status of each error class (Google's mapping of the canonical codes),
+//! the `{"statuscode", "message", "reason"}` body with `Retry-After` when
+//! known, and FastAPI's 422 and plain `detail` answers.
 
 use axum::{
     Json,
@@ -9,50 +10,37 @@ use axum::{
 };
 use serde::Serialize;
 use serde_json::json;
-use tonic::{Code, Status};
-use tonic_types::StatusExt;
 use utoipa::ToSchema;
 
 use super::lax::{ValidationDetail, ValidationError};
-use crate::error::Error;
+use crate::error::{Error, ErrorClass};
 
-/// The HTTP status for a gRPC code, as Google's HTTP mapping of
-/// `google.rpc.Code` has it (FAILED_PRECONDITION is 400 there: the request
-/// cannot succeed as sent; 412 is about conditional headers). CANCELLED is
-/// nginx's 499, "client closed request".
-pub fn http_status(code: Code) -> StatusCode {
-    match code {
-        Code::Ok => StatusCode::OK,
-        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
-            StatusCode::BAD_REQUEST
-        }
-        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-        Code::PermissionDenied => StatusCode::FORBIDDEN,
-        Code::NotFound => StatusCode::NOT_FOUND,
-        Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
-        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
-        Code::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
-        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
-        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-        Code::Unknown | Code::Internal | Code::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
+/// The HTTP status of each error class, as Google's HTTP mapping of the
+/// canonical codes has it (FAILED_PRECONDITION is 400 there: the request
+/// cannot succeed as sent; 412 is about conditional headers).
+pub fn http_status(class: ErrorClass) -> StatusCode {
+    match class {
+        ErrorClass::InvalidArgument | ErrorClass::FailedPrecondition => StatusCode::BAD_REQUEST,
+        ErrorClass::Unauthenticated => StatusCode::UNAUTHORIZED,
+        ErrorClass::PermissionDenied => StatusCode::FORBIDDEN,
+        ErrorClass::NotFound => StatusCode::NOT_FOUND,
+        ErrorClass::Aborted => StatusCode::CONFLICT,
+        ErrorClass::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        ErrorClass::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorClass::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        ErrorClass::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
-/// A failed call: the status's HTTP code, its message and `ErrorInfo`
-/// reason, and `Retry-After` when the status carries `RetryInfo`.
-pub(super) fn status_response(status: &Status) -> Response {
-    let details = status.get_error_details();
-    let reason = details.error_info().map(|info| info.reason.clone());
-    let mut response = error_response(
-        http_status(status.code()),
-        status.message().to_owned(),
-        reason,
-    );
-    let retry_after = details
-        .retry_info()
-        .and_then(|info| info.retry_delay)
+/// A failed call: its class's HTTP status, its message and stable reason,
+/// and `Retry-After` (whole seconds, rounded up) when Piclumen gave one.
+pub(super) fn error_of(error: Error) -> Response {
+    error.log_for_operator();
+    let (class, reason) = error.classify();
+    let retry_after = error
+        .retry_after()
         .map(|delay| delay.as_secs() + u64::from(delay.subsec_nanos() > 0));
+    let mut response = error_response(http_status(class), error.to_string(), Some(reason.into()));
     if let Some(secs) = retry_after {
         response
             .headers_mut()
@@ -102,11 +90,6 @@ pub struct ErrorBody {
     /// README's error tables), when there is one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-}
-
-/// A failed call, as its gRPC status would say it.
-pub(super) fn error_of(error: Error) -> Response {
-    status_response(&Status::from(error))
 }
 
 /// FastAPI's `{"detail": "..."}` answer (unknown paths and methods).

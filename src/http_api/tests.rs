@@ -1,13 +1,15 @@
 //! The HTTP API's own pieces without a socket: the lenient body decoder
-//! and the gRPC-code-to-HTTP mapping (tests/http_api.rs covers the endpoints).
+//! and the error-class-to-HTTP table (tests/http_api.rs covers the endpoints).
 
 use serde_json::{Value, json};
-use tonic::Code;
 
 use utoipa::OpenApi;
 
 use super::{ApiDoc, GenerateImageBody, http_status};
-use crate::{error::Error, pb};
+use crate::{
+    error::{Error, ErrorClass},
+    upstream::{CreateRequest, Resolution},
+};
 
 #[test]
 fn the_first_versions_example_maps_to_its_values() {
@@ -27,13 +29,13 @@ fn the_first_versions_example_maps_to_its_values() {
     assert_eq!(request.high_pixels, Some(false));
     assert_eq!(
         request.resolution,
-        Some(pb::Resolution {
+        Resolution {
             width: 1344,
             height: 768,
             batch_size: 1
-        })
+        }
     );
-    assert_eq!(request.multi_img2img_info, Some(pb::StyleInfo::default()));
+    assert!(request.multi_img2img_info.is_empty());
 }
 
 #[test]
@@ -44,7 +46,7 @@ fn absent_and_null_fields_stay_unset() {
         .expect("in range");
     assert_eq!(
         request,
-        pb::GenerateImageRequest {
+        CreateRequest {
             prompt: "p".into(),
             ..Default::default()
         }
@@ -126,20 +128,19 @@ fn out_of_range_integers_are_invalid_arguments() {
 }
 
 #[test]
-fn grpc_codes_map_to_http() {
-    for (code, http) in [
-        (Code::InvalidArgument, 400),
-        (Code::FailedPrecondition, 400),
-        (Code::Unauthenticated, 401),
-        (Code::PermissionDenied, 403),
-        (Code::NotFound, 404),
-        (Code::Aborted, 409),
-        (Code::ResourceExhausted, 429),
-        (Code::Cancelled, 499),
-        (Code::Internal, 500),
-        (Code::Unavailable, 503),
-        (Code::DeadlineExceeded, 504),
+fn error_classes_map_to_http() {
+    for (class, http) in [
+        (ErrorClass::InvalidArgument, 400),
+        (ErrorClass::FailedPrecondition, 400),
+        (ErrorClass::Unauthenticated, 401),
+        (ErrorClass::PermissionDenied, 403),
+        (ErrorClass::NotFound, 404),
+        (ErrorClass::Aborted, 409),
+        (ErrorClass::ResourceExhausted, 429),
+        (ErrorClass::Internal, 500),
+        (ErrorClass::Unavailable, 503),
+        (ErrorClass::DeadlineExceeded, 504),
     ] {
-        assert_eq!(http_status(code).as_u16(), http, "{code:?}");
+        assert_eq!(http_status(class).as_u16(), http, "{class:?}");
     }
 }

@@ -8,7 +8,6 @@
 use std::sync::Arc;
 
 use futures_util::Stream;
-use prost::Message;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -20,13 +19,11 @@ use super::{
     watch::{Watch, WatchEvent},
 };
 use crate::{
-    convert,
     error::Error,
     hub::Hub,
     idempotency::{Created, CreatesInFlight, Fingerprint, IdempotencyStore},
     job::JobStatus,
-    pb,
-    upstream::{CreatePayload, Upstream},
+    upstream::{CreatePayload, CreateRequest, MAX_NAME_CHARS, Upstream},
 };
 
 /// The core; shared behind an `Arc` by both front ends.
@@ -90,32 +87,39 @@ impl Core {
         self.store.creates().clone()
     }
 
-    /// GenerateImage: admits the caller, validates and converts `req`, then
-    /// creates once; with a `request_id`, a retry gets the first call's
-    /// outcome instead.
+    /// GenerateImage: admits the caller, checks `req` and fills its
+    /// defaults, then creates once; with a `request_id`, a retry gets the
+    /// first call's outcome instead.
     pub async fn generate(
         &self,
         credentials: &Credentials<'_>,
-        mut req: pb::GenerateImageRequest,
+        req: CreateRequest,
         deadline: Option<Instant>,
     ) -> Result<Created, Error> {
         let call = &self.admit(credentials)?;
-        let payload = convert::create_payload(&req, &self.config.limits)?;
-        let created = if req.request_id.is_empty() {
+        // The key is bound to the parameters as sent, before defaults and
+        // the random seed are filled in.
+        let keyed = (!req.request_id.is_empty()).then(|| {
+            (
+                req.request_id.clone(),
+                Fingerprint::of(&req.fingerprint_bytes()),
+            )
+        });
+        let payload = req.into_payload(&self.config.limits)?;
+        let created = match keyed {
             // No key: the create is the call's own and ends with it.
-            match self.start_create(call, &payload, deadline) {
+            None => match self.start_create(call, &payload, deadline) {
                 Ok(create) => create.await,
                 Err(refused) => Err(refused),
-            }
-        } else {
+            },
             // The create runs in the store's task, to its own end (bounded
             // by --upstream-timeout only), holding the token's place.
-            let request_id = std::mem::take(&mut req.request_id);
-            let fingerprint = fingerprint(&req);
-            let start = || self.start_create(call, &payload, None);
-            self.store
-                .run(&call.token, &request_id, &fingerprint, deadline, start)
-                .await
+            Some((request_id, fingerprint)) => {
+                let start = || self.start_create(call, &payload, None);
+                self.store
+                    .run(&call.token, &request_id, &fingerprint, deadline, start)
+                    .await
+            }
         };
         match &created {
             Ok(created) => {
@@ -161,7 +165,7 @@ impl Core {
         deadline: Option<Instant>,
     ) -> Result<JobStatus, Error> {
         let call = self.admit(credentials)?;
-        let mark_id = convert::mark_id(mark_id)?;
+        let mark_id = self::mark_id(mark_id)?;
         self.hub
             .check(&call.token, &mark_id, deadline)
             .await
@@ -177,7 +181,7 @@ impl Core {
         caller_deadline: Option<Instant>,
     ) -> Result<impl Stream<Item = Result<WatchEvent, Error>> + Send + use<>, Error> {
         let call = self.admit(credentials)?;
-        let mark_id = convert::mark_id(mark_id)?;
+        let mark_id = self::mark_id(mark_id)?;
         let slot = self.watch_slots.take()?;
         let subscription = self.hub.subscribe(&call.token, &mark_id);
         let (end_at, end_message) = Watch::end(caller_deadline, self.config.max_watch);
@@ -194,9 +198,23 @@ impl Core {
     }
 }
 
-/// The request's parameters (`request_id` taken out), hashed stably:
-/// protobuf encoding is deterministic here (fields in tag order, `Struct`
-/// maps sorted).
-fn fingerprint(params: &pb::GenerateImageRequest) -> Fingerprint {
-    Fingerprint::of(&params.encode_to_vec())
+/// A mark id as a caller sends it: trimmed, non-empty, bounded, and free of
+/// control characters.
+pub fn mark_id(value: &str) -> Result<String, Error> {
+    let invalid = |message: String| Error::InvalidArgument {
+        field: "mark_id",
+        message,
+    };
+    let id = value.trim();
+    if id.is_empty() {
+        return Err(invalid("must not be empty".into()));
+    }
+    if id.len() > MAX_NAME_CHARS {
+        return Err(invalid(format!("longer than {MAX_NAME_CHARS} bytes")));
+    }
+    if id.chars().any(char::is_control) {
+        // Echoed as sent: the caller sees exactly which id was refused.
+        return Err(invalid(format!("contains control characters: {id}")));
+    }
+    Ok(id.to_owned())
 }

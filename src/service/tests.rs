@@ -14,14 +14,14 @@ use tokio::{
     time::{Instant, timeout},
 };
 use tokio_util::sync::CancellationToken;
-use tonic::Code;
+use tonic::{Code, Status};
 
 use super::*;
 use crate::{
     error::Error,
     hub::{Hub, HubConfig},
     job::{Image, JobState, JobStatus, Token},
-    upstream::{BoxFuture, CreatePayload, StatusEntry, Upstream, UpstreamError},
+    upstream::{BoxFuture, CreatePayload, CreateRequest, StatusEntry, Upstream, UpstreamError},
 };
 
 const POLL: Duration = Duration::from_secs(2);
@@ -179,7 +179,7 @@ impl Harness {
     fn generate(&self, token: &'static str) -> tokio::task::JoinHandle<Result<String, Error>> {
         let core = Arc::clone(&self.core);
         tokio::spawn(async move {
-            let request = pb::GenerateImageRequest {
+            let request = CreateRequest {
                 prompt: "a lighthouse".into(),
                 ..Default::default()
             };
@@ -379,7 +379,7 @@ async fn the_create_beyond_the_limit_is_refused_until_one_finishes() {
 async fn a_create_holds_its_place_after_its_caller_gives_up() {
     let h = create_limit(1);
     let call = bare("a");
-    let request = pb::GenerateImageRequest {
+    let request = CreateRequest {
         prompt: "p".into(),
         request_id: "key-1".into(),
         ..Default::default()

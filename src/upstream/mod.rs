@@ -2,7 +2,8 @@
 //! maps its errors to status codes). Its rooms:
 //!
 //! - `client`: the `reqwest` client, its settings, the two endpoints;
-//! - `payload`: the create body the service sends;
+//! - `payload`: a create, from the caller's request (checked, Piclumen's
+//!   defaults filled) to the body the service sends;
 //! - `wire`: Piclumen's replies and their decoders (the status decoder is
 //!   the one the poller uses);
 //! - `error`: `UpstreamError` and how to tell its kinds apart;
@@ -26,7 +27,11 @@ mod wire;
 pub use crate::redact::redact_url;
 pub use client::{CREATE_PATH, Client, ClientConfig, STATUS_PATH};
 pub use error::UpstreamError;
-pub use payload::{CreatePayload, ResolutionWire, StyleListWire};
+pub use payload::{
+    CreatePayload, CreateRequest, InvalidField, JsonObject, Limits, MAX_NAME_CHARS,
+    MAX_REQUEST_ID_CHARS, Resolution, ResolutionWire, StyleListWire, bounds,
+    defaults as create_defaults,
+};
 pub use wire::{BadEntry, StatusEntry, decode_create_reply, decode_status_entries};
 
 /// A boxed future, as the [`Upstream`] trait's calls return.

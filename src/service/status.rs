@@ -1,0 +1,48 @@
+//! The gRPC edge's one mapping of [`Error`] to `tonic::Status`: the code of
+//! the error's class, its message, and rich details (`ErrorInfo` with the
+//! stable reason, `BadRequest`, `ResourceInfo`, `RetryInfo`).
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::error::{ERROR_DOMAIN, Error, ErrorClass};
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Self {
+        error.log_for_operator();
+        let (class, reason) = error.classify();
+        let mut details = ErrorDetails::new();
+        match &error {
+            Error::InvalidArgument { field, message } => {
+                details.add_bad_request_violation(*field, message.clone());
+            }
+            Error::NotFound { mark_id } => {
+                details.set_resource_info("piclumen.v1.ImageJob", mark_id.clone(), "", "");
+            }
+            _ => {}
+        }
+        if let Some(delay) = error.retry_after() {
+            details.set_retry_info(Some(delay));
+        }
+        details.set_error_info(reason, ERROR_DOMAIN, HashMap::new());
+        Status::with_error_details(code(class), error.to_string(), details)
+    }
+}
+
+/// The gRPC code of each class: one to one, the classes being its names.
+fn code(class: ErrorClass) -> Code {
+    match class {
+        ErrorClass::InvalidArgument => Code::InvalidArgument,
+        ErrorClass::FailedPrecondition => Code::FailedPrecondition,
+        ErrorClass::Unauthenticated => Code::Unauthenticated,
+        ErrorClass::PermissionDenied => Code::PermissionDenied,
+        ErrorClass::NotFound => Code::NotFound,
+        ErrorClass::ResourceExhausted => Code::ResourceExhausted,
+        ErrorClass::Aborted => Code::Aborted,
+        ErrorClass::Unavailable => Code::Unavailable,
+        ErrorClass::DeadlineExceeded => Code::DeadlineExceeded,
+        ErrorClass::Internal => Code::Internal,
+    }
+}
