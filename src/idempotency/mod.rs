@@ -116,12 +116,24 @@ pub struct Created {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fingerprint(String);
 
+/// The scheme of today's fingerprints (the SHA-256 of the domain request's
+/// JSON). The first scheme, a bare hex SHA-256 of the proto encoding, had
+/// no prefix.
+const FINGERPRINT_SCHEME: &str = "v2:";
+
 impl Fingerprint {
     /// The fingerprint of an encoded request.
     pub fn of(bytes: &[u8]) -> Self {
-        Self(hex(
-            ring::digest::digest(&ring::digest::SHA256, bytes).as_ref()
-        ))
+        let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+        Self(format!("{FINGERPRINT_SCHEME}{}", hex(digest.as_ref())))
+    }
+
+    /// Whether a stored record was made for these parameters. A record of
+    /// the first scheme cannot be compared and is trusted, so a retry that
+    /// crosses a rolling deploy still gets its first outcome for the rest
+    /// of the record's life instead of a refusal.
+    fn matches(&self, stored: &str) -> bool {
+        stored == self.0 || !stored.starts_with(FINGERPRINT_SCHEME)
     }
 }
 

@@ -164,7 +164,7 @@ impl IdempotencyStore {
                 }
             };
             let Entry { record, held } = entry;
-            if record.fingerprint() != fingerprint.0 {
+            if !fingerprint.matches(record.fingerprint()) {
                 return Err(Error::InvalidArgument {
                     field: "request_id",
                     message: "already used with different parameters".into(),

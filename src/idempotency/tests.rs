@@ -242,6 +242,15 @@ fn locations_parse_and_hide_passwords() {
 fn fingerprints_are_stable_sha256() {
     assert_eq!(
         Fingerprint::of(b"abc").0,
-        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        "v2:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     );
+}
+
+#[test]
+fn a_record_of_the_first_scheme_is_trusted_and_todays_are_compared() {
+    let today = Fingerprint::of(b"params");
+    assert!(today.matches(&today.0));
+    assert!(!today.matches(&Fingerprint::of(b"other").0));
+    // Written before the scheme had a name: a bare hex of another encoding.
+    assert!(today.matches("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"));
 }
