@@ -6,6 +6,3 @@ tonic::include_proto!("piclumen.v1");
 
 /// Encoded `FileDescriptorSet` of our protos and their imports, with comments.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("piclumen_descriptor");
-
-/// Full name of the service, as health checks and reflection know it.
-pub const SERVICE_NAME: &str = "piclumen.v1.ImageService";

@@ -38,12 +38,11 @@ async fn defaults_reach_upstream_exactly() {
             "authorization": true,
         })
     );
-    // Byte for byte what the web app sends (whole numbers as integers).
-    let expected = format!(
-        r#"{{"prompt":"a magical landscape","negative_prompt":"","model_id":"23887bba-507e-4249-a0e3-6951e4027f2b","resolution":{{"width":1344,"height":768,"batch_size":1}},"seed":{},"steps":6,"cfg":1,"sampler_name":"euler","scheduler":"normal","denoise":1,"hires_fix_denoise":0.5,"hires_scale":2,"highPixels":false,"model_ability":{{}},"ponyTags":{{}},"multi_img2img_info":{{"style_list":[]}},"img_control_info":{{"style_list":[]}},"continueCreate":false}}"#,
-        created.seed
-    );
-    let expected: serde_json::Value = serde_json::from_str(&expected).expect("expected json");
+    // Byte for byte what the web app sends (whole numbers as integers): the
+    // contract's create body, with this call's seed.
+    let mut expected: serde_json::Value =
+        serde_json::from_str(include_str!("fixtures/create_body.json")).expect("fixture");
+    expected["seed"] = created.seed.into();
     assert_eq!(received["body"], expected);
 }
 

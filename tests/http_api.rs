@@ -19,15 +19,9 @@ use serde_json::{Value, json};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
 
-/// The first version's example body, verbatim from its documentation.
-const EXAMPLE_BODY: &str = r#"{"prompt": "a magical landscape", "highPixels": false,
-    "model_id": "23887bba-507e-4249-a0e3-6951e4027f2b", "negative_prompt": "",
-    "resolution": {"width": 1344, "height": 768, "batch_size": 1},
-    "model_ability": {}, "seed": 9896923949, "steps": 6, "cfg": 1,
-    "sampler_name": "euler", "scheduler": "normal", "ponyTags": {},
-    "denoise": 1, "hires_fix_denoise": 0.5, "hires_scale": 2,
-    "multi_img2img_info": {"style_list": []}, "img_control_info":
-    {"style_list": []}, "continueCreate": false}"#;
+/// The first version's example body, verbatim from its documentation (the
+/// contract's create body: tests/fixtures/README.md).
+const EXAMPLE_BODY: &str = include_str!("fixtures/create_body.json");
 
 /// A simulator and one server process serving gRPC and the HTTP API.
 struct Legacy {
