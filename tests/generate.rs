@@ -105,7 +105,7 @@ async fn every_field_maps_to_its_upstream_name() {
         }),
         img_control_info: None,
         continue_create: Some(true),
-        request_id: String::new(),
+        ..Default::default()
     };
     let created = client
         .generate_image(authed(TOKEN, request))

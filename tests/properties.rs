@@ -66,7 +66,8 @@ prop_compose! {
             seed, steps, cfg, sampler_name: String::new(), scheduler: "karras".into(),
             denoise, hires_fix_denoise, hires_scale, high_pixels, model_ability, pony_tags,
             multi_img2img_info: Some(pb::StyleInfo { style_list: styles }),
-            img_control_info: None, continue_create, request_id: String::new(),
+            img_control_info: None, continue_create,
+            ..Default::default()
         }
     }
 }

@@ -167,7 +167,8 @@ impl GenerateImageBody {
             multi_img2img_info: styles(self.multi_img2img_info),
             img_control_info: styles(self.img_control_info),
             continue_create: self.continue_create,
-            request_id: String::new(),
+            // The key comes from the `Idempotency-Key` header, not the body.
+            ..Default::default()
         })
     }
 }
