@@ -11,14 +11,17 @@
 //!   variable; flags become each module's settings (`config::settings`).
 //! - `server`: the tonic server: service, health, reflection, gRPC-Web, drain.
 //! - `http_api/`: the first version's HTTP/JSON endpoints (routes, the lenient
-//!   body decoder, gRPC-code-to-HTTP mapping, OpenAPI) over the service core.
-//! - `service/`: `ImageService`: thin RPCs over a transport-free core
-//!   (admission, create limit, watch streams).
+//!   body decoder, error-class-to-HTTP table, OpenAPI) over the service core;
+//!   no tonic, no proto.
+//! - `service/`: a transport-free core (admission, create limit, watch
+//!   streams) taking and returning domain types, and the gRPC edge over it
+//!   (`ImageService`'s thin RPCs, `Error` -> `Status`).
 //! - `hub/`: shared, batched polling (a pure schedule and its async shell).
 //! - `idempotency/`: `request_id` dedupe for GenerateImage (memory or Redis).
-//! - `upstream/`: the Piclumen HTTP/JSON client behind the `Upstream` trait.
-//! - `convert`: proto <-> domain <-> upstream payload, with Piclumen's defaults.
-//! - `error`: the one error enum and its mapping to `tonic::Status`.
+//! - `upstream/`: the Piclumen HTTP/JSON client behind the `Upstream` trait,
+//!   and the create request with its checks and Piclumen's defaults.
+//! - `convert`: the gRPC edge's proto <-> domain conversions.
+//! - `error`: the one error enum, its class and stable reason per variant.
 //! - `job`: domain types: jobs, states, the redacting `Token` and `Secret`.
 //! - `auth`: caller authentication (API keys) and TLS settings.
 //! - `request_id`: `x-request-id` on every call, its responses and log lines.
