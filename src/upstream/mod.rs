@@ -1,15 +1,16 @@
 //! The Piclumen HTTP/JSON client, knowing nothing of gRPC (`crate::error`
 //! maps its errors to status codes). Its rooms:
 //!
-//! - `client`: the `reqwest` client, its settings, the two endpoints;
+//! - `client`: the `reqwest` client, its settings (the `serve` flags
+//!   `--upstream-*`, `--user-agent`, `--origin`, `--referer`, with their
+//!   defaults), the two endpoints;
 //! - `payload`: the create body the service sends;
 //! - `wire`: Piclumen's replies and their decoders (the status decoder is
 //!   the one the poller uses);
 //! - `error`: `UpstreamError` and how to tell its kinds apart;
 //! - `metrics`: calls and durations per endpoint;
 //!
-//! Here: the [`Upstream`] trait the service calls through, and the
-//! client's defaults.
+//! Here: the [`Upstream`] trait the service calls through.
 
 use std::{sync::Arc, time::Duration};
 
@@ -84,16 +85,4 @@ impl Upstream for Client {
     fn timeout(&self) -> Duration {
         Client::timeout(self)
     }
-}
-
-/// The client's defaults (the `serve` flags' defaults read these).
-pub mod defaults {
-    use std::time::Duration;
-
-    /// Piclumen's production API, `--upstream-url`'s default.
-    pub const UPSTREAM_URL: &str = "https://api.piclumen.com";
-    /// `--upstream-timeout`.
-    pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
-    /// `--upstream-connect-timeout`.
-    pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 }
