@@ -4,11 +4,15 @@
 //!
 //! Imports flow one way: `main` -> `cli` | `server` | `sim` -> `http_api` ->
 //! `service` -> `hub` | `idempotency` -> `upstream` -> domain types (`job`,
-//! `error`). Each module owns its settings struct and its defaults; `config`
-//! only parses, validates and assembles them.
+//! `error`). Each module owns its settings struct, and the struct declares
+//! that module's flags (`#[derive(clap::Args)]`: flag, variable, default and
+//! value parser on each field; `Default` parses no flags); `config` only
+//! flattens them, checks what depends on several flags, reads files and
+//! fills the settings that are not flags.
 //!
 //! - `config`: the command line (clap), every flag with an environment
-//!   variable; flags become each module's settings (`config::settings`).
+//!   variable; the cross-checks and file reading (`config::settings`); the
+//!   value parsers every settings struct uses (`config::parse`).
 //! - `server`: the tonic server: service, health, reflection, gRPC-Web, drain.
 //! - `http_api/`: the first version's HTTP/JSON endpoints (routes, the lenient
 //!   body decoder, gRPC-code-to-HTTP mapping, OpenAPI) over the service core.

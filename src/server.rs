@@ -11,8 +11,11 @@ mod cors;
 use std::{future::Future, str::FromStr, sync::Arc, time::Duration};
 
 use clap::Args;
-use futures_util::StreamExt;
-use tokio::{net::TcpListener, task::JoinHandle};
+use futures_util::{Stream, StreamExt};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    task::JoinHandle,
+};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Server, ServerTlsConfig, server::TcpIncoming};
 use tonic_health::{ServingStatus, server::HealthReporter};
@@ -265,13 +268,7 @@ async fn serve(
             ImageServiceServer::new(service.clone())
                 .max_decoding_message_size(config.max_request_bytes),
         );
-    // Our own listener means the builder's tcp_nodelay does not apply:
-    // set it here, or small replies wait on delayed ACKs (~40 ms).
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)));
-    let lifetime = connection_age + config.max_connection_age_grace;
-    let incoming = incoming.map(move |io| io.map(|io| connection_age::Aged::new(io, lifetime)));
+    let incoming = incoming(listener, connection_age + config.max_connection_age_grace);
     let stopped = stop_accepting.clone().cancelled_owned();
     let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped));
     let http = http_listener.map(|http_listener| {
@@ -289,6 +286,19 @@ async fn serve(
             gauges,
         },
     ))
+}
+
+/// The connections `listener` accepts, each closed at `lifetime` at the
+/// latest. Our own listener means the builder's tcp_nodelay does not apply:
+/// it is set here, or small replies wait on delayed ACKs (~40 ms).
+fn incoming(
+    listener: TcpListener,
+    lifetime: Duration,
+) -> impl Stream<Item = std::io::Result<connection_age::Aged<TcpStream>>> {
+    TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)))
+        .map(move |io| io.map(|io| connection_age::Aged::new(io, lifetime)))
 }
 
 impl Running {

@@ -123,3 +123,42 @@ pub fn log_filter(s: &str) -> Result<String, String> {
         .map(|_| s.to_owned())
         .map_err(|e| format!("{e}; expected a filter such as info or piclumen_grpc=debug"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{server::ServerConfig, sim::SimConfig, upstream::ClientConfig};
+
+    #[test]
+    fn every_settings_default_is_its_flags_defaults() {
+        // Each `Default` runs every default text through its value parser.
+        let server = ServerConfig::default();
+        assert_eq!(server.hub.batch_max, 50);
+        assert_eq!(server.service.max_watch, Duration::from_secs(30 * 60));
+        assert_eq!(server.idempotency.ttl, Duration::from_secs(600));
+        assert_eq!(server.service.limits.max_dimension, 4096);
+        assert_eq!(ClientConfig::default().base_url, "https://api.piclumen.com");
+        assert_eq!(SimConfig::default().job_duration, Duration::from_secs(6));
+    }
+
+    #[test]
+    fn parsers_say_what_they_accept() {
+        assert_eq!(
+            positive_duration("0s"),
+            Err("accepted range: more than 0s, up to 30days".into())
+        );
+        assert_eq!(
+            duration_at_least(Duration::from_secs(1))("500ms"),
+            Err("accepted range: 1s to 30days".into())
+        );
+        assert_eq!(
+            up_to(500_usize)("501"),
+            Err("accepted range: 1 to 500".into())
+        );
+        assert_eq!(
+            positive::<u32>("0"),
+            Err("accepted range: 1 or more".into())
+        );
+        assert_eq!(rate("1.5"), Err("accepted range: 0 to 1".into()));
+    }
+}
