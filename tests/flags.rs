@@ -168,11 +168,14 @@ fn serve_with_no_flags_runs_on_the_defaults() {
         idempotency,
         ..
     } = s.server;
+    // Not exhaustive: a new setting's default is checked by the README
+    // test above (the documented default against the flag's).
     let HubConfig {
         poll_interval,
         batch_max,
         gather,
         failure_budget,
+        ..
     } = hub;
     assert_eq!(
         (poll_interval, batch_max, gather, failure_budget),
@@ -186,6 +189,7 @@ fn serve_with_no_flags_runs_on_the_defaults() {
         heartbeat,
         max_watches,
         max_generates_per_token,
+        ..
     } = service;
     let IdempotencyConfig { ttl, store } = idempotency;
     assert_eq!(store.to_string(), "memory");
