@@ -39,8 +39,8 @@ const PROXY_VARS: [&str; 6] = [
 /// checks the URL and the header values).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ClientConfig {
-    /// Base URL of the Piclumen API (http or https); a secret, since an
-    /// operator may put `user:password@` in it.
+    /// Base URL of the Piclumen API (http or https). Kept as a secret: any
+    /// `user:password@` in it shows as `***@` in logs.
     #[arg(
         id = "upstream_url",
         value_name = "UPSTREAM_URL",
