@@ -1,32 +1,36 @@
 //! The command line: one clap struct per subcommand, every flag also an
 //! environment variable. Durations are humantime strings (`300ms`, `2s`).
-//! Every default and bound lives in [`defaults`]; [`ServeArgs::settings`]
-//! and [`SimArgs::config`] are the one place flags become settings, and
-//! every value is checked (by the value parsers here or by those two)
-//! before anything listens.
+//!
+//! Each module's settings struct declares its own flags (name, variable,
+//! default, value parser) and `serve` / `sim` flatten them: `ServerConfig`
+//! (with the service's, the hub's, the idempotency store's and the request
+//! bounds' settings) and `ClientConfig` into [`ServeArgs`], `SimConfig`
+//! into [`SimArgs`]. What stays here: the flags that are not one module's
+//! setting (addresses, the token, TLS and API key files, CORS origins, the
+//! simulator switch), and [`ServeArgs::settings`] / [`SimArgs::config`],
+//! which check what depends on several flags, read the files and fill the
+//! settings that are not flags, before anything listens. The value parsers
+//! every settings struct uses are in [`parse`].
 
-use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-pub mod defaults;
 mod settings;
 
+use crate::flags::{human, log_filter, positive_duration};
 /// The one URL redactor (`upstream::redact_url`), by the name the
 /// configuration's users have called it.
 pub use crate::upstream::redact_url as redact_userinfo;
-use crate::{hub::FleetPolling, idempotency::StoreLocation, job::Secret};
-pub use settings::{ConfigError, Settings};
-use settings::{
-    batch_max, connection_age, duration_or_zero, heartbeat, human, log_filter, max_watches,
-    poll_interval, positive, positive_duration, rate,
+use crate::{
+    job::Secret,
+    server::ServerConfig,
+    sim::{SimConfig, defaults::SIM_JOB_DURATION},
+    upstream::ClientConfig,
 };
+pub use settings::{ConfigError, Settings};
 
 pub use crate::telemetry::LogFormat;
-/// Piclumen's production API.
-pub const PRODUCTION_URL: &str = crate::upstream::defaults::UPSTREAM_URL;
-/// Port used when neither `--listen` nor `PORT` is given.
-pub const DEFAULT_PORT: u16 = crate::server::defaults::PORT;
 
 /// Exit codes of the client subcommands, shown by `--help`.
 pub const EXIT_CODES_HELP: &str = "\
@@ -47,7 +51,7 @@ pub struct Cli {
     #[arg(long, env = "PICLUMEN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
     /// Log filter, e.g. `info` or `piclumen_grpc=debug` (RUST_LOG syntax).
-    #[arg(long, env = "PICLUMEN_LOG", default_value = defaults::LOG, value_parser = log_filter, global = true)]
+    #[arg(long, env = "PICLUMEN_LOG", default_value = crate::telemetry::DEFAULT_LOG, value_parser = log_filter, global = true)]
     pub log: String,
 }
 
@@ -69,110 +73,25 @@ pub enum Command {
     Check(JobArgs),
 }
 
-/// `serve` flags. Turned into the server's settings by
-/// [`ServeArgs::settings`].
+/// `serve` flags: the flattened settings structs, and the flags that only
+/// feed [`ServeArgs::settings`].
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Address to listen on. When unset: `0.0.0.0:$PORT` if PORT is set
     /// (hosting platforms inject it), else `0.0.0.0:50051`.
     #[arg(long, env = "PICLUMEN_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Base URL of the Piclumen API (http or https).
-    #[arg(long, env = "PICLUMEN_UPSTREAM_URL", default_value = defaults::UPSTREAM_URL)]
-    pub upstream_url: Secret,
     /// Default Piclumen token, used for calls without `authorization`
     /// metadata. Printable ASCII, like a caller's.
     #[arg(long, env = "PICLUMEN_TOKEN", hide_env_values = true)]
     pub token: Option<Secret>,
-    /// Time between two polls of a watched job (at least 250ms).
-    #[arg(long, env = "PICLUMEN_POLL_INTERVAL", default_value = human(defaults::POLL_INTERVAL), value_parser = poll_interval)]
-    pub poll_interval: Duration,
-    /// Most mark ids in one batch-status call (1 to 500).
-    #[arg(long, env = "PICLUMEN_BATCH_MAX", default_value_t = defaults::BATCH_MAX, value_parser = batch_max)]
-    pub batch_max: u16,
-    /// Longest a WatchImage stream stays open (then DEADLINE_EXCEEDED).
-    #[arg(long, env = "PICLUMEN_MAX_WATCH", default_value = human(defaults::MAX_WATCH), value_parser = positive_duration)]
-    pub max_watch: Duration,
-    /// Quiet time after which a watch resends its state as a heartbeat (at
-    /// least 1s).
-    #[arg(long, env = "PICLUMEN_HEARTBEAT", default_value = human(defaults::HEARTBEAT), value_parser = heartbeat)]
-    pub heartbeat: Duration,
-    /// Most WatchImage streams open at once (beyond: RESOURCE_EXHAUSTED).
-    #[arg(long, env = "PICLUMEN_MAX_WATCHES", default_value_t = defaults::MAX_WATCHES, value_parser = max_watches)]
-    pub max_watches: usize,
-    /// How long upstream trouble is retried before watches end UNAVAILABLE.
-    #[arg(long, env = "PICLUMEN_FAILURE_BUDGET", default_value = human(defaults::FAILURE_BUDGET), value_parser = positive_duration)]
-    pub failure_budget: Duration,
-    /// Bound on one upstream HTTP call.
-    #[arg(long, env = "PICLUMEN_UPSTREAM_TIMEOUT", default_value = human(defaults::UPSTREAM_TIMEOUT), value_parser = positive_duration)]
-    pub upstream_timeout: Duration,
-    /// Bound on opening a connection to the upstream.
-    #[arg(long, env = "PICLUMEN_UPSTREAM_CONNECT_TIMEOUT", default_value = human(defaults::UPSTREAM_CONNECT_TIMEOUT), value_parser = positive_duration)]
-    pub upstream_connect_timeout: Duration,
-    /// `user-agent` sent upstream (default: piclumen-grpc/VERSION).
-    #[arg(long, env = "PICLUMEN_USER_AGENT")]
-    pub user_agent: Option<String>,
-    /// `origin` header sent upstream, if any.
-    #[arg(long, env = "PICLUMEN_ORIGIN")]
-    pub origin: Option<String>,
-    /// `referer` header sent upstream, if any.
-    #[arg(long, env = "PICLUMEN_REFERER")]
-    pub referer: Option<String>,
-    /// How long a GenerateImage `request_id`'s outcome is remembered.
-    #[arg(long, env = "PICLUMEN_IDEMPOTENCY_TTL", default_value = human(defaults::IDEMPOTENCY_TTL), value_parser = positive_duration)]
-    pub idempotency_ttl: Duration,
-    /// Where `request_id` outcomes are kept: `memory` (this process only) or
-    /// `redis://HOST:PORT[/DB]` / `rediss://...` (shared by replicas).
-    #[arg(
-        long,
-        env = "PICLUMEN_IDEMPOTENCY_STORE",
-        default_value = "memory",
-        hide_env_values = true,
-        value_parser = StoreLocation::from_str
-    )]
-    pub idempotency_store: StoreLocation,
-    /// With a Redis store: replicas share polling, one status call per
-    /// token and round for the whole fleet (`on` or `off`).
-    #[arg(long, env = "PICLUMEN_FLEET_POLLING", default_value_t = FleetPolling::default(), value_parser = FleetPolling::from_str)]
-    pub fleet_polling: FleetPolling,
-    /// Smallest accepted width or height, in pixels.
-    #[arg(long, env = "PICLUMEN_MIN_DIMENSION", default_value_t = defaults::MIN_DIMENSION, value_parser = positive::<i32>)]
-    pub min_dimension: i32,
-    /// Largest accepted width or height, in pixels (at least --min-dimension).
-    #[arg(long, env = "PICLUMEN_MAX_DIMENSION", default_value_t = defaults::MAX_DIMENSION, value_parser = positive::<i32>)]
-    pub max_dimension: i32,
-    /// Longest accepted prompt, in characters.
-    #[arg(long, env = "PICLUMEN_MAX_PROMPT_CHARS", default_value_t = defaults::MAX_PROMPT_CHARS, value_parser = positive::<usize>)]
-    pub max_prompt_chars: usize,
-    /// On SIGTERM/SIGINT, how long in-flight calls may take before the
-    /// process exits anyway.
-    #[arg(long, env = "PICLUMEN_DRAIN_TIMEOUT", default_value = human(defaults::DRAIN_TIMEOUT), value_parser = positive_duration)]
-    pub drain_timeout: Duration,
-    /// Most GenerateImage calls in flight per token (beyond: RESOURCE_EXHAUSTED).
-    #[arg(long, env = "PICLUMEN_MAX_GENERATES_PER_TOKEN", default_value_t = defaults::MAX_GENERATES_PER_TOKEN, value_parser = positive::<usize>)]
-    pub max_generates_per_token: usize,
-    /// Largest request message accepted, in bytes.
-    #[arg(long, env = "PICLUMEN_MAX_REQUEST_BYTES", default_value_t = defaults::MAX_REQUEST_BYTES, value_parser = positive::<usize>)]
-    pub max_request_bytes: usize,
-    /// HTTP/2 ping interval on idle connections (keeps long watches alive
-    /// through load balancers, finds dead peers).
-    #[arg(long, env = "PICLUMEN_HTTP2_KEEPALIVE_INTERVAL", default_value = human(defaults::HTTP2_KEEPALIVE_INTERVAL), value_parser = positive_duration)]
-    pub http2_keepalive_interval: Duration,
-    /// How long a ping may go unanswered before the connection is closed.
-    #[arg(long, env = "PICLUMEN_HTTP2_KEEPALIVE_TIMEOUT", default_value = human(defaults::HTTP2_KEEPALIVE_TIMEOUT), value_parser = positive_duration)]
-    pub http2_keepalive_timeout: Duration,
-    /// Most concurrent calls (HTTP/2 streams) on one client connection.
-    #[arg(long, env = "PICLUMEN_MAX_STREAMS_PER_CONNECTION", default_value_t = defaults::MAX_STREAMS_PER_CONNECTION, value_parser = positive::<u32>)]
-    pub max_streams_per_connection: u32,
-    /// Age at which a client connection is asked to reconnect (HTTP/2
-    /// GOAWAY; each replica moves it by up to 10% either way), so calls
-    /// spread over replicas added since (at least 1s).
-    #[arg(long, env = "PICLUMEN_MAX_CONNECTION_AGE", default_value = human(defaults::MAX_CONNECTION_AGE), value_parser = connection_age)]
-    pub max_connection_age: Duration,
-    /// After --max-connection-age, how long calls still open on the
-    /// connection may go on before it is closed.
-    #[arg(long, env = "PICLUMEN_MAX_CONNECTION_AGE_GRACE", default_value = human(defaults::MAX_CONNECTION_AGE_GRACE), value_parser = duration_or_zero)]
-    pub max_connection_age_grace: Duration,
+    /// The server's settings (with the service's, the hub's and the
+    /// idempotency store's); not yet checked against each other.
+    #[command(flatten)]
+    pub server: ServerConfig,
+    /// The upstream client's settings; URL and headers not yet checked.
+    #[command(flatten)]
+    pub client: ClientConfig,
     /// PEM certificate (chain) of the server; turns TLS on, with --tls-key.
     #[arg(long, env = "PICLUMEN_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -220,7 +139,7 @@ pub struct ServeArgs {
     #[arg(long, env = "PICLUMEN_SIMULATE")]
     pub simulate: bool,
     /// With --simulate: time the simulated jobs take.
-    #[arg(long, env = "PICLUMEN_SIM_JOB_DURATION", default_value = human(defaults::SIM_JOB_DURATION), value_parser = positive_duration)]
+    #[arg(long, env = "PICLUMEN_SIM_JOB_DURATION", default_value = human(SIM_JOB_DURATION), value_parser = positive_duration)]
     pub sim_job_duration: Duration,
 }
 
@@ -228,23 +147,11 @@ pub struct ServeArgs {
 #[derive(Debug, Args)]
 pub struct SimArgs {
     /// Address to listen on.
-    #[arg(long, env = "PICLUMEN_SIM_LISTEN", default_value_t = defaults::SIM_LISTEN)]
+    #[arg(long, env = "PICLUMEN_SIM_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// Time from create to a finished job (40% queued, then running).
-    #[arg(long, env = "PICLUMEN_SIM_JOB_DURATION", default_value = human(defaults::SIM_JOB_DURATION), value_parser = positive_duration)]
-    pub job_duration: Duration,
-    /// Each job's duration varies randomly by up to this fraction (0 to 1).
-    #[arg(long, env = "PICLUMEN_SIM_JOB_JITTER", default_value_t = defaults::SIM_JOB_JITTER, value_parser = rate)]
-    pub job_jitter: f64,
-    /// Delay added to every API reply.
-    #[arg(long, env = "PICLUMEN_SIM_LATENCY", default_value = human(defaults::SIM_LATENCY), value_parser = duration_or_zero)]
-    pub latency: Duration,
-    /// Share (0 to 1) of API requests answered with a random 5xx.
-    #[arg(long, env = "PICLUMEN_SIM_FAIL_5XX_RATE", default_value_t = defaults::SIM_FAIL_5XX_RATE, value_parser = rate)]
-    pub fail_5xx_rate: f64,
-    /// Share (0 to 1) of API requests answered 429 with `Retry-After: 1`.
-    #[arg(long, env = "PICLUMEN_SIM_FAIL_429_RATE", default_value_t = defaults::SIM_FAIL_429_RATE, value_parser = rate)]
-    pub fail_429_rate: f64,
+    /// The simulator's knobs; `tokens` is filled from --tokens.
+    #[command(flatten)]
+    pub sim: SimConfig,
     /// Comma-separated accepted tokens; others get 401. Any non-empty token
     /// is accepted when unset.
     #[arg(
@@ -273,7 +180,7 @@ pub struct ClientArgs {
     /// Overall deadline of the command: `watch` and `generate --wait`
     /// re-issue a watch cut by a server drain or a lost connection until
     /// then.
-    #[arg(long, env = "PICLUMEN_CLIENT_TIMEOUT", default_value = human(defaults::CLIENT_TIMEOUT), value_parser = positive_duration)]
+    #[arg(long, env = "PICLUMEN_CLIENT_TIMEOUT", default_value = "30m", value_parser = positive_duration)]
     pub timeout: Duration,
 }
 
@@ -362,6 +269,19 @@ mod tests {
             Command::Serve(args) => *args,
             other => panic!("not serve: {other:?}"),
         }
+    }
+
+    #[test]
+    fn every_settings_default_is_its_flags_defaults() {
+        use crate::{server::ServerConfig, sim::SimConfig, upstream::ClientConfig};
+        // Each `Default` runs every default text through its value parser.
+        let server = ServerConfig::default();
+        assert_eq!(server.hub.batch_max, 50);
+        assert_eq!(server.service.max_watch, Duration::from_secs(30 * 60));
+        assert_eq!(server.idempotency.ttl, Duration::from_secs(600));
+        assert_eq!(server.service.limits.max_dimension, 4096);
+        assert_eq!(ClientConfig::default().base_url, "https://api.piclumen.com");
+        assert_eq!(SimConfig::default().job_duration, Duration::from_secs(6));
     }
 
     #[test]

@@ -6,12 +6,11 @@
 use prost_types::{Struct, value::Kind};
 use serde_json::{Map, Number, Value};
 
-pub use crate::upstream::{Limits, bounds};
 use crate::{
     error::Error,
     job::{self, JobState, JobStatus},
     pb,
-    upstream::{CreatePayload, CreateRequest, JsonObject, Resolution},
+    upstream::{CreatePayload, CreateRequest, JsonObject, Limits, Resolution},
 };
 
 /// The domain create request of a GenerateImage message. Fails only on a

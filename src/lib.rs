@@ -4,11 +4,16 @@
 //!
 //! Imports flow one way: `main` -> `cli` | `server` | `sim` -> `http_api` ->
 //! `service` -> `hub` | `idempotency` -> `upstream` -> domain types (`job`,
-//! `error`). Each module owns its settings struct and its defaults; `config`
-//! only parses, validates and assembles them.
+//! `error`), and every module may use the leaf `flags`. Each module owns its settings struct, and the struct declares
+//! that module's flags (`#[derive(clap::Args)]`: flag, variable, default and
+//! value parser on each field; `Default` parses no flags); `config` only
+//! flattens them, checks what depends on several flags, reads files and
+//! fills the settings that are not flags.
 //!
 //! - `config`: the command line (clap), every flag with an environment
-//!   variable; flags become each module's settings (`config::settings`).
+//!   variable; the cross-checks and file reading (`config::settings`).
+//! - `flags`: the value parsers every settings struct's flags use, and
+//!   `no_flags`, the `Default` of each (a leaf: it imports nothing of ours).
 //! - `server`: the tonic server: service, health, reflection, gRPC-Web, drain.
 //! - `http_api/`: the first version's HTTP/JSON endpoints (routes, the lenient
 //!   body decoder, error-class-to-HTTP table, OpenAPI) over the service core;
@@ -43,6 +48,7 @@ pub mod codec;
 pub mod config;
 pub mod convert;
 pub mod error;
+pub mod flags;
 pub mod grpc_metrics;
 pub mod http_api;
 pub mod hub;

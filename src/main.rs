@@ -98,7 +98,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     info!(
         upstream = %redact_url(settings.client.base_url.expose()),
-        idempotency_store = %settings.server.service.idempotency_store,
+        idempotency_store = %settings.server.idempotency.store,
         tls = settings.server.tls.is_some(),
         mutual_tls = args.tls_client_ca.is_some(),
         api_keys = settings.server.service.api_keys.is_some(),

@@ -1,113 +1,112 @@
 //! Wires the gRPC server: ImageService, health, reflection (v1 and v1alpha),
 //! HTTP/2 settings, per-RPC metrics, gRPC-Web (HTTP/1.1 and HTTP/2) with
-//! CORS for the allowed browser origins, and a shutdown that drains within a
-//! bound.
+//! CORS for the allowed browser origins (`cors`), and a shutdown that
+//! drains within a bound. [`ServerConfig`] declares the server's `serve`
+//! flags and flattens those of the service, the hub and the idempotency
+//! store.
 
 mod connection_age;
+mod cors;
 
-use std::{
-    future::Future,
-    sync::Arc,
-    task::{Context, Poll},
-    time::Duration,
+use std::{future::Future, str::FromStr, sync::Arc, time::Duration};
+
+use clap::Args;
+use futures_util::{Stream, StreamExt};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    task::JoinHandle,
 };
-
-use futures_util::{StreamExt, future::Either};
-use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
-use tonic::{
-    codegen::http::{HeaderName, HeaderValue, Method, Request, Response, header::ORIGIN},
-    transport::{Server, ServerTlsConfig, server::TcpIncoming},
-};
-use tonic_health::ServingStatus;
-use tower::{Layer, Service};
-use tower_http::cors::{AllowOrigin, CorsLayer};
+use tonic::transport::{Server, ServerTlsConfig, server::TcpIncoming};
+use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::{info, warn};
 
+pub use cors::CorsPolicy;
+
 use crate::{
+    flags::{duration_at_least, duration_or_zero, no_flags, positive, positive_duration},
     grpc_metrics::GrpcMetricsLayer,
     hub::{FleetPolling, Hub, HubConfig},
-    idempotency::StoreLocation,
+    idempotency::{CreatesInFlight, IdempotencyConfig, StoreLocation},
     pb::{self, image_service_server::ImageServiceServer},
     request_id::RequestIdLayer,
     service::{Core, ImageServiceImpl, ServiceConfig},
-    upstream::Client,
+    upstream::{Client, Upstream},
 };
 
-/// Everything `run` needs besides the listener.
-#[derive(Debug, Clone)]
+/// Everything `run` needs besides the listener: the server's own `serve`
+/// flags, declared here, and the flattened settings of what it wires.
+#[derive(Debug, Clone, Args)]
 pub struct ServerConfig {
     /// The service's own settings.
+    #[command(flatten)]
     pub service: ServiceConfig,
     /// Polling hub settings.
+    #[command(flatten)]
     pub hub: HubConfig,
-    /// Whether replicas sharing a Redis store share polling too.
+    /// The `request_id` store's settings; the server opens it.
+    #[command(flatten)]
+    pub idempotency: IdempotencyConfig,
+    /// With a Redis store: replicas share polling, one status call per
+    /// token and round for the whole fleet (`on` or `off`).
+    #[arg(long, env = "PICLUMEN_FLEET_POLLING", default_value = "on", value_parser = FleetPolling::from_str)]
     pub fleet_polling: FleetPolling,
-    /// Longest wait for in-flight calls at shutdown.
+    /// On SIGTERM/SIGINT, how long in-flight calls may take before the
+    /// process exits anyway.
+    #[arg(long, env = "PICLUMEN_DRAIN_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
     pub drain_timeout: Duration,
-    /// Most concurrent streams (calls) one HTTP/2 connection may open.
+    /// Most concurrent calls (HTTP/2 streams) on one client connection.
+    #[arg(long, env = "PICLUMEN_MAX_STREAMS_PER_CONNECTION", default_value = "1024", value_parser = positive::<u32>)]
     pub max_streams_per_connection: u32,
-    /// Largest request message, in bytes.
+    /// Largest request message accepted, in bytes.
+    #[arg(long, env = "PICLUMEN_MAX_REQUEST_BYTES", default_value = "1048576", value_parser = positive::<usize>)]
     pub max_request_bytes: usize,
-    /// HTTP/2 ping interval.
+    /// HTTP/2 ping interval on idle connections (keeps long watches alive
+    /// through load balancers, finds dead peers).
+    #[arg(long, env = "PICLUMEN_HTTP2_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = positive_duration)]
     pub http2_keepalive_interval: Duration,
-    /// HTTP/2 ping timeout.
+    /// How long a ping may go unanswered before the connection is closed.
+    #[arg(long, env = "PICLUMEN_HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
     pub http2_keepalive_timeout: Duration,
-    /// TLS (and mutual TLS) settings; plaintext when `None`.
+    /// TLS (and mutual TLS) settings; plaintext when `None` (built by
+    /// `config` from `--tls-cert`, `--tls-key`, `--tls-client-ca`).
+    #[arg(skip)]
     pub tls: Option<ServerTlsConfig>,
-    /// Browser origins allowed to call over gRPC-Web (`https://app.example`,
-    /// or `*` for any); empty: no browser origin is allowed.
-    pub cors_allow_origins: Vec<String>,
-    /// Age (before jitter) at which a connection is asked to go (GOAWAY).
+    /// Which browser origins may call over gRPC-Web (built and checked by
+    /// `config` from `--cors-allow-origin`); none by default.
+    #[arg(skip)]
+    pub cors: CorsPolicy,
+    /// Age at which a client connection is asked to reconnect (HTTP/2
+    /// GOAWAY; each replica moves it by up to 10% either way), so calls
+    /// spread over replicas added since (at least 1s).
+    // 5m: long enough to cost nothing (one reconnect per client every few
+    // minutes), short enough that a replica the autoscaler adds gets its
+    // share of calls within minutes.
+    #[arg(long, env = "PICLUMEN_MAX_CONNECTION_AGE", default_value = "5m", value_parser = duration_at_least(defaults::MIN_CONNECTION_AGE))]
     pub max_connection_age: Duration,
-    /// How long calls still open at that age may go on before it is closed.
+    /// After --max-connection-age, how long calls still open on the
+    /// connection may go on before it is closed.
+    // 30s: unary calls end well within it; a watch still open is cut and
+    // re-issued by its caller.
+    #[arg(long, env = "PICLUMEN_MAX_CONNECTION_AGE_GRACE", default_value = "30s", value_parser = duration_or_zero)]
     pub max_connection_age_grace: Duration,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self {
-            service: ServiceConfig::default(),
-            hub: HubConfig::default(),
-            fleet_polling: FleetPolling::default(),
-            drain_timeout: defaults::DRAIN_TIMEOUT,
-            max_streams_per_connection: defaults::MAX_STREAMS_PER_CONNECTION,
-            max_request_bytes: defaults::MAX_REQUEST_BYTES,
-            http2_keepalive_interval: defaults::HTTP2_KEEPALIVE_INTERVAL,
-            http2_keepalive_timeout: defaults::HTTP2_KEEPALIVE_TIMEOUT,
-            tls: None,
-            cors_allow_origins: Vec::new(),
-            max_connection_age: defaults::MAX_CONNECTION_AGE,
-            max_connection_age_grace: defaults::MAX_CONNECTION_AGE_GRACE,
-        }
+        no_flags()
     }
 }
 
-/// The server's defaults (the `serve` flags read these).
+/// The server's defaults that are not on [`ServerConfig`]'s fields, and its
+/// bounds.
 pub mod defaults {
     use std::time::Duration;
 
     /// Port used when neither `--listen` nor `PORT` is given.
     pub const PORT: u16 = 50051;
-    /// `--drain-timeout`.
-    pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-    /// `--max-request-bytes`.
-    pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
-    /// `--http2-keepalive-interval`.
-    pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-    /// `--http2-keepalive-timeout`.
-    pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
-    /// `--max-streams-per-connection`.
-    pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
-    /// `--max-connection-age`: long enough to cost nothing (one reconnect
-    /// per client every few minutes), short enough that a replica the
-    /// autoscaler adds gets its share of calls within minutes.
-    pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(5 * 60);
     /// Shortest `--max-connection-age`.
     pub const MIN_CONNECTION_AGE: Duration = Duration::from_secs(1);
-    /// `--max-connection-age-grace`: unary calls end well within it; a
-    /// watch still open is cut and re-issued by its caller.
-    pub const MAX_CONNECTION_AGE_GRACE: Duration = Duration::from_secs(30);
 }
 
 /// Why the server stopped abnormally.
@@ -130,131 +129,6 @@ pub enum ServerError {
     /// The HTTP listener of the first version's API failed.
     #[error("HTTP API: {0}")]
     Http(#[from] std::io::Error),
-}
-
-/// Request headers browsers may send on a gRPC-Web call: those of gRPC-Web
-/// and Connect clients, ours (`authorization`, `x-api-key`,
-/// `x-request-id`), and W3C trace context.
-const CORS_ALLOW_HEADERS: [&str; 13] = [
-    "content-type",
-    "x-grpc-web",
-    "x-user-agent",
-    "grpc-timeout",
-    "grpc-accept-encoding",
-    "grpc-encoding",
-    "connect-protocol-version",
-    "connect-timeout-ms",
-    "authorization",
-    "x-api-key",
-    crate::request_id::HEADER,
-    "traceparent",
-    "tracestate",
-];
-
-/// Response headers a browser script may read: the status and its details
-/// (gRPC-Web sends them as headers on trailers-only responses) and the
-/// request id.
-const CORS_EXPOSE_HEADERS: [&str; 4] = [
-    "grpc-status",
-    "grpc-message",
-    "grpc-status-details-bin",
-    crate::request_id::HEADER,
-];
-
-/// How long a browser may cache a preflight answer (Chromium caps it at 2 h).
-const CORS_MAX_AGE: Duration = Duration::from_secs(2 * 60 * 60);
-
-/// The CORS policy for gRPC-Web: `POST` from the listed origins (`*`: any)
-/// with the gRPC-Web request headers. With no origin listed, preflights get
-/// no `access-control-allow-origin`, so browsers refuse every cross-origin
-/// call; non-browser clients are not affected either way.
-pub fn cors_layer(origins: &[String]) -> Result<CorsLayer, ServerError> {
-    let allow_origin = if origins.iter().any(|o| o.trim() == "*") {
-        AllowOrigin::any()
-    } else {
-        let list = origins
-            .iter()
-            .map(|origin| {
-                // Browsers send the scheme and host in lower case.
-                let normalized = origin.trim().to_ascii_lowercase();
-                if !is_origin(&normalized) {
-                    return Err(ServerError::CorsOrigin(origin.clone()));
-                }
-                HeaderValue::from_str(&normalized)
-                    .map_err(|_| ServerError::CorsOrigin(origin.clone()))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        AllowOrigin::list(list)
-    };
-    Ok(CorsLayer::new()
-        .allow_origin(allow_origin)
-        .allow_methods([Method::POST])
-        .allow_headers(CORS_ALLOW_HEADERS.map(HeaderName::from_static))
-        .expose_headers(CORS_EXPOSE_HEADERS.map(HeaderName::from_static))
-        .max_age(CORS_MAX_AGE))
-}
-
-/// Applies a CORS layer only to requests with an `origin` header (browsers);
-/// gRPC calls from other clients skip it, so they pay nothing for it and get
-/// no `vary` or `access-control-*` headers.
-#[derive(Debug, Clone)]
-struct BrowserCorsLayer(CorsLayer);
-
-impl<S> Layer<S> for BrowserCorsLayer {
-    type Service = BrowserCors<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        BrowserCors {
-            cors: Arc::new(self.0.clone()),
-            inner,
-        }
-    }
-}
-
-/// See [`BrowserCorsLayer`]. The server clones its service stack for every
-/// request, so the policy sits behind an `Arc`: a clone of the policy
-/// itself allocates, and only browser calls need one.
-#[derive(Debug, Clone)]
-struct BrowserCors<S> {
-    cors: Arc<CorsLayer>,
-    inner: S,
-}
-
-impl<S, B, RB> Service<Request<B>> for BrowserCors<S>
-where
-    S: Service<Request<B>, Response = Response<RB>> + Clone,
-    RB: Default,
-{
-    type Response = Response<RB>;
-    type Error = S::Error;
-    type Future = Either<tower_http::cors::ResponseFuture<S::Future>, S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<B>) -> Self::Future {
-        if request.headers().contains_key(ORIGIN) {
-            // The service polled ready goes to the call; its clone stays.
-            let clone = self.inner.clone();
-            let ready = std::mem::replace(&mut self.inner, clone);
-            Either::Left(self.cors.layer(ready).call(request))
-        } else {
-            Either::Right(self.inner.call(request))
-        }
-    }
-}
-
-/// `scheme://host[:port]` with nothing after: what browsers send in `origin`.
-fn is_origin(origin: &str) -> bool {
-    origin.split_once("://").is_some_and(|(scheme, authority)| {
-        !scheme.is_empty()
-            && scheme
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'-' || b == b'.')
-            && !authority.is_empty()
-            && !authority.contains(['/', '?', '#', '@', ' '])
-    })
 }
 
 /// Serves on `listener` until `shutdown` resolves, then drains: health turns
@@ -281,33 +155,83 @@ pub async fn run_with_http(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let draining = CancellationToken::new();
-    let fleet = match &config.service.idempotency_store {
+    let service = service(&config, client, draining.clone());
+    let creates = service.core().creates();
+    let stop_accepting = CancellationToken::new();
+    let (health, mut running) =
+        serve(&config, service, listener, http_listener, &stop_accepting).await?;
+    let stopped_early = tokio::select! {
+        result = running.until_one_ends() => Some(result),
+        () = shutdown => None,
+    };
+    running.gauges.abort();
+    if let Some(result) = stopped_early {
+        return result;
+    }
+    info!(drain_timeout = ?config.drain_timeout, "shutting down: draining");
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_not_serving::<ImageServiceServer<ImageServiceImpl>>()
+        .await;
+    draining.cancel();
+    stop_accepting.cancel();
+    let result = running.drain(config.drain_timeout, &creates).await;
+    // Spans still queued go out before exit, within the same bound.
+    crate::otel::shutdown(config.drain_timeout).await;
+    result
+}
+
+/// The service both front ends share: the hub (polling shared by the fleet
+/// when the store is Redis and --fleet-polling is on), the idempotency store
+/// opened from its settings, and the core over them.
+fn service(config: &ServerConfig, client: Client, draining: CancellationToken) -> ImageServiceImpl {
+    let fleet = match &config.idempotency.store {
         StoreLocation::Redis(url) if config.fleet_polling == FleetPolling::On => Some(url.as_str()),
         _ => None,
     };
-    let upstream: Arc<dyn crate::upstream::Upstream> = Arc::new(client);
+    let upstream: Arc<dyn Upstream> = Arc::new(client);
     let hub = Hub::for_store(config.hub.clone(), Arc::new(upstream.clone()), fleet);
-    let core = Core::new(config.service.clone(), upstream, hub, draining.clone());
-    let service = ImageServiceImpl::new(core);
-    let service_for_http = service.core();
-    let creates = service.core().creates();
+    let store = config.idempotency.open();
+    let core = Core::new(config.service.clone(), upstream, store, hub, draining);
+    ImageServiceImpl::new(core)
+}
 
+/// What runs until shutdown: the gRPC server, the HTTP API when on, and the
+/// runtime gauges.
+struct Running {
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    http: Option<JoinHandle<std::io::Result<()>>>,
+    gauges: JoinHandle<()>,
+}
+
+/// Reflection over our protos, health's, and google.rpc's error details
+/// (so grpcurl can print ErrorInfo & co.).
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// Starts serving: gRPC on `listener` (and the HTTP API on `http_listener`)
+/// until `stop_accepting` is cancelled. Returns the health reporter, which
+/// the drain turns NOT_SERVING, and the running tasks.
+async fn serve(
+    config: &ServerConfig,
+    service: ImageServiceImpl,
+    listener: TcpListener,
+    http_listener: Option<TcpListener>,
+    stop_accepting: &CancellationToken,
+) -> Result<(HealthReporter, Running), ServerError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::Serving).await;
     health
         .set_serving::<ImageServiceServer<ImageServiceImpl>>()
         .await;
-
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            // google.rpc error details, so grpcurl can print ErrorInfo & co.
-            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-    };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
-
     // Handles are taken here, after `main` installed the metrics recorder.
     let metrics = GrpcMetricsLayer::new(&[
         pb::FILE_DESCRIPTOR_SET,
@@ -315,9 +239,6 @@ pub async fn run_with_http(
         tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
         tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
     ])?;
-    let cors = BrowserCorsLayer(cors_layer(&config.cors_allow_origins)?);
-
-    let stop_accepting = CancellationToken::new();
     let connection_age = connection_age::jittered(config.max_connection_age, rand::random());
     info!(?connection_age, grace = ?config.max_connection_age_grace, "connections age out");
     let mut builder = Server::builder();
@@ -331,7 +252,7 @@ pub async fn run_with_http(
         // preflights itself; the gRPC-Web layer turns gRPC-Web into gRPC, so
         // metrics and the request id below it see every call as plain gRPC,
         // with trailers.
-        .layer(cors)
+        .layer(config.cors.layer())
         .layer(tonic_web::GrpcWebLayer::new())
         .layer(metrics)
         .layer(RequestIdLayer)
@@ -346,86 +267,103 @@ pub async fn run_with_http(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
-            ImageServiceServer::new(service).max_decoding_message_size(config.max_request_bytes),
+            ImageServiceServer::new(service.clone())
+                .max_decoding_message_size(config.max_request_bytes),
         );
-    // Our own listener means the builder's tcp_nodelay does not apply:
-    // set it here, or small replies wait on delayed ACKs (~40 ms).
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)));
-    let lifetime = connection_age + config.max_connection_age_grace;
-    let incoming = incoming.map(move |io| io.map(|io| connection_age::Aged::new(io, lifetime)));
-    let serve =
-        router.serve_with_incoming_shutdown(incoming, stop_accepting.clone().cancelled_owned());
-    let mut server = tokio::spawn(serve);
-    let mut http = http_listener.map(|http_listener| {
-        tokio::spawn(crate::http_api::serve(
+    let incoming = incoming(listener, connection_age + config.max_connection_age_grace);
+    let stopped = stop_accepting.clone().cancelled_owned();
+    let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped));
+    let http = http_listener.map(|http_listener| {
+        let stopped = stop_accepting.clone().cancelled_owned();
+        let serve = crate::http_api::serve(
             http_listener,
-            service_for_http,
+            service.core(),
             config.max_request_bytes,
-            stop_accepting.clone().cancelled_owned(),
-        ))
+            stopped,
+        );
+        tokio::spawn(serve)
     });
     let gauges = tokio::spawn(runtime_gauges());
+    Ok((
+        health,
+        Running {
+            server,
+            http,
+            gauges,
+        },
+    ))
+}
 
-    tokio::select! {
-        result = &mut server => {
-            gauges.abort();
-            if let Some(http) = &http {
-                http.abort();
+/// The connections `listener` accepts, each closed at `lifetime` at the
+/// latest. Our own listener means the builder's tcp_nodelay does not apply:
+/// it is set here, or small replies wait on delayed ACKs (~40 ms).
+fn incoming(
+    listener: TcpListener,
+    lifetime: Duration,
+) -> impl Stream<Item = std::io::Result<connection_age::Aged<TcpStream>>> {
+    TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)))
+        .map(move |io| io.map(|io| connection_age::Aged::new(io, lifetime)))
+}
+
+impl Running {
+    /// Waits for either front end to stop on its own (an error, or a bug);
+    /// stops the other and gives the first one's outcome.
+    async fn until_one_ends(&mut self) -> Result<(), ServerError> {
+        tokio::select! {
+            result = &mut self.server => {
+                if let Some(http) = &self.http {
+                    http.abort();
+                }
+                flatten(result)
             }
-            return flatten(result);
+            result = wait_http(&mut self.http) => {
+                self.server.abort();
+                flatten_http(result)
+            }
         }
-        result = wait_http(&mut http) => {
-            gauges.abort();
-            server.abort();
-            return flatten_http(result);
-        }
-        () = shutdown => gauges.abort(),
     }
-    info!(drain_timeout = ?config.drain_timeout, "shutting down: draining");
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    health
-        .set_not_serving::<ImageServiceServer<ImageServiceImpl>>()
-        .await;
-    draining.cancel();
-    stop_accepting.cancel();
-    let drained = async {
-        let connections = async {
-            let grpc = flatten((&mut server).await);
-            let http = match http.as_mut() {
-                Some(task) => flatten_http(task.await),
-                None => Ok(()),
+
+    /// After the front ends stopped accepting: waits for their calls and for
+    /// the creates in flight, closing what remains after `timeout`.
+    async fn drain(
+        mut self,
+        timeout: Duration,
+        creates: &CreatesInFlight,
+    ) -> Result<(), ServerError> {
+        let drained = async {
+            let connections = async {
+                let grpc = flatten((&mut self.server).await);
+                let http = match self.http.as_mut() {
+                    Some(task) => flatten_http(task.await),
+                    None => Ok(()),
+                };
+                grpc.and(http)
             };
-            grpc.and(http)
+            // Creates in flight are paid for: wait for each to end and its
+            // outcome to be recorded, caller or not.
+            info!(creates = creates.count(), "waiting for creates in flight");
+            tokio::join!(connections, creates.idle()).0
         };
-        // Creates in flight are paid for: wait for each to end and its
-        // outcome to be recorded, caller or not.
-        info!(creates = creates.count(), "waiting for creates in flight");
-        tokio::join!(connections, creates.idle()).0
-    };
-    let result = match tokio::time::timeout(config.drain_timeout, drained).await {
-        Ok(result) => {
-            info!("drained");
-            result
-        }
-        Err(_) => {
-            warn!(
-                creates = creates.count(),
-                "drain timeout reached; closing the remaining connections and creates"
-            );
-            server.abort();
-            if let Some(http) = &http {
-                http.abort();
+        match tokio::time::timeout(timeout, drained).await {
+            Ok(result) => {
+                info!("drained");
+                result
             }
-            Ok(())
+            Err(_) => {
+                warn!(
+                    creates = creates.count(),
+                    "drain timeout reached; closing the remaining connections and creates"
+                );
+                self.server.abort();
+                if let Some(http) = &self.http {
+                    http.abort();
+                }
+                Ok(())
+            }
         }
-    };
-    // Spans still queued go out before exit, within the same bound.
-    crate::otel::shutdown(config.drain_timeout).await;
-    result
+    }
 }
 
 /// The HTTP API's end, or never when it is off.
@@ -467,30 +405,5 @@ fn flatten(
         Err(e) if e.is_cancelled() => Ok(()),
         // A panic in the server task is a bug: surface it.
         Err(e) => std::panic::resume_unwind(e.into_panic()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cors_origins_are_checked_at_startup() {
-        let ok = |o: &[&str]| cors_layer(&o.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>());
-        assert!(ok(&[]).is_ok());
-        assert!(ok(&["*"]).is_ok());
-        assert!(ok(&["https://app.example.com", " http://Localhost:5173"]).is_ok());
-        for bad in [
-            "app.example.com",
-            "https://app.example.com/",
-            "https://app.example.com/path",
-            "https://",
-            "://host",
-        ] {
-            assert!(
-                matches!(ok(&[bad]), Err(ServerError::CorsOrigin(o)) if o == bad),
-                "{bad} accepted"
-            );
-        }
     }
 }

@@ -447,7 +447,7 @@ async fn generate_is_never_retried_upstream() {
 async fn request_ids_are_forgotten_after_the_window() {
     let sim = Sim::start(sim_config()).await;
     let mut config = server_config();
-    config.service.idempotency_ttl = Duration::from_millis(300);
+    config.idempotency.ttl = Duration::from_millis(300);
     let server = Server::start(config, sim.url()).await;
     let mut client = server.client().await;
     let first = client

@@ -4,14 +4,14 @@
 mod common;
 
 use common::*;
-use piclumen_grpc::pb;
+use piclumen_grpc::{pb, server::CorsPolicy};
 
 const ALLOWED: &str = "https://app.example.com";
 
 /// A server allowing `origins` to call over gRPC-Web.
 async fn web_harness(origins: &[&str]) -> Harness {
     let mut config = server_config();
-    config.cors_allow_origins = origins.iter().map(|o| (*o).to_owned()).collect();
+    config.cors = CorsPolicy::new(origins).expect("origins");
     Harness::with(sim_config(), config).await
 }
 

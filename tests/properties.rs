@@ -3,9 +3,10 @@
 //! extreme numbers, nested Structs).
 
 use piclumen_grpc::{
-    convert::{self, Limits, json_to_struct},
+    convert::{self, json_to_struct},
     pb,
     upstream::CreatePayload,
+    upstream::Limits,
 };
 use proptest::prelude::*;
 use prost_types::{ListValue, Struct, Value, value::Kind};

@@ -19,7 +19,7 @@ use redis_server::Redis;
 
 fn shared(redis: &Redis) -> ServerConfig {
     let mut config = server_config();
-    config.service.idempotency_store = redis.location();
+    config.idempotency.store = redis.location();
     config
 }
 

@@ -1,24 +1,23 @@
-//! Flags to settings: [`ServeArgs::settings`] builds everything `serve`
-//! runs with, [`SimArgs::config`] the simulator's knobs, and the value
-//! parsers refuse a bad flag with its accepted range. All of it runs before
-//! anything listens, so a bad setting is an error at start, never a tight
-//! polling loop or a token retried for the whole failure budget.
+//! Flags to settings: [`ServeArgs::settings`] checks what depends on
+//! several flags, reads the API keys and TLS files and fills the settings
+//! that are not flags; [`SimArgs::config`] checks the simulator's tokens.
+//! All of it runs before anything listens, so a bad setting is an error at
+//! start, never a tight polling loop or a token retried for the whole
+//! failure budget.
 
-use std::{fmt::Display, net::SocketAddr, str::FromStr, time::Duration};
+use std::net::SocketAddr;
 
 use reqwest::{Url, header::HeaderValue};
-use tracing_subscriber::EnvFilter;
+use tonic::transport::ServerTlsConfig;
 
-use super::{ServeArgs, SimArgs, defaults};
+use super::{ServeArgs, SimArgs};
 use crate::{
     auth::{self, ApiKeys},
-    convert::Limits,
-    hub::HubConfig,
     job::{Secret, Token, TokenError},
-    server::ServerConfig,
-    service::ServiceConfig,
-    sim::SimConfig,
+    server::{CorsPolicy, ServerConfig, defaults::PORT},
+    sim::{SimConfig, defaults::SIMULATOR_TOKEN},
     upstream::ClientConfig,
+    upstream::Limits,
 };
 
 /// Everything `serve` runs with.
@@ -117,96 +116,31 @@ impl ServeArgs {
             .map_err(ConfigError::Token)?;
         let listen = self.listen_addr(port_env)?;
         self.check_exposure(listen)?;
-        let default_token = match token {
+        let mut server = self.server.clone();
+        server.service.default_token = match token {
             Some(token) => Some(token),
-            None if self.simulate => Token::parse(defaults::SIMULATOR_TOKEN).ok(),
+            None if self.simulate => Token::parse(SIMULATOR_TOKEN).ok(),
             None => None,
         };
-        if self.min_dimension > self.max_dimension {
-            return Err(ConfigError::Dimensions {
-                min: self.min_dimension,
-                max: self.max_dimension,
-            });
-        }
-        check_upstream_url(self.upstream_url.expose())?;
-        for (flag, value) in [
-            ("--user-agent", &self.user_agent),
-            ("--origin", &self.origin),
-            ("--referer", &self.referer),
-        ] {
-            if value
-                .as_deref()
-                .is_some_and(|v| HeaderValue::from_str(v).is_err())
-            {
-                return Err(ConfigError::Header { flag });
-            }
-        }
-        let api_keys = self
+        check_limits(&server.service.limits)?;
+        check_client(&self.client)?;
+        server.service.api_keys = self
             .api_keys_file
             .as_deref()
             .map(ApiKeys::load)
             .transpose()
             .map_err(ConfigError::ApiKeys)?;
-        let tls = match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), Some(key)) => Some(
-                auth::server_tls(cert, key, self.tls_client_ca.as_deref())
-                    .map_err(ConfigError::Tls)?,
-            ),
-            _ => None,
-        };
-        // Checked here so a bad origin stops `serve` before it listens.
-        let _ = crate::server::cors_layer(&self.cors_allow_origin)
+        server.tls = self.tls()?;
+        server.cors = CorsPolicy::new(&self.cors_allow_origin)
             .map_err(|e| ConfigError::Cors(e.to_string()))?;
-        let server = ServerConfig {
-            service: ServiceConfig {
-                default_token,
-                api_keys,
-                limits: Limits {
-                    min_dimension: self.min_dimension,
-                    max_dimension: self.max_dimension,
-                    max_prompt_chars: self.max_prompt_chars,
-                },
-                max_watch: self.max_watch,
-                heartbeat: self.heartbeat,
-                max_watches: self.max_watches,
-                max_generates_per_token: self.max_generates_per_token,
-                idempotency_ttl: self.idempotency_ttl,
-                idempotency_store: self.idempotency_store.clone(),
-            },
-            hub: HubConfig {
-                poll_interval: self.poll_interval,
-                batch_max: self.batch_max.into(),
-                gather: defaults::GATHER,
-                failure_budget: self.failure_budget,
-            },
-            fleet_polling: self.fleet_polling,
-            drain_timeout: self.drain_timeout,
-            max_streams_per_connection: self.max_streams_per_connection,
-            max_request_bytes: self.max_request_bytes,
-            http2_keepalive_interval: self.http2_keepalive_interval,
-            http2_keepalive_timeout: self.http2_keepalive_timeout,
-            tls,
-            cors_allow_origins: self.cors_allow_origin.clone(),
-            max_connection_age: self.max_connection_age,
-            max_connection_age_grace: self.max_connection_age_grace,
-        };
-        let client = ClientConfig {
-            base_url: self.upstream_url.clone(),
-            timeout: self.upstream_timeout,
-            connect_timeout: self.upstream_connect_timeout,
-            user_agent: self.user_agent.clone(),
-            origin: self.origin.clone(),
-            referer: self.referer.clone(),
-        };
-        let simulator = self.simulate.then(|| SimConfig {
-            job_duration: self.sim_job_duration,
-            ..SimConfig::default()
-        });
         Ok(Settings {
             listen,
             server,
-            client,
-            simulator,
+            client: self.client.clone(),
+            simulator: self.simulate.then(|| SimConfig {
+                job_duration: self.sim_job_duration,
+                ..SimConfig::default()
+            }),
             metrics_listen: self.metrics_listen,
             http_listen: self.http_listen,
         })
@@ -222,7 +156,7 @@ impl ServeArgs {
                 value: p.to_owned(),
                 reason: e.to_string(),
             })?,
-            None => defaults::PORT,
+            None => PORT,
         };
         Ok(SocketAddr::from(([0, 0, 0, 0], port)))
     }
@@ -243,6 +177,46 @@ impl ServeArgs {
         }
         Ok(())
     }
+
+    /// The TLS settings, read from the certificate and key files (clap
+    /// makes sure they come in pairs).
+    fn tls(&self) -> Result<Option<ServerTlsConfig>, ConfigError> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        auth::server_tls(cert, key, self.tls_client_ca.as_deref())
+            .map(Some)
+            .map_err(ConfigError::Tls)
+    }
+}
+
+/// `--min-dimension` must not exceed `--max-dimension`.
+fn check_limits(limits: &Limits) -> Result<(), ConfigError> {
+    if limits.min_dimension > limits.max_dimension {
+        return Err(ConfigError::Dimensions {
+            min: limits.min_dimension,
+            max: limits.max_dimension,
+        });
+    }
+    Ok(())
+}
+
+/// The upstream URL, then the headers sent upstream.
+fn check_client(client: &ClientConfig) -> Result<(), ConfigError> {
+    check_upstream_url(client.base_url.expose())?;
+    for (flag, value) in [
+        ("--user-agent", &client.user_agent),
+        ("--origin", &client.origin),
+        ("--referer", &client.referer),
+    ] {
+        if value
+            .as_deref()
+            .is_some_and(|v| HeaderValue::from_str(v).is_err())
+        {
+            return Err(ConfigError::Header { flag });
+        }
+    }
+    Ok(())
 }
 
 /// An absolute http(s) URL with a host; the error never quotes the URL.
@@ -275,125 +249,8 @@ impl SimArgs {
             .collect::<Result<_, _>>()
             .map_err(ConfigError::SimToken)?;
         Ok(SimConfig {
-            job_duration: self.job_duration,
-            job_jitter: self.job_jitter,
-            latency: self.latency,
-            fail_5xx_rate: self.fail_5xx_rate,
-            fail_429_rate: self.fail_429_rate,
             tokens,
+            ..self.sim.clone()
         })
     }
-}
-
-// === Value parsers ===
-//
-// Each error says what the flag accepts; clap puts the flag and the value in
-// front: `invalid value '0s' for '--poll-interval <POLL_INTERVAL>': ...`.
-
-/// A duration as clap's default text (`2s`, `30m`).
-pub(super) fn human(duration: Duration) -> String {
-    humantime::format_duration(duration).to_string()
-}
-
-fn duration_from(s: &str, min: Duration, range: &str) -> Result<Duration, String> {
-    let value = humantime::parse_duration(s.trim())
-        .map_err(|e| format!("{e}; expected a duration such as 300ms, 2s or 10m; {range}"))?;
-    if (min..=defaults::MAX_DURATION).contains(&value) {
-        Ok(value)
-    } else {
-        Err(range.to_owned())
-    }
-}
-
-/// A duration above zero.
-pub(super) fn positive_duration(s: &str) -> Result<Duration, String> {
-    let range = format!(
-        "accepted range: more than 0s, up to {}",
-        human(defaults::MAX_DURATION)
-    );
-    duration_from(s, Duration::from_nanos(1), &range)
-}
-
-/// A duration, zero included.
-pub(super) fn duration_or_zero(s: &str) -> Result<Duration, String> {
-    duration_at_least(s, Duration::ZERO)
-}
-
-fn duration_at_least(s: &str, min: Duration) -> Result<Duration, String> {
-    let range = format!(
-        "accepted range: {} to {}",
-        human(min),
-        human(defaults::MAX_DURATION)
-    );
-    duration_from(s, min, &range)
-}
-
-/// `--poll-interval`.
-pub(super) fn poll_interval(s: &str) -> Result<Duration, String> {
-    duration_at_least(s, defaults::MIN_POLL_INTERVAL)
-}
-
-/// `--max-connection-age`.
-pub(super) fn connection_age(s: &str) -> Result<Duration, String> {
-    duration_at_least(s, defaults::MIN_CONNECTION_AGE)
-}
-
-/// `--heartbeat`.
-pub(super) fn heartbeat(s: &str) -> Result<Duration, String> {
-    duration_at_least(s, defaults::MIN_HEARTBEAT)
-}
-
-fn number<T>(s: &str, min: T, max: Option<T>) -> Result<T, String>
-where
-    T: FromStr + PartialOrd + Display,
-    T::Err: Display,
-{
-    let range = match &max {
-        Some(max) => format!("accepted range: {min} to {max}"),
-        None => format!("accepted range: {min} or more"),
-    };
-    match s.trim().parse::<T>() {
-        Ok(v) if v >= min && max.as_ref().is_none_or(|max| v <= *max) => Ok(v),
-        Ok(_) => Err(range),
-        Err(e) => Err(format!("{e}; {range}")),
-    }
-}
-
-/// A whole number of at least 1.
-pub(super) fn positive<T>(s: &str) -> Result<T, String>
-where
-    T: FromStr + PartialOrd + Display + From<u8>,
-    T::Err: Display,
-{
-    number(s, T::from(1), None)
-}
-
-/// `--batch-max`.
-pub(super) fn batch_max(s: &str) -> Result<u16, String> {
-    number(s, 1, Some(defaults::MAX_BATCH))
-}
-
-/// `--max-watches`: a semaphore holds the places, and it has a ceiling.
-pub(super) fn max_watches(s: &str) -> Result<usize, String> {
-    number(s, 1, Some(tokio::sync::Semaphore::MAX_PERMITS))
-}
-
-/// A share from 0 to 1.
-pub(super) fn rate(s: &str) -> Result<f64, String> {
-    let v: f64 = s
-        .trim()
-        .parse()
-        .map_err(|e| format!("{e}; accepted range: 0 to 1"))?;
-    if (0.0..=1.0).contains(&v) {
-        Ok(v)
-    } else {
-        Err("accepted range: 0 to 1".into())
-    }
-}
-
-/// `--log`: a filter the log subscriber accepts.
-pub(super) fn log_filter(s: &str) -> Result<String, String> {
-    EnvFilter::try_new(s)
-        .map(|_| s.to_owned())
-        .map_err(|e| format!("{e}; expected a filter such as info or piclumen_grpc=debug"))
 }

@@ -81,52 +81,61 @@ pub enum Snapshot {
     Ended(HubError),
 }
 
-/// Hub settings.
-#[derive(Debug, Clone)]
+/// Hub settings; the fields that are `serve` flags declare them here.
+#[derive(Debug, Clone, clap::Args)]
 pub struct HubConfig {
-    /// Time between two polls of the same job; also how long an answer
-    /// stays fresh enough for CheckImage.
+    /// Time between two polls of a watched job (at least 250ms); also how
+    /// long an answer stays fresh enough for CheckImage.
+    #[arg(
+        long,
+        env = "PICLUMEN_POLL_INTERVAL",
+        default_value = "2s",
+        value_parser = crate::flags::duration_at_least(defaults::MIN_POLL_INTERVAL)
+    )]
     pub poll_interval: Duration,
-    /// Most ids in one batch-status call.
+    /// Most mark ids in one batch-status call (1 to 500).
+    #[arg(
+        long,
+        env = "PICLUMEN_BATCH_MAX",
+        default_value = "50",
+        value_parser = crate::flags::up_to(defaults::MAX_BATCH)
+    )]
     pub batch_max: usize,
-    /// How long newcomers are gathered into one call.
+    /// How long newcomers are gathered into one call (not a flag: short
+    /// enough to be unnoticeable, long enough to batch a burst of new
+    /// watches).
+    #[arg(skip = defaults::GATHER)]
     pub gather: Duration,
-    /// How long transient upstream trouble is retried before watches end
-    /// with UNAVAILABLE.
+    /// How long upstream trouble is retried before watches end UNAVAILABLE.
+    #[arg(
+        long,
+        env = "PICLUMEN_FAILURE_BUDGET",
+        default_value = "1m",
+        value_parser = crate::flags::positive_duration
+    )]
     pub failure_budget: Duration,
 }
 
 impl Default for HubConfig {
     fn default() -> Self {
-        Self {
-            poll_interval: defaults::POLL_INTERVAL,
-            batch_max: defaults::BATCH_MAX.into(),
-            gather: defaults::GATHER,
-            failure_budget: defaults::FAILURE_BUDGET,
-        }
+        crate::flags::no_flags()
     }
 }
 
-/// The hub's defaults and bounds (the `serve` flags read these).
+/// The hub's bounds and its one setting that is not a flag (the flags'
+/// defaults are on [`HubConfig`]'s fields).
 pub mod defaults {
     use std::time::Duration;
 
-    /// `--poll-interval`.
-    pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
-    /// `--batch-max`.
-    pub const BATCH_MAX: u16 = 50;
-    /// `--failure-budget`.
-    pub const FAILURE_BUDGET: Duration = Duration::from_secs(60);
     /// How long the hub gathers newly watched jobs into one batch-status
-    /// call (not a flag: short enough to be unnoticeable, long enough to
-    /// batch a burst of new watches).
+    /// call.
     pub const GATHER: Duration = Duration::from_millis(50);
     /// Shortest `--poll-interval`: below it a watch costs Piclumen a status
     /// call several times a second for no visible gain.
     pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(250);
     /// Largest `--batch-max`: more mark ids than this in one batch-status
     /// call makes one slow call carry too many watches.
-    pub const MAX_BATCH: u16 = 500;
+    pub const MAX_BATCH: usize = 500;
 }
 
 /// The hub's handle; cheap to clone.

@@ -32,10 +32,12 @@ mod in_flight;
 mod lease;
 mod memory;
 mod redis;
+mod settings;
 mod store;
 mod traced;
 
 pub use in_flight::{CreatesInFlight, InFlight};
+pub use settings::IdempotencyConfig;
 pub use store::IdempotencyStore;
 
 use std::{fmt, str::FromStr, sync::Mutex, time::Duration};

@@ -50,16 +50,18 @@ impl std::fmt::Debug for Core {
 }
 
 impl Core {
-    /// A core creating through `upstream` and watching through `hub`;
+    /// A core creating through `upstream`, keeping `request_id` outcomes in
+    /// `store` (opened by the server wiring) and watching through `hub`;
     /// `draining` is cancelled at shutdown.
     pub fn new(
         config: ServiceConfig,
         upstream: Arc<dyn Upstream>,
+        store: IdempotencyStore,
         hub: Hub,
         draining: CancellationToken,
     ) -> Self {
         Self {
-            store: IdempotencyStore::open(&config.idempotency_store, config.idempotency_ttl),
+            store,
             watch_slots: WatchSlots::new(config.max_watches),
             create_limit: CreateLimit::new(config.max_generates_per_token),
             config,

@@ -1,64 +1,60 @@
-//! The service's settings and their defaults (the `serve` flags read these).
+//! The service's settings: each field that is a `serve` flag declares it
+//! (name, variable, default, parser) right here; `config` flattens them into
+//! `serve` and fills the fields that are not flags.
 
 use std::time::Duration;
 
-use crate::{auth::ApiKeys, convert::Limits, idempotency::StoreLocation, job::Token};
+use clap::Args;
+
+use crate::{
+    auth::ApiKeys,
+    flags::{duration_at_least, no_flags, positive, positive_duration, up_to},
+    job::Token,
+    upstream::Limits,
+};
 
 /// Settings of the service itself.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Args)]
 pub struct ServiceConfig {
-    /// Token used when a call carries none.
+    /// Token used when a call carries none (from `--token`, checked by
+    /// `config`).
+    #[arg(skip)]
     pub default_token: Option<Token>,
-    /// When set, every call must carry one of these in `x-api-key`.
+    /// When set, every call must carry one of these in `x-api-key` (read
+    /// from `--api-keys-file` by `config`).
+    #[arg(skip)]
     pub api_keys: Option<ApiKeys>,
     /// Request bounds.
+    #[command(flatten)]
     pub limits: Limits,
-    /// Longest a WatchImage stream stays open.
+    /// Longest a WatchImage stream stays open (then DEADLINE_EXCEEDED).
+    #[arg(long, env = "PICLUMEN_MAX_WATCH", default_value = "30m", value_parser = positive_duration)]
     pub max_watch: Duration,
-    /// Quiet time after which a watch repeats its state.
+    /// Quiet time after which a watch resends its state as a heartbeat (at
+    /// least 1s).
+    #[arg(long, env = "PICLUMEN_HEARTBEAT", default_value = "30s", value_parser = duration_at_least(defaults::MIN_HEARTBEAT))]
     pub heartbeat: Duration,
-    /// Most WatchImage streams open at once.
+    /// Most WatchImage streams open at once (beyond: RESOURCE_EXHAUSTED).
+    // 30,000: what one instance is shown to hold (BENCHMARKS.md: 30,000
+    // watches of one token in 161 MiB, every change delivered within an
+    // interval). A semaphore holds the places, and it has a ceiling.
+    #[arg(long, env = "PICLUMEN_MAX_WATCHES", default_value = "30000", value_parser = up_to(tokio::sync::Semaphore::MAX_PERMITS))]
     pub max_watches: usize,
-    /// Most creates in flight upstream per token.
+    /// Most GenerateImage calls in flight per token (beyond: RESOURCE_EXHAUSTED).
+    #[arg(long, env = "PICLUMEN_MAX_GENERATES_PER_TOKEN", default_value = "16", value_parser = positive::<usize>)]
     pub max_generates_per_token: usize,
-    /// How long a `request_id`'s outcome is remembered.
-    pub idempotency_ttl: Duration,
-    /// Where `request_id` outcomes are kept.
-    pub idempotency_store: StoreLocation,
 }
 
 impl Default for ServiceConfig {
     fn default() -> Self {
-        Self {
-            default_token: None,
-            api_keys: None,
-            limits: Limits::default(),
-            max_watch: defaults::MAX_WATCH,
-            heartbeat: defaults::HEARTBEAT,
-            max_watches: defaults::MAX_WATCHES,
-            max_generates_per_token: defaults::MAX_GENERATES_PER_TOKEN,
-            idempotency_ttl: defaults::IDEMPOTENCY_TTL,
-            idempotency_store: Default::default(),
-        }
+        no_flags()
     }
 }
 
-/// The service's defaults and bounds (the `serve` flags read these).
+/// The service's bounds (its defaults are on the fields above).
 pub mod defaults {
     use std::time::Duration;
 
-    /// `--max-watch`.
-    pub const MAX_WATCH: Duration = Duration::from_secs(30 * 60);
-    /// `--heartbeat`.
-    pub const HEARTBEAT: Duration = Duration::from_secs(30);
     /// Shortest `--heartbeat`.
     pub const MIN_HEARTBEAT: Duration = Duration::from_secs(1);
-    /// `--max-watches`: what one instance is shown to hold (BENCHMARKS.md:
-    /// 30,000 watches of one token in 161 MiB, every change delivered within
-    /// an interval).
-    pub const MAX_WATCHES: usize = 30_000;
-    /// `--max-generates-per-token`.
-    pub const MAX_GENERATES_PER_TOKEN: usize = 16;
-    /// `--idempotency-ttl`.
-    pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(10 * 60);
 }

@@ -20,6 +20,7 @@ use super::*;
 use crate::{
     error::Error,
     hub::{Hub, HubConfig},
+    idempotency::IdempotencyConfig,
     job::{Image, JobState, JobStatus, Token},
     upstream::{BoxFuture, CreatePayload, CreateRequest, StatusEntry, Upstream, UpstreamError},
 };
@@ -152,7 +153,13 @@ fn harness(config: ServiceConfig) -> Harness {
         Arc::new(Arc::clone(&upstream)),
     );
     let draining = CancellationToken::new();
-    let core = Arc::new(Core::new(config, upstream, hub, draining.clone()));
+    let core = Arc::new(Core::new(
+        config,
+        upstream,
+        IdempotencyConfig::default().open(),
+        hub,
+        draining.clone(),
+    ));
     Harness {
         fake,
         core,

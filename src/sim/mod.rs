@@ -62,61 +62,50 @@ use axum::{
 use serde_json::{Value, json};
 use tokio::{net::TcpListener, time::Instant};
 
+use crate::flags::{duration_or_zero, human, no_flags, positive_duration, rate};
+
 pub use faults::Fault;
 
 use faults::Faults;
 use world::{Calls, Job, World};
 
-/// Simulator knobs.
-#[derive(Debug, Clone)]
+/// Simulator knobs; each but `tokens` is a `sim` flag, declared here.
+#[derive(Debug, Clone, clap::Args)]
 pub struct SimConfig {
-    /// Time from create to a finished job.
+    /// Time from create to a finished job (40% queued, then running).
+    #[arg(long, env = "PICLUMEN_SIM_JOB_DURATION", default_value = human(defaults::SIM_JOB_DURATION), value_parser = positive_duration)]
     pub job_duration: Duration,
-    /// Each job's duration varies by up to this fraction either way (0 to 1).
+    /// Each job's duration varies randomly by up to this fraction (0 to 1).
+    #[arg(long, env = "PICLUMEN_SIM_JOB_JITTER", default_value = "0", value_parser = rate)]
     pub job_jitter: f64,
     /// Delay added to every API reply.
+    #[arg(long, env = "PICLUMEN_SIM_LATENCY", default_value = "0s", value_parser = duration_or_zero)]
     pub latency: Duration,
-    /// Share of API requests answered with a random 5xx.
+    /// Share (0 to 1) of API requests answered with a random 5xx.
+    #[arg(long, env = "PICLUMEN_SIM_FAIL_5XX_RATE", default_value = "0", value_parser = rate)]
     pub fail_5xx_rate: f64,
-    /// Share of API requests answered 429 with `Retry-After: 1`.
+    /// Share (0 to 1) of API requests answered 429 with `Retry-After: 1`.
+    #[arg(long, env = "PICLUMEN_SIM_FAIL_429_RATE", default_value = "0", value_parser = rate)]
     pub fail_429_rate: f64,
-    /// Accepted tokens; empty accepts any non-empty token.
+    /// Accepted tokens; empty accepts any non-empty token (from `--tokens`,
+    /// checked by `config`).
+    #[arg(skip)]
     pub tokens: Vec<crate::job::Token>,
 }
 
 impl Default for SimConfig {
     fn default() -> Self {
-        Self {
-            job_duration: defaults::SIM_JOB_DURATION,
-            job_jitter: defaults::SIM_JOB_JITTER,
-            latency: defaults::SIM_LATENCY,
-            fail_5xx_rate: defaults::SIM_FAIL_5XX_RATE,
-            fail_429_rate: defaults::SIM_FAIL_429_RATE,
-            tokens: Vec::new(),
-        }
+        no_flags()
     }
 }
 
-/// The simulator's defaults (the `sim` flags and `serve --simulate` read
-/// these).
+/// The simulator's defaults that are not on [`SimConfig`]'s fields.
 pub mod defaults {
-    use std::{
-        net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-        time::Duration,
-    };
+    use std::time::Duration;
 
-    /// `sim --listen`.
-    pub const SIM_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
-    /// `sim --job-duration` and `serve --sim-job-duration`.
+    /// `sim --job-duration` and `serve --sim-job-duration`: the one default
+    /// two flags share.
     pub const SIM_JOB_DURATION: Duration = Duration::from_secs(6);
-    /// `sim --job-jitter`.
-    pub const SIM_JOB_JITTER: f64 = 0.0;
-    /// `sim --latency`.
-    pub const SIM_LATENCY: Duration = Duration::ZERO;
-    /// `sim --fail-5xx-rate`.
-    pub const SIM_FAIL_5XX_RATE: f64 = 0.0;
-    /// `sim --fail-429-rate`.
-    pub const SIM_FAIL_429_RATE: f64 = 0.0;
     /// Default token of `serve --simulate` when none is given, so the quick
     /// start works without one. The simulator accepts any token.
     pub const SIMULATOR_TOKEN: &str = "simulator-demo-token";

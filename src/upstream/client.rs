@@ -10,13 +10,16 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::{
-    CreatePayload, StatusEntry, UpstreamError, defaults,
+    CreatePayload, StatusEntry, UpstreamError,
     error::transport_error,
     metrics::Endpoint,
     redact_url,
     wire::{body_prefix, decode_create_reply, decode_status_entries},
 };
-use crate::job::{Secret, Token};
+use crate::{
+    flags::positive_duration,
+    job::{Secret, Token},
+};
 
 /// Path of the create call.
 pub const CREATE_PATH: &str = "/api/gen/create";
@@ -32,34 +35,54 @@ const PROXY_VARS: [&str; 6] = [
     "all_proxy",
 ];
 
-/// Settings of the client, from the command line.
-#[derive(Debug, Clone)]
+/// Settings of the client; each is a `serve` flag, declared here (`config`
+/// checks the URL and the header values).
+#[derive(Debug, Clone, clap::Args)]
 pub struct ClientConfig {
-    /// Base URL, e.g. `https://api.piclumen.com`; a secret, since an
-    /// operator may put `user:password@` in it.
+    /// Base URL of the Piclumen API (http or https). Kept as a secret: any
+    /// `user:password@` in it shows as `***@` in logs.
+    #[arg(
+        id = "upstream_url",
+        value_name = "UPSTREAM_URL",
+        long = "upstream-url",
+        env = "PICLUMEN_UPSTREAM_URL",
+        default_value = "https://api.piclumen.com"
+    )]
     pub base_url: Secret,
-    /// Bound on one whole call.
+    /// Bound on one upstream HTTP call.
+    #[arg(
+        id = "upstream_timeout",
+        value_name = "UPSTREAM_TIMEOUT",
+        long = "upstream-timeout",
+        env = "PICLUMEN_UPSTREAM_TIMEOUT",
+        default_value = "30s",
+        value_parser = positive_duration
+    )]
     pub timeout: Duration,
-    /// Bound on establishing a connection.
+    /// Bound on opening a connection to the upstream.
+    #[arg(
+        id = "upstream_connect_timeout",
+        value_name = "UPSTREAM_CONNECT_TIMEOUT",
+        long = "upstream-connect-timeout",
+        env = "PICLUMEN_UPSTREAM_CONNECT_TIMEOUT",
+        default_value = "5s",
+        value_parser = positive_duration
+    )]
     pub connect_timeout: Duration,
-    /// Optional `user-agent`.
+    /// `user-agent` sent upstream (default: piclumen-grpc/VERSION).
+    #[arg(long, env = "PICLUMEN_USER_AGENT")]
     pub user_agent: Option<String>,
-    /// Optional `origin`.
+    /// `origin` header sent upstream, if any.
+    #[arg(long, env = "PICLUMEN_ORIGIN")]
     pub origin: Option<String>,
-    /// Optional `referer`.
+    /// `referer` header sent upstream, if any.
+    #[arg(long, env = "PICLUMEN_REFERER")]
     pub referer: Option<String>,
 }
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        Self {
-            base_url: defaults::UPSTREAM_URL.into(),
-            timeout: defaults::UPSTREAM_TIMEOUT,
-            connect_timeout: defaults::UPSTREAM_CONNECT_TIMEOUT,
-            user_agent: None,
-            origin: None,
-            referer: None,
-        }
+        crate::flags::no_flags()
     }
 }
 

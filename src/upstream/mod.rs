@@ -1,7 +1,9 @@
 //! The Piclumen HTTP/JSON client, knowing nothing of gRPC (`crate::error`
 //! maps its errors to status codes). Its rooms:
 //!
-//! - `client`: the `reqwest` client, its settings, the two endpoints;
+//! - `client`: the `reqwest` client, its settings (the `serve` flags
+//!   `--upstream-*`, `--user-agent`, `--origin`, `--referer`, with their
+//!   defaults), the two endpoints;
 //! - `payload`: a create, from the caller's request (checked, Piclumen's
 //!   defaults filled) to the body the service sends;
 //! - `wire`: Piclumen's replies and their decoders (the status decoder is
@@ -9,8 +11,7 @@
 //! - `error`: `UpstreamError` and how to tell its kinds apart;
 //! - `metrics`: calls and durations per endpoint;
 //!
-//! Here: the [`Upstream`] trait the service calls through, and the
-//! client's defaults.
+//! Here: the [`Upstream`] trait the service calls through.
 
 use std::{sync::Arc, time::Duration};
 
@@ -29,8 +30,7 @@ pub use client::{CREATE_PATH, Client, ClientConfig, STATUS_PATH};
 pub use error::UpstreamError;
 pub use payload::{
     CreatePayload, CreateRequest, InvalidField, JsonObject, Limits, MAX_NAME_CHARS,
-    MAX_REQUEST_ID_CHARS, Resolution, ResolutionWire, StyleListWire, bounds,
-    defaults as create_defaults,
+    MAX_REQUEST_ID_CHARS, Resolution, ResolutionWire, StyleListWire, defaults as create_defaults,
 };
 pub use wire::{BadEntry, StatusEntry, decode_create_reply, decode_status_entries};
 
@@ -89,16 +89,4 @@ impl Upstream for Client {
     fn timeout(&self) -> Duration {
         Client::timeout(self)
     }
-}
-
-/// The client's defaults (the `serve` flags' defaults read these).
-pub mod defaults {
-    use std::time::Duration;
-
-    /// Piclumen's production API, `--upstream-url`'s default.
-    pub const UPSTREAM_URL: &str = "https://api.piclumen.com";
-    /// `--upstream-timeout`.
-    pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
-    /// `--upstream-connect-timeout`.
-    pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 }

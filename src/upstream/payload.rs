@@ -108,35 +108,25 @@ pub mod defaults {
     pub const HIRES_SCALE: f64 = 2.0;
 }
 
-/// Request bounds, configurable on the command line.
-#[derive(Debug, Clone)]
+/// Request bounds: `serve` flags, declared here (`config` checks that
+/// --min-dimension does not exceed --max-dimension).
+#[derive(Debug, Clone, clap::Args)]
 pub struct Limits {
-    /// Smallest width or height in pixels.
+    /// Smallest accepted width or height, in pixels.
+    #[arg(long, env = "PICLUMEN_MIN_DIMENSION", default_value = "64", value_parser = crate::flags::positive::<i32>)]
     pub min_dimension: i32,
-    /// Largest width or height in pixels.
+    /// Largest accepted width or height, in pixels (at least --min-dimension).
+    #[arg(long, env = "PICLUMEN_MAX_DIMENSION", default_value = "4096", value_parser = crate::flags::positive::<i32>)]
     pub max_dimension: i32,
-    /// Longest prompt (and negative prompt) in characters.
+    /// Longest accepted prompt, in characters.
+    #[arg(long, env = "PICLUMEN_MAX_PROMPT_CHARS", default_value = "4000", value_parser = crate::flags::positive::<usize>)]
     pub max_prompt_chars: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            min_dimension: bounds::MIN_DIMENSION,
-            max_dimension: bounds::MAX_DIMENSION,
-            max_prompt_chars: bounds::MAX_PROMPT_CHARS,
-        }
+        crate::flags::no_flags()
     }
-}
-
-/// Default request bounds (the `serve` flags read these).
-pub mod bounds {
-    /// `--min-dimension`.
-    pub const MIN_DIMENSION: i32 = 64;
-    /// `--max-dimension`.
-    pub const MAX_DIMENSION: i32 = 4096;
-    /// `--max-prompt-chars`.
-    pub const MAX_PROMPT_CHARS: usize = 4000;
 }
 
 /// Longest `request_id`.

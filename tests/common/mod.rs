@@ -10,7 +10,6 @@ pub mod process;
 use std::{net::SocketAddr, time::Duration};
 
 use piclumen_grpc::{
-    convert::Limits,
     hub::HubConfig,
     job::Token,
     pb::{self, image_service_client::ImageServiceClient},
@@ -79,32 +78,18 @@ pub fn sim_config() -> SimConfig {
 pub fn server_config() -> ServerConfig {
     ServerConfig {
         service: ServiceConfig {
-            default_token: None,
-            api_keys: None,
-            limits: Limits::default(),
             max_watch: Duration::from_secs(60),
-            heartbeat: Duration::from_secs(30),
             max_watches: 20_000,
-            max_generates_per_token: 16,
-            idempotency_ttl: Duration::from_secs(600),
-            idempotency_store: Default::default(),
+            ..Default::default()
         },
         hub: HubConfig {
             poll_interval: Duration::from_millis(200),
-            batch_max: 50,
             gather: Duration::from_millis(20),
             failure_budget: Duration::from_secs(5),
+            ..Default::default()
         },
-        fleet_polling: Default::default(),
         drain_timeout: Duration::from_secs(5),
-        max_streams_per_connection: 1024,
-        max_request_bytes: 1024 * 1024,
-        http2_keepalive_interval: Duration::from_secs(30),
-        http2_keepalive_timeout: Duration::from_secs(10),
-        tls: None,
-        cors_allow_origins: Vec::new(),
-        max_connection_age: server::defaults::MAX_CONNECTION_AGE,
-        max_connection_age_grace: server::defaults::MAX_CONNECTION_AGE_GRACE,
+        ..Default::default()
     }
 }
 
@@ -113,9 +98,7 @@ pub fn client_config(base_url: String) -> ClientConfig {
         base_url: base_url.into(),
         timeout: Duration::from_secs(5),
         connect_timeout: Duration::from_secs(2),
-        user_agent: None,
-        origin: None,
-        referer: None,
+        ..Default::default()
     }
 }
 

@@ -133,9 +133,9 @@ pub(crate) fn status(id: &str, state: JobState) -> JobStatus {
 pub(crate) fn config() -> HubConfig {
     HubConfig {
         poll_interval: INTERVAL,
-        batch_max: 50,
         gather: GATHER,
         failure_budget: Duration::from_secs(20),
+        ..HubConfig::default()
     }
 }
 
