@@ -7,7 +7,7 @@
 //! - `admission`: credentials as plain inputs, token rules, watch slots.
 //! - `in_flight`: the per-token create limit; where creates in flight live.
 //! - `watch`: the WatchImage stream (heartbeats, maximum time, drain).
-//! - `settings`: `ServiceConfig` and its defaults.
+//! - `settings`: `ServiceConfig`, whose fields declare the service's flags.
 //! - `grpc`: the tonic methods: metadata and proto in, proto out.
 //! - `status`: `Error` -> `tonic::Status`, the gRPC edge's one mapping.
 
