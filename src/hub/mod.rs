@@ -30,7 +30,7 @@ use tokio::{
 
 use crate::{job::JobStatus, job::Token, upstream::UpstreamError};
 pub use fleet::{FleetLink, FleetPolling};
-pub use source::{BoxFuture, StatusSource};
+pub use source::StatusSource;
 
 /// Most calls in flight per token.
 pub const DEFAULT_MAX_CALLS: usize = 64;

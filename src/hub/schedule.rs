@@ -182,16 +182,6 @@ impl Schedule {
         self.watched.contains_key(id)
     }
 
-    /// Jobs polled for watchers.
-    pub fn watched_len(&self) -> usize {
-        self.watched.len()
-    }
-
-    /// Calls in flight.
-    pub fn calls_in_flight(&self) -> usize {
-        self.calls
-    }
-
     /// Nothing watched, checked or in flight: the token's shell may end.
     pub fn is_idle(&self) -> bool {
         self.watched.is_empty() && self.checks.is_empty() && self.calls == 0

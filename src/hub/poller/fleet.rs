@@ -317,7 +317,10 @@ impl Poller {
 }
 
 /// Reports a background store operation's outcome to the link.
-async fn report(link: Weak<FleetLink>, operation: crate::hub::BoxFuture<Result<(), FleetError>>) {
+async fn report(
+    link: Weak<FleetLink>,
+    operation: crate::upstream::BoxFuture<Result<(), FleetError>>,
+) {
     let result = operation.await;
     if let Some(link) = link.upgrade() {
         link.report(&result);
