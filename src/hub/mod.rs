@@ -166,13 +166,51 @@ struct Shared {
 }
 
 /// Job channels and recent answers of one token.
+///
+/// Who writes what: `known` has one writer, the poller (handles only read
+/// it). `slots` has two, by necessity: a handle adds a job's slot, because
+/// `Hub::subscribe` is synchronous and must, under this lock, join the
+/// channel a concurrent subscriber of the same job may have just made (a
+/// round trip through the poller would make it wait, or make two channels
+/// for one job); the poller removes it, because only it learns that the job
+/// finished or lost its last watcher (receivers are cloned, so a watcher
+/// cannot tell it is the last). The `piclumen_hub_jobs` gauge is the
+/// `Slot`'s own: counted when made, uncounted when dropped, by either side.
 #[derive(Debug, Default)]
 struct State {
     /// Watched jobs' channels.
-    slots: HashMap<Arc<str>, watch::Sender<Snapshot>>,
+    slots: HashMap<Arc<str>, Slot>,
     /// The latest answer for each job asked recently, with when it arrived;
     /// entries older than one interval are swept.
     known: HashMap<Arc<str>, (JobStatus, Instant)>,
+}
+
+/// A watched job's channel, counted in `piclumen_hub_jobs` for as long as
+/// it lives, so no code path can add or drop a slot and miss the gauge.
+#[derive(Debug)]
+struct Slot(watch::Sender<Snapshot>);
+
+impl Slot {
+    /// A new channel starting at `first`, with its first receiver.
+    fn open(first: Snapshot) -> (Self, watch::Receiver<Snapshot>) {
+        let (tx, rx) = watch::channel(first);
+        gauges().jobs.increment(1.0);
+        (Self(tx), rx)
+    }
+}
+
+impl std::ops::Deref for Slot {
+    type Target = watch::Sender<Snapshot>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        gauges().jobs.decrement(1.0);
+    }
 }
 
 /// A request from a handle to a token's poller.
@@ -193,6 +231,15 @@ enum Cmd {
 pub struct Subscription {
     /// The job's state channel.
     pub rx: watch::Receiver<Snapshot>,
+}
+
+impl Subscription {
+    /// A watcher joining through `rx`, counted in `piclumen_hub_watchers`
+    /// until it drops.
+    fn new(rx: watch::Receiver<Snapshot>) -> Self {
+        gauges().watchers.increment(1.0);
+        Self { rx }
+    }
 }
 
 impl Drop for Subscription {
@@ -271,16 +318,14 @@ impl Hub {
                     .map_or(Snapshot::Waiting, |(status, _)| {
                         Snapshot::Status(status.clone())
                     });
-                let (tx, rx) = watch::channel(first);
-                state.slots.insert(Arc::clone(&id), tx);
-                gauges().jobs.increment(1.0);
+                let (slot, rx) = Slot::open(first);
+                state.slots.insert(Arc::clone(&id), slot);
                 // The receiver lives as long as `shared`, which we hold.
                 let _ = shared.cmds.send(Cmd::Watch(id, link));
                 rx
             }
         };
-        gauges().watchers.increment(1.0);
-        Subscription { rx }
+        Subscription::new(rx)
     }
 
     /// The job's state: from the hub when its answer is younger than one

@@ -6,9 +6,7 @@ use std::{collections::HashMap, sync::Arc};
 use tokio::{task, time::Instant};
 use tracing::{error, warn};
 
-use super::{
-    HubError, InFlight, Poller, Snapshot, Waiter, fleet, gauges, lock, set, with_remaining,
-};
+use super::{HubError, InFlight, Poller, Snapshot, Waiter, fleet, lock, set, with_remaining};
 use crate::{hub::schedule::Reply, upstream::UpstreamError};
 
 impl Poller {
@@ -63,9 +61,8 @@ impl Poller {
             last,
         };
         let mut state = lock(&self.shared.state);
-        for (_, tx) in state.slots.drain() {
-            set(&tx, Snapshot::Ended(ended.clone()));
-            gauges().jobs.decrement(1.0);
+        for (_, slot) in state.slots.drain() {
+            set(&slot, Snapshot::Ended(ended.clone()));
         }
         drop(state);
         for waiter in self.waiters.drain().flat_map(|(_, w)| w) {

@@ -20,7 +20,7 @@ use tokio::{
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::{
-    Cmd, HubError, Inner, Shared, Snapshot, State, check_metrics, gauges, lock,
+    Cmd, HubError, Inner, Shared, Snapshot, State, check_metrics, lock,
     schedule::{Call, Next, Reply, Schedule, ScheduleConfig, Verdict},
 };
 use crate::{
@@ -385,9 +385,7 @@ impl Poller {
         };
         set(tx, snapshot);
         if done || tx.receiver_count() == 0 {
-            if state.slots.remove(id).is_some() {
-                gauges().jobs.decrement(1.0);
-            }
+            state.slots.remove(id);
             if !remote {
                 self.schedule.unwatch(id);
             }
@@ -448,9 +446,7 @@ impl Poller {
 
 /// Removes a job's channel and stops polling it.
 fn forget(state: &mut State, schedule: &mut Schedule, id: &Arc<str>) {
-    if state.slots.remove(id).is_some() {
-        gauges().jobs.decrement(1.0);
-    }
+    state.slots.remove(id);
     schedule.unwatch(id);
 }
 
