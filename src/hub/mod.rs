@@ -16,6 +16,7 @@ pub mod fleet;
 mod poller;
 pub mod schedule;
 pub mod source;
+mod state;
 
 use std::{
     collections::HashMap,
@@ -31,6 +32,7 @@ use tokio::{
 use crate::{job::JobStatus, job::Token, upstream::UpstreamError};
 pub use fleet::{FleetLink, FleetPolling};
 pub use source::StatusSource;
+use state::{Slot, State};
 
 /// Most calls in flight per token.
 pub const DEFAULT_MAX_CALLS: usize = 64;
@@ -165,51 +167,13 @@ struct Shared {
     cmds: mpsc::UnboundedSender<Cmd>,
 }
 
-/// Job channels and recent answers of one token.
-///
-/// Who writes what: `known` has one writer, the poller (handles only read
-/// it). `slots` has two, by necessity: a handle adds a job's slot, because
-/// `Hub::subscribe` is synchronous and must, under this lock, join the
-/// channel a concurrent subscriber of the same job may have just made (a
-/// round trip through the poller would make it wait, or make two channels
-/// for one job); the poller removes it, because only it learns that the job
-/// finished or lost its last watcher (receivers are cloned, so a watcher
-/// cannot tell it is the last). The `piclumen_hub_jobs` gauge is the
-/// `Slot`'s own: counted when made, uncounted when dropped, by either side.
-#[derive(Debug, Default)]
-struct State {
-    /// Watched jobs' channels.
-    slots: HashMap<Arc<str>, Slot>,
-    /// The latest answer for each job asked recently, with when it arrived;
-    /// entries older than one interval are swept.
-    known: HashMap<Arc<str>, (JobStatus, Instant)>,
-}
-
-/// A watched job's channel, counted in `piclumen_hub_jobs` for as long as
-/// it lives, so no code path can add or drop a slot and miss the gauge.
-#[derive(Debug)]
-struct Slot(watch::Sender<Snapshot>);
-
-impl Slot {
-    /// A new channel starting at `first`, with its first receiver.
-    fn open(first: Snapshot) -> (Self, watch::Receiver<Snapshot>) {
-        let (tx, rx) = watch::channel(first);
-        gauges().jobs.increment(1.0);
-        (Self(tx), rx)
-    }
-}
-
-impl std::ops::Deref for Slot {
-    type Target = watch::Sender<Snapshot>;
-
-    fn deref(&self) -> &Self::Target {
-        &self.0
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        gauges().jobs.decrement(1.0);
+impl From<Result<JobStatus, HubError>> for Snapshot {
+    /// A job's state, or the end of its watch.
+    fn from(outcome: Result<JobStatus, HubError>) -> Self {
+        match outcome {
+            Ok(status) => Self::Status(status),
+            Err(e) => Self::Ended(e),
+        }
     }
 }
 

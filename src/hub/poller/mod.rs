@@ -7,8 +7,10 @@
 //! coordinator's; the poller only sends, publishes and records.
 //!
 //! One type per file: `Poller` here, its fleet part `FleetSide` in
-//! `fleet`, the plain `Plan` in `round`.
+//! `fleet`, the plain `Plan` in `round`, the callers of checks it holds in
+//! `checks`.
 
+mod checks;
 mod fleet;
 mod round;
 
@@ -18,7 +20,7 @@ use std::{
 };
 
 use tokio::{
-    sync::{mpsc, oneshot, watch},
+    sync::mpsc,
     task::{self, JoinSet},
     time::{Instant, sleep_until},
 };
@@ -34,18 +36,17 @@ use crate::{
     job::{JobStatus, Token},
     upstream::{StatusEntry, UpstreamError},
 };
+use checks::{Carried, Queued};
 use fleet::FleetSide;
 use round::{Ended, Job, JobPlan, Plan, Round, Then};
-
-type Waiter = oneshot::Sender<Result<JobStatus, HubError>>;
 
 /// A call in flight: what the schedule decided, the ids actually sent, and
 /// the checks it answers. Kept by the poller (not moved into the call's
 /// task), so a task that panics still has its waiters ended.
 struct InFlight {
     call: Call,
-    ids: Vec<Arc<str>>,
-    waiters: Vec<(Arc<str>, Vec<Waiter>)>,
+    ids: Vec<Id>,
+    waiters: Carried,
     /// The round's span (disabled with export off), open until applied.
     span: tracing::Span,
 }
@@ -79,7 +80,7 @@ pub(super) fn spawn(token: Token, hub: Arc<Inner>) -> Arc<Shared> {
         hub,
         rx,
         schedule,
-        waiters: HashMap::new(),
+        waiters: Queued::default(),
         calls: JoinSet::new(),
         flights: HashMap::new(),
         pause_error: None,
@@ -99,7 +100,7 @@ struct Poller {
     rx: mpsc::UnboundedReceiver<Cmd>,
     schedule: Schedule,
     /// Checks queued for the next call, by id.
-    waiters: HashMap<Arc<str>, Vec<Waiter>>,
+    waiters: Queued,
     calls: JoinSet<Done>,
     /// What each call task in `calls` carries.
     flights: HashMap<task::Id, InFlight>,
@@ -171,10 +172,7 @@ impl Poller {
                     let _ = waiter.send(Err(round::paused_answer(cause, until - now)));
                     return;
                 }
-                self.waiters
-                    .entry(Arc::clone(&id))
-                    .or_default()
-                    .push(waiter);
+                self.waiters.push(Arc::clone(&id), waiter);
                 self.links.check(&id, link);
                 self.schedule.check(id);
             }
@@ -185,17 +183,14 @@ impl Poller {
     /// watched jobs without watchers and checks whose callers left.
     fn send(&mut self, call: Call) {
         let mut ids = Vec::with_capacity(call.ids.len());
-        let mut waiters = Vec::new();
+        let mut waiters = Carried::default();
         {
             let mut state = lock(&self.shared.state);
             for id in &call.ids {
                 let mut wanted = false;
-                if let Some(list) = self.waiters.remove(id) {
-                    let live: Vec<Waiter> = list.into_iter().filter(|w| !w.is_closed()).collect();
-                    if !live.is_empty() {
-                        wanted = true;
-                        waiters.push((Arc::clone(id), live));
-                    }
+                if let Some(live) = self.waiters.take(id) {
+                    wanted = true;
+                    waiters.push(Arc::clone(id), live);
                 }
                 if self.schedule.is_watched(id) {
                     let job = job(&state, self.fleet.as_ref(), id);
@@ -219,7 +214,7 @@ impl Poller {
         if call.carries_checks {
             let metrics = check_metrics();
             metrics.calls.increment(1);
-            let answered: usize = waiters.iter().map(|(_, w)| w.len()).sum();
+            let answered = waiters.count();
             metrics
                 .coalesced
                 .increment(answered.saturating_sub(1) as u64);
@@ -282,29 +277,36 @@ impl Poller {
         self.remember(&mut state, &plan.known, plan.fresh_from, now);
         drop(state);
         log(&plan);
-        answer(waiters, &plan);
+        waiters.answer(&plan);
         let verdict = self.schedule.on_reply(&call, &plan.reply, now);
-        match plan.then(verdict, now) {
+        self.after(plan.then(verdict, now), plan.sharing, &span, now);
+        if let Some(fleet) = &self.fleet {
+            fleet.share(plan.share);
+        }
+    }
+
+    /// Pauses the token or ends its watches, as a failed call's verdict
+    /// says, here and (when sharing) on the other replicas.
+    fn after(&mut self, then: Then, sharing: bool, span: &tracing::Span, now: Instant) {
+        let fleet = self.fleet.as_ref().filter(|_| sharing);
+        match then {
             Then::Continue => {}
             Then::Pause { until, left, error } => {
                 upstream_metrics().retries.increment(1);
-                crate::otel::retry_event(&span, left, &error.to_string());
+                crate::otel::retry_event(span, left, &error.to_string());
                 debug!(%error, pause = ?left, "transient upstream trouble; pausing the token");
-                if let Some(fleet) = self.fleet.as_ref().filter(|_| plan.sharing) {
+                if let Some(fleet) = fleet {
                     fleet.share_pause(left, &error);
                 }
                 self.links.clear_checks();
                 self.pause(until, error, now);
             }
             Then::Outage(error) => {
-                if let Some(fleet) = self.fleet.as_ref().filter(|_| plan.sharing) {
+                if let Some(fleet) = fleet {
                     fleet.share_outage(&error);
                 }
                 self.outage(error);
             }
-        }
-        if let Some(fleet) = &self.fleet {
-            fleet.share(plan.share);
         }
     }
 
@@ -321,7 +323,7 @@ impl Poller {
             if fate.publish
                 && let Some(slot) = state.slots.get(id)
             {
-                set(slot, snapshot(outcome));
+                slot.set(outcome.clone().into());
             }
             if fate.close {
                 state.slots.remove(id);
@@ -332,7 +334,7 @@ impl Poller {
         }
     }
 
-    /// Keeps answers to serve checks for one interval from `fresh_from`.
+    /// Keeps answers to serve checks, and sweeps them in time.
     fn remember(
         &mut self,
         state: &mut State,
@@ -340,25 +342,18 @@ impl Poller {
         fresh_from: Instant,
         now: Instant,
     ) {
-        if known.is_empty() {
-            return;
+        if state.remember(known, fresh_from) {
+            self.next_sweep
+                .get_or_insert(now + self.hub.config.poll_interval);
         }
-        for (id, status) in known {
-            state
-                .known
-                .insert(Arc::clone(id), (status.clone(), fresh_from));
-        }
-        self.next_sweep
-            .get_or_insert(now + self.hub.config.poll_interval);
     }
 
     /// Holds the token until `until`: queued checks get the cause now
     /// rather than waiting out the pause.
     fn pause(&mut self, until: Instant, error: UpstreamError, now: Instant) {
         let left = until.saturating_duration_since(now);
-        for waiter in self.waiters.drain().flat_map(|(_, w)| w) {
-            let _ = waiter.send(Err(round::paused_answer(Some(error.clone()), left)));
-        }
+        self.waiters
+            .fail_all(&round::paused_answer(Some(error.clone()), left));
         self.schedule.clear_checks();
         self.pause_error = Some(error);
     }
@@ -372,12 +367,10 @@ impl Poller {
         };
         let mut state = lock(&self.shared.state);
         for (_, slot) in state.slots.drain() {
-            set(&slot, Snapshot::Ended(ended.clone()));
+            slot.set(Snapshot::Ended(ended.clone()));
         }
         drop(state);
-        for waiter in self.waiters.drain().flat_map(|(_, w)| w) {
-            let _ = waiter.send(Err(ended.clone()));
-        }
+        self.waiters.fail_all(&ended);
         if let Some(fleet) = &mut self.fleet {
             fleet.remote.clear();
         }
@@ -428,20 +421,13 @@ impl Poller {
         self.publish(&mut state, &jobs, now);
     }
 
-    /// Drops answers older than one interval.
+    /// Drops answers older than one interval, when due.
     fn sweep(&mut self, now: Instant) {
         if self.next_sweep.is_none_or(|at| at > now) {
             return;
         }
         let interval = self.hub.config.poll_interval;
-        let mut state = lock(&self.shared.state);
-        state
-            .known
-            .retain(|_, (_, at)| now.duration_since(*at) < interval);
-        if state.known.capacity() > 4 * state.known.len().max(64) {
-            state.known.shrink_to_fit();
-        }
-        self.next_sweep = (!state.known.is_empty()).then(|| now + interval / 2);
+        self.next_sweep = lock(&self.shared.state).sweep(now, interval);
     }
 
     /// Ends this poller when it has nothing left, under the hub's lock so a
@@ -488,29 +474,6 @@ fn job(state: &State, fleet: Option<&FleetSide>, id: &Id) -> Job {
     }
 }
 
-/// Answers a call's checks: each with its job's outcome, or all with the
-/// plan's error for them.
-fn answer(waiters: Vec<(Id, Vec<Waiter>)>, plan: &Plan) {
-    if waiters.is_empty() {
-        return;
-    }
-    if let Some(error) = &plan.checks_error {
-        for waiter in waiters.into_iter().flat_map(|(_, w)| w) {
-            let _ = waiter.send(Err(error.clone()));
-        }
-        return;
-    }
-    let outcomes: HashMap<&Id, &round::Outcome> =
-        plan.jobs.iter().map(|j| (&j.id, &j.outcome)).collect();
-    for (id, list) in waiters {
-        if let Some(outcome) = outcomes.get(&id) {
-            for waiter in list {
-                let _ = waiter.send((*outcome).clone());
-            }
-        }
-    }
-}
-
 /// Logs what the plan says went wrong.
 fn log(plan: &Plan) {
     for bad in &plan.unreadable {
@@ -519,23 +482,6 @@ fn log(plan: &Plan) {
     if let Some(error) = &plan.refused {
         warn!(%error, "Piclumen refused a status call; ending its watches and checks");
     }
-}
-
-fn snapshot(outcome: &round::Outcome) -> Snapshot {
-    match outcome {
-        Ok(status) => Snapshot::Status(status.clone()),
-        Err(e) => Snapshot::Ended(e.clone()),
-    }
-}
-
-fn set(tx: &watch::Sender<Snapshot>, snapshot: Snapshot) {
-    tx.send_if_modified(|current| {
-        let changed = *current != snapshot;
-        if changed {
-            *current = snapshot;
-        }
-        changed
-    });
 }
 
 struct UpstreamMetrics {
