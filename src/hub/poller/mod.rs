@@ -179,33 +179,9 @@ impl Poller {
         }
     }
 
-    /// Sends what the schedule decided, less what nobody wants any more:
-    /// watched jobs without watchers and checks whose callers left.
+    /// Sends what the schedule decided, less what nobody wants any more.
     fn send(&mut self, call: Call) {
-        let mut ids = Vec::with_capacity(call.ids.len());
-        let mut waiters = Carried::default();
-        {
-            let mut state = lock(&self.shared.state);
-            for id in &call.ids {
-                let mut wanted = false;
-                if let Some(live) = self.waiters.take(id) {
-                    wanted = true;
-                    waiters.push(Arc::clone(id), live);
-                }
-                if self.schedule.is_watched(id) {
-                    let job = job(&state, self.fleet.as_ref(), id);
-                    if job.remote || job.watchers.is_some_and(|n| n > 0) {
-                        wanted = true;
-                    } else {
-                        state.slots.remove(id);
-                        self.schedule.unwatch(id);
-                    }
-                }
-                if wanted {
-                    ids.push(Arc::clone(id));
-                }
-            }
-        }
+        let (ids, waiters) = self.wanted(&call);
         let now = Instant::now();
         if ids.is_empty() {
             self.schedule.abandon(&call, now);
@@ -233,6 +209,35 @@ impl Poller {
         };
         let task = self.calls.spawn(request);
         self.flights.insert(task.id(), flight);
+    }
+
+    /// The ids of `call` someone still wants, with the checks it carries:
+    /// watched jobs without watchers (here or, with fleet polling,
+    /// elsewhere) are forgotten, and checks whose callers left are dropped.
+    fn wanted(&mut self, call: &Call) -> (Vec<Id>, Carried) {
+        let mut ids = Vec::with_capacity(call.ids.len());
+        let mut waiters = Carried::default();
+        let mut state = lock(&self.shared.state);
+        for id in &call.ids {
+            let mut wanted = false;
+            if let Some(live) = self.waiters.take(id) {
+                wanted = true;
+                waiters.push(Arc::clone(id), live);
+            }
+            if self.schedule.is_watched(id) {
+                let job = job(&state, self.fleet.as_ref(), id);
+                if job.remote || job.watchers.is_some_and(|n| n > 0) {
+                    wanted = true;
+                } else {
+                    state.slots.remove(id);
+                    self.schedule.unwatch(id);
+                }
+            }
+            if wanted {
+                ids.push(Arc::clone(id));
+            }
+        }
+        (ids, waiters)
     }
 
     /// A call's task ended: its answer or failure is applied; a task that
