@@ -41,6 +41,17 @@ impl Slot {
         gauges().jobs.increment(1.0);
         (Self(tx), rx)
     }
+
+    /// Sends `snapshot` to the job's watchers, unless they already have it.
+    pub(super) fn set(&self, snapshot: Snapshot) {
+        self.0.send_if_modified(|current| {
+            let changed = *current != snapshot;
+            if changed {
+                *current = snapshot;
+            }
+            changed
+        });
+    }
 }
 
 impl std::ops::Deref for Slot {
@@ -54,19 +65,6 @@ impl std::ops::Deref for Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         gauges().jobs.decrement(1.0);
-    }
-}
-
-impl Slot {
-    /// Sends `snapshot` to the job's watchers, unless they already have it.
-    pub(super) fn set(&self, snapshot: Snapshot) {
-        self.0.send_if_modified(|current| {
-            let changed = *current != snapshot;
-            if changed {
-                *current = snapshot;
-            }
-            changed
-        });
     }
 }
 
