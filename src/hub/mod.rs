@@ -16,6 +16,7 @@ pub mod fleet;
 mod poller;
 pub mod schedule;
 pub mod source;
+mod state;
 
 use std::{
     collections::HashMap,
@@ -30,7 +31,8 @@ use tokio::{
 
 use crate::{job::JobStatus, job::Token, upstream::UpstreamError};
 pub use fleet::{FleetLink, FleetPolling};
-pub use source::{BoxFuture, StatusSource};
+pub use source::StatusSource;
+use state::{Slot, State};
 
 /// Most calls in flight per token.
 pub const DEFAULT_MAX_CALLS: usize = 64;
@@ -174,14 +176,14 @@ struct Shared {
     cmds: mpsc::UnboundedSender<Cmd>,
 }
 
-/// Job channels and recent answers of one token.
-#[derive(Debug, Default)]
-struct State {
-    /// Watched jobs' channels.
-    slots: HashMap<Arc<str>, watch::Sender<Snapshot>>,
-    /// The latest answer for each job asked recently, with when it arrived;
-    /// entries older than one interval are swept.
-    known: HashMap<Arc<str>, (JobStatus, Instant)>,
+impl From<Result<JobStatus, HubError>> for Snapshot {
+    /// A job's state, or the end of its watch.
+    fn from(outcome: Result<JobStatus, HubError>) -> Self {
+        match outcome {
+            Ok(status) => Self::Status(status),
+            Err(e) => Self::Ended(e),
+        }
+    }
 }
 
 /// A request from a handle to a token's poller.
@@ -202,6 +204,15 @@ enum Cmd {
 pub struct Subscription {
     /// The job's state channel.
     pub rx: watch::Receiver<Snapshot>,
+}
+
+impl Subscription {
+    /// A watcher joining through `rx`, counted in `piclumen_hub_watchers`
+    /// until it drops.
+    fn new(rx: watch::Receiver<Snapshot>) -> Self {
+        gauges().watchers.increment(1.0);
+        Self { rx }
+    }
 }
 
 impl Drop for Subscription {
@@ -280,16 +291,14 @@ impl Hub {
                     .map_or(Snapshot::Waiting, |(status, _)| {
                         Snapshot::Status(status.clone())
                     });
-                let (tx, rx) = watch::channel(first);
-                state.slots.insert(Arc::clone(&id), tx);
-                gauges().jobs.increment(1.0);
+                let (slot, rx) = Slot::open(first);
+                state.slots.insert(Arc::clone(&id), slot);
                 // The receiver lives as long as `shared`, which we hold.
                 let _ = shared.cmds.send(Cmd::Watch(id, link));
                 rx
             }
         };
-        gauges().watchers.increment(1.0);
-        Subscription { rx }
+        Subscription::new(rx)
     }
 
     /// The job's state: from the hub when its answer is younger than one

@@ -182,16 +182,6 @@ impl Schedule {
         self.watched.contains_key(id)
     }
 
-    /// Jobs polled for watchers.
-    pub fn watched_len(&self) -> usize {
-        self.watched.len()
-    }
-
-    /// Calls in flight.
-    pub fn calls_in_flight(&self) -> usize {
-        self.calls
-    }
-
     /// Nothing watched, checked or in flight: the token's shell may end.
     pub fn is_idle(&self) -> bool {
         self.watched.is_empty() && self.checks.is_empty() && self.calls == 0
@@ -244,8 +234,24 @@ impl Schedule {
         let max = self.config.batch_max;
         let mut ids = Vec::with_capacity(max.min(self.checks.len() + self.due.len()));
         // Checks first: a caller is waiting on each.
-        let take = self.checks.len().min(max);
-        let carries_checks = take > 0;
+        let carries_checks = self.take_checks(&mut ids);
+        self.take_due(&mut ids, now);
+        self.calls += 1;
+        if carries_checks {
+            self.check_calls += 1;
+        }
+        Next::Send(Call {
+            ids,
+            sent_at: now,
+            carries_checks,
+        })
+    }
+
+    /// Moves up to a call's worth of queued checks into `ids`; true when
+    /// there was any. A checked job that is also watched rides along as
+    /// in flight, so it is not sent twice.
+    fn take_checks(&mut self, ids: &mut Vec<Id>) -> bool {
+        let take = self.checks.len().min(self.config.batch_max);
         for id in self.checks.drain(..take) {
             self.check_set.remove(&id);
             if let Some(state) = self.watched.get_mut(&id) {
@@ -259,9 +265,14 @@ impl Schedule {
             }
             ids.push(id);
         }
-        // Then due jobs, topped up with those due within half an interval.
+        take > 0
+    }
+
+    /// Fills `ids` up to `batch_max` with due jobs, topped up with those
+    /// due within half an interval (unless another replica polls them).
+    fn take_due(&mut self, ids: &mut Vec<Id>, now: Instant) {
         let horizon = now + self.config.interval / 2;
-        while self.polls_watches && ids.len() < max {
+        while self.polls_watches && ids.len() < self.config.batch_max {
             let Some((at, _)) = self.due.first() else {
                 break;
             };
@@ -274,15 +285,6 @@ impl Schedule {
             self.watched.insert(Arc::clone(&id), Watch::InFlight(1));
             ids.push(id);
         }
-        self.calls += 1;
-        if carries_checks {
-            self.check_calls += 1;
-        }
-        Next::Send(Call {
-            ids,
-            sent_at: now,
-            carries_checks,
-        })
     }
 
     /// Takes back a call the shell did not send after all (every id in it

@@ -2,17 +2,14 @@
 //! Piclumen client as its production implementation and scripted fakes in
 //! tests. The hub depends on this trait, not on HTTP.
 
-use std::{future::Future, pin::Pin, sync::Arc};
+use std::sync::Arc;
 
 use crate::{
     job::Token,
-    upstream::{Upstream, UpstreamError},
+    upstream::{BoxFuture, Upstream, UpstreamError},
 };
 
 pub use crate::upstream::{BadEntry, StatusEntry as Entry};
-
-/// A boxed future, as the trait's calls return.
-pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// Answers batch-status questions for one token at a time.
 pub trait StatusSource: Send + Sync + 'static {

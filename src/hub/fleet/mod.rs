@@ -34,8 +34,8 @@ use std::{
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::{BoxFuture, schedule::Id};
-use crate::job::Token;
+use super::schedule::Id;
+use crate::{job::Token, upstream::BoxFuture};
 use wire::{Encoded, Entry, Round};
 
 /// `--fleet-polling`: whether replicas sharing a Redis store also share

@@ -25,7 +25,7 @@ use super::{
     ExchangeReply, ExchangeRequest, FleetError, FleetStore, TokenKey,
     wire::{Encoded, Entry, Round},
 };
-use crate::hub::{BoxFuture, schedule::Id};
+use crate::{hub::schedule::Id, upstream::BoxFuture};
 
 /// Prefix of every key, versioned with the formats.
 const PREFIX: &str = "piclumen-grpc:fleet:v1:";

@@ -1,11 +1,18 @@
-//! The async shell around one token's `Schedule`: it takes commands from
-//! the hub's handles, sends the calls the schedule decides, publishes each
-//! answer to the job's watchers and waiting checks, and ends itself when the
-//! token has nothing left. Every decision is the schedule's (and, with fleet
-//! polling, the coordinator's: `fleet`).
+//! `Poller`, the async shell around one token's `Schedule`: it takes
+//! commands from the hub's handles, sends the calls the schedule decides,
+//! carries out what `round` plans for each call's end (publishing to the
+//! job's watchers, answering its checks, pausing, ending an outage), and
+//! ends itself when the token has nothing left. Every decision is the
+//! schedule's, a round plan's or (with fleet polling, through `fleet`) the
+//! coordinator's; the poller only sends, publishes and records.
+//!
+//! One type per file: `Poller` here, its fleet part `FleetSide` in
+//! `fleet`, the plain `Plan` in `round`, the callers of checks it holds in
+//! `checks`.
 
-mod ending;
+mod checks;
 mod fleet;
+mod round;
 
 use std::{
     collections::HashMap,
@@ -13,30 +20,33 @@ use std::{
 };
 
 use tokio::{
-    sync::{mpsc, oneshot, watch},
+    sync::mpsc,
     task::{self, JoinSet},
     time::{Instant, sleep_until},
 };
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, error, info_span, warn};
 
 use super::{
-    Cmd, HubError, Inner, Shared, Snapshot, State, check_metrics, gauges, lock,
-    schedule::{Call, Next, Reply, Schedule, ScheduleConfig, Verdict},
+    Cmd, HubError, Inner, Shared, Snapshot, State, check_metrics,
+    fleet::wire::{Entry, Round as FleetRound},
+    lock,
+    schedule::{Call, Id, Next, Schedule, ScheduleConfig},
 };
 use crate::{
     job::{JobStatus, Token},
     upstream::{StatusEntry, UpstreamError},
 };
-
-type Waiter = oneshot::Sender<Result<JobStatus, HubError>>;
+use checks::{Carried, Queued};
+use fleet::FleetSide;
+use round::{Ended, Job, JobPlan, Plan, Round, Then};
 
 /// A call in flight: what the schedule decided, the ids actually sent, and
 /// the checks it answers. Kept by the poller (not moved into the call's
 /// task), so a task that panics still has its waiters ended.
 struct InFlight {
     call: Call,
-    ids: Vec<Arc<str>>,
-    waiters: Vec<(Arc<str>, Vec<Waiter>)>,
+    ids: Vec<Id>,
+    waiters: Carried,
     /// The round's span (disabled with export off), open until applied.
     span: tracing::Span,
 }
@@ -64,13 +74,13 @@ pub(super) fn spawn(token: Token, hub: Arc<Inner>) -> Arc<Shared> {
     let fleet = hub
         .fleet
         .as_ref()
-        .map(|link| fleet::FleetSide::new(Arc::clone(link), &hub, &shared));
+        .map(|link| FleetSide::new(Arc::clone(link), &hub, &shared));
     let poller = Poller {
         shared: Arc::clone(&shared),
         hub,
         rx,
         schedule,
-        waiters: HashMap::new(),
+        waiters: Queued::default(),
         calls: JoinSet::new(),
         flights: HashMap::new(),
         pause_error: None,
@@ -90,7 +100,7 @@ struct Poller {
     rx: mpsc::UnboundedReceiver<Cmd>,
     schedule: Schedule,
     /// Checks queued for the next call, by id.
-    waiters: HashMap<Arc<str>, Vec<Waiter>>,
+    waiters: Queued,
     calls: JoinSet<Done>,
     /// What each call task in `calls` carries.
     flights: HashMap<task::Id, InFlight>,
@@ -99,7 +109,7 @@ struct Poller {
     /// When `known` is next swept of stale answers.
     next_sweep: Option<Instant>,
     /// With fleet polling: this token's part in it.
-    fleet: Option<fleet::FleetSide>,
+    fleet: Option<FleetSide>,
     /// The calls each job's next round serves, for its span's links.
     links: crate::otel::RoundLinks,
 }
@@ -112,7 +122,10 @@ impl Poller {
             }
             let now = Instant::now();
             self.sweep(now);
-            let fleet_wake = self.fleet_step(now);
+            let fleet_wake = match &mut self.fleet {
+                Some(fleet) => fleet.step(&self.shared, &mut self.schedule, now),
+                None => None,
+            };
             let wake = match self.schedule.next(now) {
                 Next::Send(call) => {
                     self.send(call);
@@ -125,7 +138,8 @@ impl Poller {
                 .into_iter()
                 .flatten()
                 .min();
-            if wake.is_none() && self.calls.is_empty() && self.fleet_settled() && self.retire() {
+            let settled = self.fleet.as_ref().is_none_or(FleetSide::is_idle);
+            if wake.is_none() && self.calls.is_empty() && settled && self.retire() {
                 return;
             }
             tokio::select! {
@@ -134,18 +148,7 @@ impl Poller {
                         self.command(cmd);
                     }
                 }
-                Some(done) = self.calls.join_next_with_id() => match done {
-                    Ok((id, result)) => {
-                        if let Some(flight) = self.flights.remove(&id) {
-                            self.apply(flight, result);
-                        }
-                    }
-                    Err(e) => {
-                        if let Some(flight) = self.flights.remove(&e.id()) {
-                            self.panicked(flight, &e);
-                        }
-                    }
-                },
+                Some(done) = self.calls.join_next_with_id() => self.landed(done),
                 Some(done) = fleet::next_exchange(&mut self.fleet) => self.on_exchange(done),
                 () = sleep_until(wake.unwrap_or(now)), if wake.is_some() => {}
             }
@@ -165,57 +168,20 @@ impl Poller {
             Cmd::Round(round) => self.apply_round(&round, now),
             Cmd::Check(id, waiter, link) => {
                 if let Some(until) = self.schedule.paused_until(now) {
-                    let error = self.pause_error.clone().map_or(
-                        HubError::Upstream(UpstreamError::RateLimited { retry_after: None }),
-                        |e| HubError::Upstream(with_remaining(e, until - now)),
-                    );
-                    let _ = waiter.send(Err(error));
+                    let cause = self.pause_error.clone();
+                    let _ = waiter.send(Err(round::paused_answer(cause, until - now)));
                     return;
                 }
-                self.waiters
-                    .entry(Arc::clone(&id))
-                    .or_default()
-                    .push(waiter);
+                self.waiters.push(Arc::clone(&id), waiter);
                 self.links.check(&id, link);
                 self.schedule.check(id);
             }
         }
     }
 
-    /// Sends what the schedule decided, less what nobody wants any more:
-    /// watched jobs without watchers and checks whose callers left.
+    /// Sends what the schedule decided, less what nobody wants any more.
     fn send(&mut self, call: Call) {
-        let mut ids = Vec::with_capacity(call.ids.len());
-        let mut waiters = Vec::new();
-        {
-            let mut state = lock(&self.shared.state);
-            for id in &call.ids {
-                let mut wanted = false;
-                if let Some(list) = self.waiters.remove(id) {
-                    let live: Vec<Waiter> = list.into_iter().filter(|w| !w.is_closed()).collect();
-                    if !live.is_empty() {
-                        wanted = true;
-                        waiters.push((Arc::clone(id), live));
-                    }
-                }
-                if self.schedule.is_watched(id) {
-                    let remote = self.fleet.as_ref().is_some_and(|f| f.remote.contains(id));
-                    if remote
-                        || state
-                            .slots
-                            .get(id)
-                            .is_some_and(|tx| tx.receiver_count() > 0)
-                    {
-                        wanted = true;
-                    } else {
-                        forget(&mut state, &mut self.schedule, id);
-                    }
-                }
-                if wanted {
-                    ids.push(Arc::clone(id));
-                }
-            }
-        }
+        let (ids, waiters) = self.wanted(&call);
         let now = Instant::now();
         if ids.is_empty() {
             self.schedule.abandon(&call, now);
@@ -224,7 +190,7 @@ impl Poller {
         if call.carries_checks {
             let metrics = check_metrics();
             metrics.calls.increment(1);
-            let answered: usize = waiters.iter().map(|(_, w)| w.len()).sum();
+            let answered = waiters.count();
             metrics
                 .coalesced
                 .increment(answered.saturating_sub(1) as u64);
@@ -245,169 +211,228 @@ impl Poller {
         self.flights.insert(task.id(), flight);
     }
 
-    /// Publishes one call's answer to the watchers and checks of its ids
-    /// (and, with fleet polling, to the other replicas).
-    fn apply(&mut self, flight: InFlight, result: Result<Vec<StatusEntry>, UpstreamError>) {
+    /// The ids of `call` someone still wants, with the checks it carries:
+    /// watched jobs without watchers (here or, with fleet polling,
+    /// elsewhere) are forgotten, and checks whose callers left are dropped.
+    fn wanted(&mut self, call: &Call) -> (Vec<Id>, Carried) {
+        let mut ids = Vec::with_capacity(call.ids.len());
+        let mut waiters = Carried::default();
+        let mut state = lock(&self.shared.state);
+        for id in &call.ids {
+            let mut wanted = false;
+            if let Some(live) = self.waiters.take(id) {
+                wanted = true;
+                waiters.push(Arc::clone(id), live);
+            }
+            if self.schedule.is_watched(id) {
+                let job = job(&state, self.fleet.as_ref(), id);
+                if job.remote || job.watchers.is_some_and(|n| n > 0) {
+                    wanted = true;
+                } else {
+                    state.slots.remove(id);
+                    self.schedule.unwatch(id);
+                }
+            }
+            if wanted {
+                ids.push(Arc::clone(id));
+            }
+        }
+        (ids, waiters)
+    }
+
+    /// A call's task ended: its answer or failure is applied; a task that
+    /// panicked (a bug) ends its watches and checks with an internal error
+    /// rather than leaving them waiting for ever, and the token goes on.
+    fn landed(&mut self, done: Result<(task::Id, Done), task::JoinError>) {
+        let (id, ended) = match done {
+            Ok((id, Ok(entries))) => (id, Ended::Answered(entries)),
+            Ok((id, Err(error))) => (id, Ended::Failed(error)),
+            Err(e) => {
+                error!(error = %e, "a status call task failed; ending its watches and checks");
+                (e.id(), Ended::Panicked)
+            }
+        };
+        if let Some(flight) = self.flights.remove(&id) {
+            self.apply(flight, ended);
+        }
+    }
+
+    /// Carries out the plan for a call's end: publishes each job's outcome,
+    /// remembers the answers, answers the call's checks, tells the schedule
+    /// and, with fleet polling, the other replicas.
+    fn apply(&mut self, flight: InFlight, ended: Ended) {
         let now = Instant::now();
-        let sharing = self.sharing();
-        match result {
-            Ok(entries) => {
-                let InFlight {
-                    call, ids, waiters, ..
-                } = flight;
-                let mut waiters: HashMap<Arc<str>, Vec<Waiter>> = waiters.into_iter().collect();
-                let mut by_id: HashMap<String, StatusEntry> = entries
-                    .into_iter()
-                    .map(|e| match &e {
-                        Ok(status) => (status.mark_id.clone(), e),
-                        Err(bad) => (bad.mark_id.clone(), e),
-                    })
-                    .collect();
-                let mut shared_entries = Vec::new();
-                let shared = Arc::clone(&self.shared);
-                let mut state = lock(&shared.state);
-                for id in &ids {
-                    let outcome = match by_id.remove(&**id) {
-                        Some(Ok(status)) => Ok(status),
-                        Some(Err(bad)) => {
-                            warn!(error = %bad.error, mark_id = %bad.mark_id, "unreadable status entry");
-                            Err(HubError::Upstream(bad.error))
-                        }
-                        None => Err(HubError::NotFound {
-                            mark_id: id.to_string(),
-                        }),
-                    };
-                    self.publish(&mut state, id, &outcome, now);
-                    if let Ok(status) = &outcome {
-                        // Fresh from when the call was sent: the state
-                        // Piclumen reported is at least that recent.
-                        state
-                            .known
-                            .insert(Arc::clone(id), (status.clone(), call.sent_at));
-                        self.next_sweep
-                            .get_or_insert(now + self.hub.config.poll_interval);
-                    }
-                    if sharing {
-                        shared_entries.push(fleet::entry(id, &outcome));
-                    }
-                    for waiter in waiters.remove(id).unwrap_or_default() {
-                        let _ = waiter.send(outcome.clone());
-                    }
+        let InFlight {
+            call,
+            ids,
+            waiters,
+            span,
+        } = flight;
+        let round = Round {
+            ids: &ids,
+            sent_at: call.sent_at,
+            sharing: self.fleet.as_ref().is_some_and(FleetSide::shares),
+        };
+        let shared = Arc::clone(&self.shared);
+        let mut state = lock(&shared.state);
+        // Planned and carried out under one lock: a watcher joining in
+        // between could otherwise lose the channel the plan closes.
+        let plan = round.plan(ended, |id| job(&state, self.fleet.as_ref(), id));
+        self.publish(&mut state, &plan.jobs, now);
+        self.remember(&mut state, &plan.known, plan.fresh_from, now);
+        drop(state);
+        log(&plan);
+        waiters.answer(&plan);
+        let verdict = self.schedule.on_reply(&call, &plan.reply, now);
+        self.after(plan.then(verdict, now), plan.sharing, &span, now);
+        if let Some(fleet) = &self.fleet {
+            fleet.share(plan.share);
+        }
+    }
+
+    /// Pauses the token or ends its watches, as a failed call's verdict
+    /// says, here and (when sharing) on the other replicas.
+    fn after(&mut self, then: Then, sharing: bool, span: &tracing::Span, now: Instant) {
+        let fleet = self.fleet.as_ref().filter(|_| sharing);
+        match then {
+            Then::Continue => {}
+            Then::Pause { until, left, error } => {
+                upstream_metrics().retries.increment(1);
+                crate::otel::retry_event(span, left, &error.to_string());
+                debug!(%error, pause = ?left, "transient upstream trouble; pausing the token");
+                if let Some(fleet) = fleet {
+                    fleet.share_pause(left, &error);
                 }
-                drop(state);
-                self.schedule.on_reply(&call, &Reply::Answered, now);
-                if sharing {
-                    self.share(shared_entries);
-                }
+                self.links.clear_checks();
+                self.pause(until, error, now);
             }
-            Err(error) if error.is_transient() => {
-                let InFlight {
-                    call,
-                    waiters,
-                    span,
-                    ..
-                } = flight;
-                for waiter in waiters.into_iter().flat_map(|(_, w)| w) {
-                    let _ = waiter.send(Err(HubError::Upstream(error.clone())));
+            Then::Outage(error) => {
+                if let Some(fleet) = fleet {
+                    fleet.share_outage(&error);
                 }
-                let retry_after = match &error {
-                    UpstreamError::RateLimited { retry_after } => *retry_after,
-                    _ => None,
-                };
-                match self
-                    .schedule
-                    .on_reply(&call, &Reply::Transient { retry_after }, now)
-                {
-                    Verdict::Outage => {
-                        if sharing {
-                            self.share_outage(&error);
-                        }
-                        self.outage(error);
-                    }
-                    Verdict::Paused(until) => {
-                        upstream_metrics().retries.increment(1);
-                        crate::otel::retry_event(
-                            &span,
-                            until.saturating_duration_since(now),
-                            &error.to_string(),
-                        );
-                        debug!(%error, pause = ?until.saturating_duration_since(now), "transient upstream trouble; pausing the token");
-                        if sharing {
-                            self.share_pause(until.saturating_duration_since(now), &error);
-                        }
-                        self.links.clear_checks();
-                        self.pause(until, error, now);
-                    }
-                    Verdict::Continue => {}
-                }
-            }
-            Err(error) => {
-                warn!(%error, "Piclumen refused a status call; ending its watches and checks");
-                self.end_call(flight, HubError::Upstream(error));
+                self.outage(error);
             }
         }
     }
 
-    /// Sends an outcome to a job's watchers; a finished or unwatched job
-    /// leaves the schedule, unless another replica still wants it polled.
-    fn publish(
+    /// Carries out each job's fate: its outcome sent on its channel, the
+    /// channel closed and the job's polling stopped when the plan says so.
+    fn publish(&mut self, state: &mut State, jobs: &[JobPlan], now: Instant) {
+        for JobPlan { id, outcome, fate } in jobs {
+            if let Some(fleet) = &mut self.fleet {
+                fleet.coord.heard(id, now);
+                if fate.leave_remote {
+                    fleet.remote.remove(id);
+                }
+            }
+            if fate.publish
+                && let Some(slot) = state.slots.get(id)
+            {
+                slot.set(outcome.clone().into());
+            }
+            if fate.close {
+                state.slots.remove(id);
+            }
+            if fate.unwatch {
+                self.schedule.unwatch(id);
+            }
+        }
+    }
+
+    /// Keeps answers to serve checks, and sweeps them in time.
+    fn remember(
         &mut self,
         state: &mut State,
-        id: &Arc<str>,
-        outcome: &Result<JobStatus, HubError>,
+        known: &[(Id, JobStatus)],
+        fresh_from: Instant,
         now: Instant,
     ) {
-        let done = match outcome {
-            Ok(status) => status.state.is_terminal(),
-            Err(_) => true,
-        };
-        let remote = match &mut self.fleet {
-            Some(fleet) => {
-                fleet.coord.heard(id, now);
-                if done {
-                    fleet.remote.remove(id);
-                    false
-                } else {
-                    fleet.remote.contains(id)
-                }
-            }
-            None => false,
-        };
-        let Some(tx) = state.slots.get(id) else {
-            if !remote {
-                self.schedule.unwatch(id);
-            }
-            return;
-        };
-        let snapshot = match outcome {
-            Ok(status) => Snapshot::Status(status.clone()),
-            Err(e) => Snapshot::Ended(e.clone()),
-        };
-        set(tx, snapshot);
-        if done || tx.receiver_count() == 0 {
-            if state.slots.remove(id).is_some() {
-                gauges().jobs.decrement(1.0);
-            }
-            if !remote {
-                self.schedule.unwatch(id);
-            }
+        if state.remember(known, fresh_from) {
+            self.next_sweep
+                .get_or_insert(now + self.hub.config.poll_interval);
         }
     }
 
-    /// Drops answers older than one interval.
+    /// Holds the token until `until`: queued checks get the cause now
+    /// rather than waiting out the pause.
+    fn pause(&mut self, until: Instant, error: UpstreamError, now: Instant) {
+        let left = until.saturating_duration_since(now);
+        self.waiters
+            .fail_all(&round::paused_answer(Some(error.clone()), left));
+        self.schedule.clear_checks();
+        self.pause_error = Some(error);
+    }
+
+    /// Ends every watch and queued check of the token.
+    fn outage(&mut self, last: UpstreamError) {
+        warn!(%last, "upstream trouble outlasted the failure budget; ending watches");
+        let ended = HubError::Outage {
+            budget: self.hub.config.failure_budget,
+            last,
+        };
+        let mut state = lock(&self.shared.state);
+        for (_, slot) in state.slots.drain() {
+            slot.set(Snapshot::Ended(ended.clone()));
+        }
+        drop(state);
+        self.waiters.fail_all(&ended);
+        if let Some(fleet) = &mut self.fleet {
+            fleet.remote.clear();
+        }
+        self.pause_error = None;
+    }
+
+    /// An exchange with the fleet's store ended; the states it read back
+    /// reach this replica's watchers.
+    fn on_exchange(
+        &mut self,
+        result: Result<super::fleet::ExchangeReply, super::fleet::FleetError>,
+    ) {
+        let now = Instant::now();
+        let Some(fleet) = &mut self.fleet else {
+            return;
+        };
+        let states = fleet.on_exchange(result, &self.shared, &mut self.schedule, now);
+        if !states.is_empty() {
+            self.apply_entries(&states, now);
+        }
+    }
+
+    /// Another replica's round: its answers reach this replica's watchers
+    /// and fresh state; its pause or outage applies here too.
+    fn apply_round(&mut self, round: &FleetRound, now: Instant) {
+        if !self.fleet.as_ref().is_some_and(FleetSide::takes_part) {
+            return;
+        }
+        self.apply_entries(&round.entries, now);
+        if let Some(pause) = &round.pause {
+            let until = now + std::time::Duration::from_millis(pause.ms);
+            self.schedule.impose_pause(until, now);
+            self.pause(until, pause.cause.clone().into(), now);
+        }
+        if let Some(outage) = &round.outage {
+            self.schedule.forget_all();
+            self.outage(outage.last.clone().into());
+        }
+    }
+
+    /// Other replicas' answers, fresh as of their arrival here (a round is
+    /// a few milliseconds old at most).
+    fn apply_entries(&mut self, entries: &[Entry], now: Instant) {
+        let shared = Arc::clone(&self.shared);
+        let mut state = lock(&shared.state);
+        let (jobs, known) = round::from_replica(entries, |id| job(&state, self.fleet.as_ref(), id));
+        self.remember(&mut state, &known, now, now);
+        self.publish(&mut state, &jobs, now);
+    }
+
+    /// Drops answers older than one interval, when due.
     fn sweep(&mut self, now: Instant) {
         if self.next_sweep.is_none_or(|at| at > now) {
             return;
         }
         let interval = self.hub.config.poll_interval;
-        let mut state = lock(&self.shared.state);
-        state
-            .known
-            .retain(|_, (_, at)| now.duration_since(*at) < interval);
-        if state.known.capacity() > 4 * state.known.len().max(64) {
-            state.known.shrink_to_fit();
-        }
-        self.next_sweep = (!state.known.is_empty()).then(|| now + interval / 2);
+        self.next_sweep = lock(&self.shared.state).sweep(now, interval);
     }
 
     /// Ends this poller when it has nothing left, under the hub's lock so a
@@ -446,31 +471,21 @@ impl Poller {
     }
 }
 
-/// Removes a job's channel and stops polling it.
-fn forget(state: &mut State, schedule: &mut Schedule, id: &Arc<str>) {
-    if state.slots.remove(id).is_some() {
-        gauges().jobs.decrement(1.0);
+/// What the poller knows of `id`, for a plan.
+fn job(state: &State, fleet: Option<&FleetSide>, id: &Id) -> Job {
+    Job {
+        watchers: state.slots.get(id).map(|slot| slot.receiver_count()),
+        remote: fleet.is_some_and(|f| f.remote.contains(id)),
     }
-    schedule.unwatch(id);
 }
 
-fn set(tx: &watch::Sender<Snapshot>, snapshot: Snapshot) {
-    tx.send_if_modified(|current| {
-        let changed = *current != snapshot;
-        if changed {
-            *current = snapshot;
-        }
-        changed
-    });
-}
-
-/// A rate-limit error telling the caller how much of the pause is left.
-fn with_remaining(error: UpstreamError, left: std::time::Duration) -> UpstreamError {
-    match error {
-        UpstreamError::RateLimited { .. } => UpstreamError::RateLimited {
-            retry_after: Some(left),
-        },
-        other => other,
+/// Logs what the plan says went wrong.
+fn log(plan: &Plan) {
+    for bad in &plan.unreadable {
+        warn!(error = %bad.error, mark_id = %bad.mark_id, "unreadable status entry");
+    }
+    if let Some(error) = &plan.refused {
+        warn!(%error, "Piclumen refused a status call; ending its watches and checks");
     }
 }
 

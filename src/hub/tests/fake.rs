@@ -10,9 +10,9 @@ use std::{
 use tokio::time::{Instant, sleep};
 
 use crate::{
-    hub::{BoxFuture, Hub, HubConfig, Snapshot, StatusSource, Subscription},
+    hub::{Hub, HubConfig, Snapshot, StatusSource, Subscription},
     job::{JobState, JobStatus, Token},
-    upstream::{BadEntry, StatusEntry, UpstreamError},
+    upstream::{BadEntry, BoxFuture, StatusEntry, UpstreamError},
 };
 
 pub(crate) const INTERVAL: Duration = Duration::from_secs(2);

@@ -28,12 +28,12 @@ use super::{
 };
 use crate::{
     hub::{
-        BoxFuture, Hub, HubError, Snapshot, StatusSource, Subscription,
+        Hub, HubError, Snapshot, StatusSource, Subscription,
         schedule::Id,
         tests::fake::{Fake, INTERVAL, Scripted, config, id, next_state, token},
     },
     job::{JobState, Token},
-    upstream::{StatusEntry, UpstreamError},
+    upstream::{BoxFuture, StatusEntry, UpstreamError},
 };
 
 #[derive(Default)]
