@@ -61,5 +61,6 @@ pub mod request_id;
 pub mod server;
 pub mod service;
 pub mod sim;
+pub mod support;
 pub mod telemetry;
 pub mod upstream;

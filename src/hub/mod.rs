@@ -18,6 +18,7 @@ pub mod schedule;
 pub mod source;
 mod state;
 
+use crate::support::lock;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex, MutexGuard, OnceLock, Weak},
@@ -421,10 +422,18 @@ fn check_metrics() -> &'static CheckMetrics {
     })
 }
 
-/// Locks a mutex; a poisoned one still holds consistent maps (no code
-/// panics while holding these locks), so poisoning is ignored.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+/// The status calls' own metrics: retries after trouble, ids per call.
+pub(super) struct UpstreamMetrics {
+    pub(super) retries: metrics::Counter,
+    pub(super) ids: metrics::Histogram,
+}
+
+pub(super) fn upstream_metrics() -> &'static UpstreamMetrics {
+    static M: std::sync::OnceLock<UpstreamMetrics> = std::sync::OnceLock::new();
+    M.get_or_init(|| UpstreamMetrics {
+        retries: metrics::counter!("piclumen_upstream_retries_total", "endpoint" => "status"),
+        ids: metrics::histogram!("piclumen_hub_ids_per_call"),
+    })
 }
 
 #[cfg(test)]

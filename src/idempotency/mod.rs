@@ -40,7 +40,8 @@ pub use in_flight::{CreatesInFlight, InFlight};
 pub use settings::IdempotencyConfig;
 pub use store::IdempotencyStore;
 
-use std::{fmt, str::FromStr, sync::Mutex, time::Duration};
+use crate::support::{hex, lock};
+use std::{fmt, str::FromStr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
@@ -244,18 +245,6 @@ fn key(token: &Token, request_id: &str) -> String {
     hash.update(token);
     hash.update(request_id.as_bytes());
     format!("{KEY_PREFIX}{}", hex(hash.finish().as_ref()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// GenerateImage calls answered by a create already done or running for

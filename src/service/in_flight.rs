@@ -4,9 +4,10 @@
 //! Piclumen (and spend the account) with parallel generations; a create's
 //! place is held by the create itself, however soon its caller gives up.
 
+use crate::support::lock;
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    sync::{Arc, Mutex},
 };
 
 use crate::{error::Error, job::Token};
@@ -64,10 +65,4 @@ impl Drop for CreateSlot {
             }
         }
     }
-}
-
-/// The counts stay consistent whatever panicked while holding the lock: each
-/// update is a single step.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -44,6 +44,7 @@ mod inspect;
 mod tests;
 mod world;
 
+use crate::support::lock;
 use std::{
     future::Future,
     sync::{Arc, Mutex, MutexGuard},
@@ -130,14 +131,6 @@ impl Sim {
     fn world(&self) -> MutexGuard<'_, World> {
         lock(&self.world)
     }
-}
-
-/// Locks `mutex`, carrying on after a panic elsewhere: every critical
-/// section leaves its data whole.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The simulator's HTTP routes.

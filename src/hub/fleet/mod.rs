@@ -78,8 +78,7 @@ impl TokenKey {
     /// The key of `token`.
     pub fn of(token: &Token) -> Self {
         let digest = ring::digest::digest(&ring::digest::SHA256, token.expose().as_bytes());
-        let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-        Self(hex.into())
+        Self(crate::support::hex(digest.as_ref()).into())
     }
 
     /// The key's text.

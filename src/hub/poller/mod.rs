@@ -31,6 +31,7 @@ use super::{
     fleet::wire::{Entry, Round as FleetRound},
     lock,
     schedule::{Call, Id, Next, Schedule, ScheduleConfig},
+    upstream_metrics,
 };
 use crate::{
     job::{JobStatus, Token},
@@ -487,17 +488,4 @@ fn log(plan: &Plan) {
     if let Some(error) = &plan.refused {
         warn!(%error, "Piclumen refused a status call; ending its watches and checks");
     }
-}
-
-struct UpstreamMetrics {
-    retries: metrics::Counter,
-    ids: metrics::Histogram,
-}
-
-fn upstream_metrics() -> &'static UpstreamMetrics {
-    static M: std::sync::OnceLock<UpstreamMetrics> = std::sync::OnceLock::new();
-    M.get_or_init(|| UpstreamMetrics {
-        retries: metrics::counter!("piclumen_upstream_retries_total", "endpoint" => "status"),
-        ids: metrics::histogram!("piclumen_hub_ids_per_call"),
-    })
 }
