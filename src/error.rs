@@ -80,6 +80,19 @@ pub enum Error {
         /// What happened to the create, as its first caller was told.
         cause: String,
     },
+    /// A GenerateImage without `request_id` was sent to Piclumen but no
+    /// usable reply came (a broken connection, a gateway's 502/504): the job
+    /// may exist. Never a code clients retry on their own (UNAVAILABLE),
+    /// since a resend may pay twice.
+    #[error(
+        "the GenerateImage was sent to Piclumen but no usable reply came ({cause}): the job may \
+         exist (and cost credits) but its mark id is unknown; sending it again may start a \
+         second one (send a request_id to make retries safe)"
+    )]
+    CreateUnanswered {
+        /// What happened to the create.
+        cause: String,
+    },
     /// The shared `request_id` store cannot be reached: nothing was created.
     #[error(
         "the request_id store is unreachable, so nothing was created; retry shortly (a call \
@@ -162,12 +175,32 @@ impl Error {
             Self::DeadlineExceeded(_) => (C::DeadlineExceeded, "DEADLINE_EXCEEDED"),
             Self::ResourceExhausted(_) => (C::ResourceExhausted, "SERVER_LIMIT"),
             Self::UpstreamOutage { .. } => (C::Unavailable, "UPSTREAM_UNAVAILABLE"),
-            Self::CreateOutcomeUnknown { .. } => (C::Aborted, "CREATE_OUTCOME_UNKNOWN"),
+            Self::CreateOutcomeUnknown { .. } | Self::CreateUnanswered { .. } => {
+                (C::Aborted, "CREATE_OUTCOME_UNKNOWN")
+            }
             Self::IdempotencyStoreUnavailable => (C::Unavailable, "IDEMPOTENCY_STORE_UNAVAILABLE"),
             Self::Upstream {
                 source,
                 default_token,
             } => classify_upstream(source, *default_token),
+        }
+    }
+
+    /// This create error as the caller is told it. A create that reached
+    /// Piclumen without a usable reply would be UNAVAILABLE like any
+    /// passing trouble, and clients retry UNAVAILABLE on their own: it
+    /// answers ABORTED `CREATE_OUTCOME_UNKNOWN` instead, so UNAVAILABLE
+    /// from GenerateImage always means nothing was created. A keyed create
+    /// says so in its key's terms.
+    pub fn for_create(self, keyed: bool) -> Self {
+        if !self.create_outcome_unknown() || self.classify().0 != ErrorClass::Unavailable {
+            return self;
+        }
+        let cause = self.to_string();
+        if keyed {
+            Self::CreateOutcomeUnknown { cause }
+        } else {
+            Self::CreateUnanswered { cause }
         }
     }
 

@@ -16,6 +16,9 @@ struct Case {
     code: Code,
     reason: &'static str,
     message_has: &'static str,
+    /// Sent without a usable reply: a create's outcome is unknown, so
+    /// GenerateImage answers ABORTED, never a code clients retry alone.
+    unknown_on_create: bool,
 }
 
 fn cases() -> Vec<Case> {
@@ -24,6 +27,11 @@ fn cases() -> Vec<Case> {
         code,
         reason,
         message_has,
+        unknown_on_create: false,
+    };
+    let unknown = |case: Case| Case {
+        unknown_on_create: true,
+        ..case
     };
     vec![
         c(
@@ -69,24 +77,24 @@ fn cases() -> Vec<Case> {
             "UPSTREAM_UNAVAILABLE",
             "500",
         ),
-        c(
+        unknown(c(
             json!({"http_status": 502, "body": "oops"}),
             Code::Unavailable,
             "UPSTREAM_UNAVAILABLE",
             "502",
-        ),
+        )),
         c(
             json!({"http_status": 503, "body": "oops"}),
             Code::Unavailable,
             "UPSTREAM_UNAVAILABLE",
             "503",
         ),
-        c(
+        unknown(c(
             json!({"http_status": 504, "body": "oops"}),
             Code::Unavailable,
             "UPSTREAM_UNAVAILABLE",
             "504",
-        ),
+        )),
         c(
             json!({"http_status": 200, "body": "<html>maintenance</html>"}),
             Code::Internal,
@@ -105,12 +113,12 @@ fn cases() -> Vec<Case> {
             "UPSTREAM_REJECTED",
             "insufficient credits",
         ),
-        c(
+        unknown(c(
             json!({"reset": true, "http_status": 200, "body": "{\"status\":"}),
             Code::Unavailable,
             "UPSTREAM_UNAVAILABLE",
             "Piclumen",
-        ),
+        )),
     ]
 }
 
@@ -140,7 +148,12 @@ async fn check_all(endpoint: &str) {
                 .await
                 .expect_err("fault")
         };
-        assert_status(&status, case.code, case.reason);
+        if endpoint == "create" && case.unknown_on_create {
+            assert_status(&status, Code::Aborted, "CREATE_OUTCOME_UNKNOWN");
+            assert!(status.message().contains("may exist"), "{}", status.message());
+        } else {
+            assert_status(&status, case.code, case.reason);
+        }
         assert!(
             status.message().contains(case.message_has),
             "{endpoint} {:?}: message {:?} lacks {:?}",
@@ -175,6 +188,14 @@ async fn rate_limit_carries_retry_info() {
     assert_eq!(
         details.retry_info().expect("RetryInfo").retry_delay,
         Some(Duration::from_secs(7))
+    );
+    // gRFC A6's pushback, for clients with a retry policy.
+    assert_eq!(
+        status
+            .metadata()
+            .get("grpc-retry-pushback-ms")
+            .and_then(|v| v.to_str().ok()),
+        Some("7000")
     );
 }
 

@@ -115,20 +115,20 @@ async fn a_create_without_a_reply_is_remembered_as_outcome_unknown() {
         Case {
             name: "reset",
             fault: json!({"endpoint": "create", "reset": true, "http_status": 200, "body": "{\"status\":"}),
-            first_code: Code::Unavailable,
-            first_reason: "UPSTREAM_UNAVAILABLE",
+            first_code: Code::Aborted,
+            first_reason: "CREATE_OUTCOME_UNKNOWN",
         },
         Case {
             name: "gateway timeout",
             fault: json!({"endpoint": "create", "http_status": 504, "body": "gateway timeout"}),
-            first_code: Code::Unavailable,
-            first_reason: "UPSTREAM_UNAVAILABLE",
+            first_code: Code::Aborted,
+            first_reason: "CREATE_OUTCOME_UNKNOWN",
         },
         Case {
             name: "bad gateway",
             fault: json!({"endpoint": "create", "http_status": 502, "body": "bad gateway"}),
-            first_code: Code::Unavailable,
-            first_reason: "UPSTREAM_UNAVAILABLE",
+            first_code: Code::Aborted,
+            first_reason: "CREATE_OUTCOME_UNKNOWN",
         },
     ];
     for case in cases {

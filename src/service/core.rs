@@ -108,6 +108,7 @@ impl Core {
             )
         });
         let payload = req.into_payload(&self.config.limits)?;
+        let is_keyed = keyed.is_some();
         let created = match keyed {
             // No key: the create is the call's own and ends with it.
             None => match self.start_create(call, &payload, deadline) {
@@ -123,6 +124,7 @@ impl Core {
                     .await
             }
         };
+        let created = created.map_err(|e| e.for_create(is_keyed));
         match &created {
             Ok(created) => {
                 info!(mark_id = %created.mark_id, seed = created.seed, "generation started");

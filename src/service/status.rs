@@ -1,10 +1,11 @@
 //! The gRPC edge's one mapping of [`Error`] to `tonic::Status`: the code of
 //! the error's class, its message, and rich details (`ErrorInfo` with the
-//! stable reason, `BadRequest`, `ResourceInfo`, `RetryInfo`).
+//! stable reason, `BadRequest`, `ResourceInfo`, `RetryInfo`), and gRFC A6's
+//! `grpc-retry-pushback-ms` where Piclumen said when to retry.
 
 use std::collections::HashMap;
 
-use tonic::{Code, Status};
+use tonic::{Code, Status, metadata::MetadataValue};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::error::{ERROR_DOMAIN, Error, ErrorClass};
@@ -27,7 +28,16 @@ impl From<Error> for Status {
             details.set_retry_info(Some(delay));
         }
         details.set_error_info(reason, ERROR_DOMAIN, HashMap::new());
-        Status::with_error_details(code(class), error.to_string(), details)
+        let mut status = Status::with_error_details(code(class), error.to_string(), details);
+        if let Some(delay) = error.retry_after() {
+            // gRFC A6: a client retrying under a service config waits this
+            // long before its next attempt, as Piclumen asked.
+            status.metadata_mut().insert(
+                "grpc-retry-pushback-ms",
+                MetadataValue::from(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX)),
+            );
+        }
+        status
     }
 }
 
