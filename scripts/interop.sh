@@ -7,7 +7,8 @@
 #     against a server whose upstream (the simulator) accepts one token only
 #   - each of those clients, with the published retry policy
 #     (clients/service_config.json), rides through a server restart (drain,
-#     then a new process on the same port) without an error reaching its code
+#     a pause, then a new process on the same port) without an error reaching
+#     its code; a control shows a client without the policy does not
 # Installs its pinned tools (scripts/tools.sh), starts every process it needs,
 # stops them by PID, and ends with a line "N passed, N failed".
 set -uo pipefail
@@ -184,7 +185,9 @@ stop() {
 # gets SIGTERM: it refuses new calls (UNAVAILABLE, SHUTTING_DOWN), stops
 # listening, drains and exits. The port then stays closed for
 # $RESTART_GAP s (connections refused: UNAVAILABLE), as while a process
-# restarts, and a new server listens on it. Sets RESTART_RC to the client's
+# restarts, and a new server listens on it. (Without the pause the new process
+# listens ~0.1 s after the old one stopped, between two of the client's calls,
+# and even a client without a retry policy sees nothing.) Sets RESTART_RC to the client's
 # exit status and RESTART_CALLING to yes when it was still calling once the
 # new server listened.
 RESTART_GAP=0.5
