@@ -5,6 +5,10 @@
 #   - ghz drives each RPC briefly
 #   - the generated Go, Python, Node.js and Java clients run their scenario
 #     against a server whose upstream (the simulator) accepts one token only
+#   - each of those clients, with the published retry policy
+#     (clients/service_config.json), rides through a server restart (drain,
+#     a pause, then a new process on the same port) without an error reaching
+#     its code; a control shows a client without the policy does not
 # Installs its pinned tools (scripts/tools.sh), starts every process it needs,
 # stops them by PID, and ends with a line "N passed, N failed".
 set -uo pipefail
@@ -57,7 +61,7 @@ install_tools || { echo "tool installation failed"; exit 1; }
 cargo build --locked --quiet --bin piclumen-grpc || exit 1
 BIN="$ROOT/target/debug/piclumen-grpc"
 
-for port in 50051 50052 18080; do
+for port in 50051 50052 50053 18080; do
   port_free "$port" || { echo "port $port is in use; stop what holds it"; exit 1; }
 done
 start quickstart serve --simulate --listen 127.0.0.1:50051 --sim-job-duration 2s --poll-interval 300ms
@@ -143,6 +147,119 @@ run client-node node clients/node/client.js
 # Node sends no Origin, so the server needs no --cors-allow-origin.
 run client-web node clients/web/client.js
 run client-java bash -c 'cd clients/java && mvn -q -B compile exec:java'
+
+echo "== restarts under the clients (clients/service_config.json)"
+RESTART_ADDR=127.0.0.1:50053
+# forget PID: drops a process that has been waited for from the cleanup list.
+forget() {
+  local keep=() pid
+  for pid in "${PIDS[@]}"; do [[ $pid == "$1" ]] || keep+=("$pid"); done
+  PIDS=("${keep[@]}")
+}
+# serve_restartable LOG: a server on $RESTART_ADDR whose upstream is the
+# simulator above (which outlives it, so jobs survive the restart); sets
+# SERVER_PID once the server listens.
+serve_restartable() {
+  "$BIN" serve --listen "$RESTART_ADDR" --upstream-url http://127.0.0.1:18080 \
+    --poll-interval 300ms --drain-timeout 5s >"$1" 2>&1 &
+  SERVER_PID=$!
+  PIDS+=("$SERVER_PID")
+  for _ in $(seq 1 200); do
+    grep -qs "listening on" "$1" && return 0
+    kill -0 "$SERVER_PID" 2>/dev/null || break
+    sleep 0.05
+  done
+  echo "the server did not start:" && cat "$1"
+  return 1
+}
+# stop PID: SIGTERM, then wait for it (the server drains within 5 s).
+stop() {
+  kill "$1" 2>/dev/null
+  wait "$1" 2>/dev/null
+  forget "$1"
+}
+# restart_scenario NAME COMMAND...: runs a client's restart scenario
+# (PICLUMEN_SCENARIO=restart: GenerateImage then CheckImage every ~100 ms for
+# 8 s, exiting non-zero on the first error its code sees) against a server on
+# $RESTART_ADDR. About 1 s after the client's first answered call the server
+# gets SIGTERM: it refuses new calls (UNAVAILABLE, SHUTTING_DOWN), stops
+# listening, drains and exits. The port then stays closed for
+# $RESTART_GAP s (connections refused: UNAVAILABLE), as while a process
+# restarts, and a new server listens on it. (Without the pause the new process
+# listens ~0.1 s after the old one stopped, between two of the client's calls,
+# and even a client without a retry policy sees nothing.) Sets RESTART_RC to the client's
+# exit status and RESTART_CALLING to yes when it was still calling once the
+# new server listened.
+RESTART_GAP=0.5
+restart_scenario() {
+  local name=$1
+  shift
+  local dir="$LOGS/$name.d"
+  mkdir -p "$dir"
+  serve_restartable "$dir/server-1.out" || return 1
+  local first=$SERVER_PID
+  PICLUMEN_ADDR=$RESTART_ADDR PICLUMEN_SCENARIO=restart PICLUMEN_RESTART_SECONDS=8 \
+    timeout 180 "$@" >"$dir/client.out" 2>&1 &
+  local client=$!
+  PIDS+=("$client")
+  # Clients start at their own pace (a JVM under Maven takes seconds).
+  until grep -qs "first call ok" "$dir/client.out"; do
+    if ! kill -0 "$client" 2>/dev/null; then
+      wait "$client"
+      forget "$client"
+      stop "$first"
+      echo "the client ended before its first answered call:" && cat "$dir/client.out"
+      return 1
+    fi
+    sleep 0.05
+  done
+  sleep 1
+  kill -TERM "$first"
+  wait "$first"
+  local drained=$?
+  forget "$first"
+  sleep "$RESTART_GAP"
+  serve_restartable "$dir/server-2.out" || { stop "$client"; return 1; }
+  local second=$SERVER_PID
+  RESTART_CALLING=yes
+  kill -0 "$client" 2>/dev/null || RESTART_CALLING=no
+  wait "$client"
+  RESTART_RC=$?
+  forget "$client"
+  stop "$second"
+  cat "$dir/client.out"
+  echo "--- the first server's log after SIGTERM:"
+  sed -n '/SIGTERM/,$p' "$dir/server-1.out"
+  [[ $drained -eq 0 ]] || { echo "the first server exited $drained after SIGTERM"; return 1; }
+}
+# restart_check NAME COMMAND...: the client rides through the restart: it
+# exits 0, no error having reached its code, and kept calling across it.
+restart_check() {
+  restart_scenario "$@" || return 1
+  [[ $RESTART_RC -eq 0 ]] || { echo "an error reached the client's code (exit $RESTART_RC)"; return 1; }
+  [[ $RESTART_CALLING == yes ]] || { echo "the client had ended before the new server listened"; return 1; }
+}
+build_go_client() { (cd clients/go && go build -o "$LOGS/go-client-bin" .); }
+# From clients/go, where its default ../service_config.json is.
+GO_CLIENT=(bash -c 'cd clients/go && exec "$0"' "$LOGS/go-client-bin")
+restart_go() { build_go_client && restart_check restart-go "${GO_CLIENT[@]}"; }
+# The control: the same Go client with an empty service config (no retry
+# policy) must see the restart as an UNAVAILABLE error, or the checks prove
+# nothing.
+restart_without_policy() {
+  build_go_client || return 1
+  echo '{}' >"$LOGS/no-policy.json"
+  restart_scenario restart-without-policy env PICLUMEN_SERVICE_CONFIG="$LOGS/no-policy.json" "${GO_CLIENT[@]}" ||
+    return 1
+  [[ $RESTART_RC -ne 0 ]] && grep -q "code = Unavailable" "$LOGS/restart-without-policy.d/client.out" ||
+    { echo "without a retry policy the restart went unnoticed"; return 1; }
+  echo "without a retry policy, the restart reached the client's code as UNAVAILABLE"
+}
+run restart-go restart_go
+run restart-python restart_check restart-python "$TOOLS/venv/bin/python" clients/python/client.py
+run restart-node restart_check restart-node node clients/node/client.js
+run restart-java restart_check restart-java bash -c 'cd clients/java && exec mvn -q -B compile exec:java'
+run restart-without-policy restart_without_policy
 
 echo "== Swagger UI of the first version's HTTP API, in headless Chromium"
 run docs-chromium scripts/docs-check.sh "$LOGS/docs-check"

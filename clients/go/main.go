@@ -3,6 +3,12 @@
 // call carries W3C trace context (OpenTelemetry's TraceContext propagator)
 // from one client span, whose trace id it prints, so the server's spans and
 // log lines can be found in the same trace.
+//
+// The channel carries the published retry policy, ../service_config.json
+// (or the file named by PICLUMEN_SERVICE_CONFIG). With PICLUMEN_SCENARIO=restart
+// it runs the restart scenario instead: GenerateImage then CheckImage every
+// ~100 ms for PICLUMEN_RESTART_SECONDS (default 8), failing if any call
+// returns an error, while the server is restarted under it.
 package main
 
 import (
@@ -11,6 +17,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strconv"
 	"time"
 
 	"go.opentelemetry.io/otel/propagation"
@@ -26,17 +33,34 @@ import (
 )
 
 func main() {
-	if err := run(); err != nil {
+	scenario := run
+	if os.Getenv("PICLUMEN_SCENARIO") == "restart" {
+		scenario = runRestart
+	}
+	if err := scenario(); err != nil {
 		fmt.Fprintln(os.Stderr, "FAIL:", err)
 		os.Exit(1)
 	}
 	fmt.Println("go client: OK")
 }
 
-func run() error {
+// dial opens a channel to PICLUMEN_ADDR with the published retry policy.
+func dial() (*grpc.ClientConn, error) {
 	addr := envOr("PICLUMEN_ADDR", "localhost:50051")
+	// Relative to clients/go, where `go run .` runs.
+	path := envOr("PICLUMEN_SERVICE_CONFIG", "../service_config.json")
+	serviceConfig, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("service config: %w", err)
+	}
+	return grpc.NewClient(addr,
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultServiceConfig(string(serviceConfig)))
+}
+
+func run() error {
 	token := envOr("PICLUMEN_TOKEN", "demo-token")
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := dial()
 	if err != nil {
 		return err
 	}
@@ -113,6 +137,55 @@ func run() error {
 		return fmt.Errorf("bad token: want ErrorInfo reason TOKEN_REJECTED, got %q", reason)
 	}
 	fmt.Printf("bad token: %s reason=%s\n", st.Code(), reason)
+	return nil
+}
+
+// runRestart calls GenerateImage then CheckImage every ~100 ms for
+// PICLUMEN_RESTART_SECONDS while the server restarts: the retry policy must
+// keep every error away from this code.
+func runRestart() error {
+	token := envOr("PICLUMEN_TOKEN", "demo-token")
+	seconds, err := strconv.Atoi(envOr("PICLUMEN_RESTART_SECONDS", "8"))
+	if err != nil {
+		return fmt.Errorf("PICLUMEN_RESTART_SECONDS: %w", err)
+	}
+	conn, err := dial()
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	client := piclumenv1.NewImageServiceClient(conn)
+	authed := metadata.AppendToOutgoingContext(context.Background(), "authorization", "Bearer "+token)
+
+	run := time.Now().UnixNano()
+	var slowest time.Duration
+	calls := 0
+	end := time.Now().Add(time.Duration(seconds) * time.Second)
+	for i := 0; time.Now().Before(end); i++ {
+		start := time.Now()
+		ctx, cancel := context.WithTimeout(authed, 30*time.Second)
+		created, err := client.GenerateImage(ctx, &piclumenv1.GenerateImageRequest{
+			Prompt:    fmt.Sprintf("restart scenario %d", i),
+			RequestId: fmt.Sprintf("go-restart-%d-%d", run, i),
+		})
+		if err == nil {
+			_, err = client.CheckImage(ctx, &piclumenv1.CheckImageRequest{MarkId: created.GetMarkId()})
+		}
+		cancel()
+		if err != nil {
+			return fmt.Errorf("round %d: %w", i, err)
+		}
+		calls += 2
+		took := time.Since(start)
+		slowest = max(slowest, took)
+		if i == 0 {
+			fmt.Println("restart scenario: first call ok")
+		} else if took > 500*time.Millisecond {
+			fmt.Printf("round %d took %v (retried)\n", i, took.Round(time.Millisecond))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	fmt.Printf("restart scenario: %d calls, no error, slowest round %v\n", calls, slowest.Round(time.Millisecond))
 	return nil
 }
 

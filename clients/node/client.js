@@ -1,7 +1,14 @@
 // The piclumen.v1 scenario from Node.js: GenerateImage, WatchImage (printing
 // each state), CheckImage, and a rejected token with its ErrorInfo reason.
+//
+// The channel carries the published retry policy, ../service_config.json next
+// to this file (or the file named by PICLUMEN_SERVICE_CONFIG). With
+// PICLUMEN_SCENARIO=restart it runs the restart scenario instead: GenerateImage
+// then CheckImage every ~100 ms for PICLUMEN_RESTART_SECONDS (default 8),
+// failing if any call rejects, while the server is restarted under it.
 'use strict';
 
+const fs = require('node:fs');
 const path = require('node:path');
 const assert = require('node:assert/strict');
 const grpc = require('@grpc/grpc-js');
@@ -76,10 +83,58 @@ function watch(client, request, metadata) {
   });
 }
 
-async function main() {
+// A client of PICLUMEN_ADDR whose channel has the published retry policy.
+function newClient() {
   const addr = process.env.PICLUMEN_ADDR || 'localhost:50051';
+  const configPath = process.env.PICLUMEN_SERVICE_CONFIG || path.resolve(__dirname, '../service_config.json');
+  const serviceConfig = fs.readFileSync(configPath, 'utf8');
+  return new ImageService(addr, grpc.credentials.createInsecure(), {
+    'grpc.service_config': serviceConfig,
+    'grpc.enable_retries': 1,
+  });
+}
+
+// GenerateImage then CheckImage every ~100 ms while the server restarts: the
+// retry policy must keep every error away from this code.
+async function restartScenario() {
   const token = process.env.PICLUMEN_TOKEN || 'demo-token';
-  const client = new ImageService(addr, grpc.credentials.createInsecure());
+  const seconds = Number(process.env.PICLUMEN_RESTART_SECONDS || '8');
+  const client = newClient();
+  const auth = new grpc.Metadata();
+  auth.set('authorization', `Bearer ${token}`);
+  const run = Date.now();
+  let calls = 0;
+  let slowest = 0;
+  const end = Date.now() + seconds * 1000;
+  for (let round = 0; Date.now() < end; round++) {
+    const start = Date.now();
+    const created = await call(client, 'GenerateImage', {
+      prompt: `restart scenario ${round}`,
+      request_id: `node-restart-${run}-${round}`,
+    }, auth);
+    await call(client, 'CheckImage', { mark_id: created.mark_id }, auth);
+    calls += 2;
+    const took = Date.now() - start;
+    slowest = Math.max(slowest, took);
+    if (round === 0) {
+      console.log('restart scenario: first call ok');
+    } else if (took > 500) {
+      console.log(`round ${round} took ${took}ms (retried)`);
+    }
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  client.close();
+  console.log(`restart scenario: ${calls} calls, no error, slowest round ${slowest}ms`);
+}
+
+async function main() {
+  if (process.env.PICLUMEN_SCENARIO === 'restart') {
+    await restartScenario();
+    console.log('node client: OK');
+    return;
+  }
+  const token = process.env.PICLUMEN_TOKEN || 'demo-token';
+  const client = newClient();
   const auth = new grpc.Metadata();
   auth.set('authorization', `Bearer ${token}`);
 

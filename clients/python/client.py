@@ -1,8 +1,15 @@
 """The piclumen.v1 scenario from Python: GenerateImage, WatchImage (printing
-each state), CheckImage, and a rejected token with its ErrorInfo reason."""
+each state), CheckImage, and a rejected token with its ErrorInfo reason.
+
+The channel carries the published retry policy, ../service_config.json next to
+this file (or the file named by PICLUMEN_SERVICE_CONFIG). With
+PICLUMEN_SCENARIO=restart it runs the restart scenario instead: GenerateImage
+then CheckImage every ~100 ms for PICLUMEN_RESTART_SECONDS (default 8),
+failing if any call raises, while the server is restarted under it."""
 
 import os
 import sys
+import time
 
 import grpc
 from google.rpc import error_details_pb2
@@ -24,12 +31,66 @@ def check(condition: bool, what: object) -> None:
         raise CheckFailed(what)
 
 
-def main() -> None:
+def open_channel() -> grpc.Channel:
+    """A channel to PICLUMEN_ADDR with the published retry policy."""
     addr = os.environ.get("PICLUMEN_ADDR", "localhost:50051")
+    path = os.environ.get(
+        "PICLUMEN_SERVICE_CONFIG",
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "service_config.json"),
+    )
+    with open(path, encoding="utf-8") as file:
+        service_config = file.read()
+    return grpc.insecure_channel(
+        addr,
+        options=[("grpc.service_config", service_config), ("grpc.enable_retries", 1)],
+    )
+
+
+def restart_scenario() -> None:
+    """GenerateImage then CheckImage every ~100 ms while the server restarts:
+    the retry policy must keep every error away from this code."""
+    token = os.environ.get("PICLUMEN_TOKEN", "demo-token")
+    seconds = float(os.environ.get("PICLUMEN_RESTART_SECONDS", "8"))
+    auth = [("authorization", f"Bearer {token}")]
+    run = time.time_ns()
+    calls, slowest, round_ = 0, 0.0, 0
+    with open_channel() as chan:
+        client = pb_grpc.ImageServiceStub(chan)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            start = time.monotonic()
+            created = client.GenerateImage(
+                pb.GenerateImageRequest(
+                    prompt=f"restart scenario {round_}",
+                    request_id=f"python-restart-{run}-{round_}",
+                ),
+                metadata=auth,
+                timeout=30,
+            )
+            client.CheckImage(
+                pb.CheckImageRequest(mark_id=created.mark_id), metadata=auth, timeout=30
+            )
+            calls += 2
+            took = time.monotonic() - start
+            slowest = max(slowest, took)
+            if round_ == 0:
+                print("restart scenario: first call ok", flush=True)
+            elif took > 0.5:
+                print(f"round {round_} took {took:.3f}s (retried)", flush=True)
+            round_ += 1
+            time.sleep(0.1)
+    print(f"restart scenario: {calls} calls, no error, slowest round {slowest:.3f}s")
+
+
+def main() -> None:
+    if os.environ.get("PICLUMEN_SCENARIO") == "restart":
+        restart_scenario()
+        print("python client: OK")
+        return
     token = os.environ.get("PICLUMEN_TOKEN", "demo-token")
     auth = [("authorization", f"Bearer {token}")]
-    with grpc.insecure_channel(addr) as channel:
-        client = pb_grpc.ImageServiceStub(channel)
+    with open_channel() as chan:
+        client = pb_grpc.ImageServiceStub(chan)
         created = client.GenerateImage(
             pb.GenerateImageRequest(
                 prompt="a lighthouse at dawn", resolution=pb.Resolution(batch_size=2)

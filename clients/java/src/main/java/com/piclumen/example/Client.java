@@ -1,5 +1,7 @@
 package com.piclumen.example;
 
+import com.google.gson.Gson;
+import com.google.gson.reflect.TypeToken;
 import com.google.rpc.ErrorInfo;
 import io.grpc.ManagedChannel;
 import io.grpc.ManagedChannelBuilder;
@@ -17,12 +19,25 @@ import com.piclumen.v1.ImageServiceGrpc;
 import com.piclumen.v1.JobState;
 import com.piclumen.v1.Resolution;
 import com.piclumen.v1.WatchImageRequest;
+import java.io.IOException;
+import java.io.InputStream;
+import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
+import java.nio.file.Path;
 import java.util.Iterator;
+import java.util.Map;
 import java.util.concurrent.TimeUnit;
 
 /**
  * The piclumen.v1 scenario from Java: GenerateImage, WatchImage (printing each
  * state), CheckImage, and a rejected token with its ErrorInfo reason.
+ *
+ * <p>The channel carries the published retry policy: ../service_config.json,
+ * embedded in the build as a resource (or the file named by
+ * PICLUMEN_SERVICE_CONFIG). With PICLUMEN_SCENARIO=restart it runs the restart
+ * scenario instead: GenerateImage then CheckImage every ~100 ms for
+ * PICLUMEN_RESTART_SECONDS (default 8), failing if any call throws, while the
+ * server is restarted under it.
  */
 public final class Client {
   private Client() {}
@@ -30,13 +45,72 @@ public final class Client {
   public static void main(String[] args) throws Exception {
     String addr = System.getenv().getOrDefault("PICLUMEN_ADDR", "localhost:50051");
     String token = System.getenv().getOrDefault("PICLUMEN_TOKEN", "demo-token");
-    ManagedChannel channel = ManagedChannelBuilder.forTarget(addr).usePlaintext().build();
+    ManagedChannel channel = ManagedChannelBuilder.forTarget(addr)
+        .usePlaintext()
+        .defaultServiceConfig(serviceConfig())
+        .enableRetry()
+        .build();
     try {
-      run(channel, token);
+      if ("restart".equals(System.getenv("PICLUMEN_SCENARIO"))) {
+        restartScenario(channel, token);
+      } else {
+        run(channel, token);
+      }
     } finally {
       channel.shutdownNow().awaitTermination(5, TimeUnit.SECONDS);
     }
     System.out.println("java client: OK");
+  }
+
+  /**
+   * The published retry policy as the Map that defaultServiceConfig takes
+   * (Gson reads JSON numbers as Double, as it expects).
+   */
+  private static Map<String, ?> serviceConfig() throws IOException {
+    String path = System.getenv("PICLUMEN_SERVICE_CONFIG");
+    String json;
+    if (path != null && !path.isEmpty()) {
+      json = Files.readString(Path.of(path));
+    } else {
+      try (InputStream in = Client.class.getResourceAsStream("/service_config.json")) {
+        check(in != null, "service_config.json is not in the build");
+        json = new String(in.readAllBytes(), StandardCharsets.UTF_8);
+      }
+    }
+    return new Gson().fromJson(json, new TypeToken<Map<String, Object>>() {}.getType());
+  }
+
+  /**
+   * GenerateImage then CheckImage every ~100 ms while the server restarts: the
+   * retry policy must keep every error away from this code.
+   */
+  private static void restartScenario(ManagedChannel channel, String token) throws InterruptedException {
+    double seconds = Double.parseDouble(System.getenv().getOrDefault("PICLUMEN_RESTART_SECONDS", "8"));
+    ImageServiceGrpc.ImageServiceBlockingStub client = stub(channel, token);
+    long run = System.currentTimeMillis();
+    int calls = 0;
+    long slowest = 0;
+    long end = System.nanoTime() + (long) (seconds * 1e9);
+    for (int round = 0; System.nanoTime() < end; round++) {
+      long start = System.nanoTime();
+      GenerateImageResponse created = client.withDeadlineAfter(30, TimeUnit.SECONDS).generateImage(
+          GenerateImageRequest.newBuilder()
+              .setPrompt("restart scenario " + round)
+              .setRequestId("java-restart-" + run + "-" + round)
+              .build());
+      client.withDeadlineAfter(30, TimeUnit.SECONDS)
+          .checkImage(CheckImageRequest.newBuilder().setMarkId(created.getMarkId()).build());
+      calls += 2;
+      long took = (System.nanoTime() - start) / 1_000_000;
+      slowest = Math.max(slowest, took);
+      if (round == 0) {
+        System.out.println("restart scenario: first call ok");
+      } else if (took > 500) {
+        System.out.printf("round %d took %dms (retried)%n", round, took);
+      }
+      Thread.sleep(100);
+    }
+    System.out.printf("restart scenario: %d calls, no error, slowest round %dms%n", calls, slowest);
   }
 
   private static ImageServiceGrpc.ImageServiceBlockingStub stub(ManagedChannel channel, String token) {
