@@ -150,7 +150,11 @@ async fn check_all(endpoint: &str) {
         };
         if endpoint == "create" && case.unknown_on_create {
             assert_status(&status, Code::Aborted, "CREATE_OUTCOME_UNKNOWN");
-            assert!(status.message().contains("may exist"), "{}", status.message());
+            assert!(
+                status.message().contains("may exist"),
+                "{}",
+                status.message()
+            );
         } else {
             assert_status(&status, case.code, case.reason);
         }
@@ -366,4 +370,39 @@ async fn rejected_default_token_is_internal_for_the_caller() {
         .generate_image(authed(TOKEN, generate("p")))
         .await
         .expect("accepted token");
+}
+
+#[tokio::test]
+async fn a_reply_over_the_size_limit_is_refused_and_its_connection_dropped() {
+    let h = Harness::start().await;
+    let mut client = h.client().await;
+    let check = |mark_id: &str| {
+        authed(
+            TOKEN,
+            pb::CheckImageRequest {
+                mark_id: mark_id.into(),
+            },
+        )
+    };
+    // A first call opens the one connection the rest would reuse.
+    let _ = client.check_image(check("m0")).await;
+    let opened = h.sim.stat("connections").await;
+    let huge = "x".repeat(piclumen_grpc::upstream::MAX_REPLY_BYTES + 1);
+    h.sim
+        .script(json!([{"endpoint": "status", "http_status": 200, "body": huge}]))
+        .await;
+    let status = client
+        .check_image(check("m1"))
+        .await
+        .expect_err("too large");
+    assert_status(&status, Code::Internal, "UPSTREAM_BAD_REPLY");
+    assert!(
+        status.message().contains("larger than"),
+        "{}",
+        status.message()
+    );
+    // The unread rest of that reply cannot be skipped: its connection is
+    // closed, and the next call opens another.
+    let _ = client.check_image(check("m2")).await;
+    assert_eq!(h.sim.stat("connections").await, opened + 1);
 }

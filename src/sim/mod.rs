@@ -150,7 +150,11 @@ fn routes(config: SimConfig, calls: Arc<Calls>) -> Router {
         .route(CREATE_PATH, post(create))
         .route(STATUS_PATH, post(status))
         .route("/_sim/stats", get(inspect::stats))
-        .route("/_sim/faults", post(faults::add))
+        // A scripted reply may be large (a test of the client's reply limit).
+        .route(
+            "/_sim/faults",
+            post(faults::add).layer(axum::extract::DefaultBodyLimit::max(16 << 20)),
+        )
         .route("/_sim/creates", get(inspect::creates))
         .route("/_sim/requests", get(inspect::requests))
         .route("/_sim/jobs", get(inspect::jobs))

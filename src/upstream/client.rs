@@ -245,10 +245,7 @@ impl Client {
             let response = request.await.map_err(|e| transport_error(e, timeout))?;
             let status = response.status();
             let retry_after = retry_after(response.headers());
-            let bytes = response
-                .bytes()
-                .await
-                .map_err(|e| transport_error(e, timeout))?;
+            let bytes = read_bounded(response, timeout).await?;
             Ok::<_, UpstreamError>((status, retry_after, bytes))
         };
         let started = std::time::Instant::now();
@@ -280,6 +277,58 @@ impl Client {
             }),
         }
     }
+}
+
+/// The largest reply body read from Piclumen. The largest reply asked for
+/// is a status call of `--batch-max` (at most 500) ids, each entry about
+/// 1 to 2 KiB with four images: under 1 MiB. 4 MiB leaves room for
+/// Piclumen adding fields, while a runaway reply (a proxy streaming a page,
+/// a bug) cannot hold more than that in memory per call.
+pub const MAX_REPLY_BYTES: usize = 4 << 20;
+
+/// The reply body, up to [`MAX_REPLY_BYTES`]. A longer one is refused as
+/// undecodable without reading the rest, and dropping the unread body
+/// closes the connection rather than returning it to the pool.
+async fn read_bounded(
+    mut response: reqwest::Response,
+    timeout: Duration,
+) -> Result<bytes::Bytes, UpstreamError> {
+    let too_large = || UpstreamError::Decode {
+        error: format!("the reply is larger than {MAX_REPLY_BYTES} bytes"),
+        body: String::new(),
+    };
+    if response
+        .content_length()
+        .is_some_and(|n| n > MAX_REPLY_BYTES as u64)
+    {
+        return Err(too_large());
+    }
+    let (mut first, mut joined, mut len) = (None::<bytes::Bytes>, bytes::BytesMut::new(), 0);
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| transport_error(e, timeout))?
+    {
+        len += chunk.len();
+        if len > MAX_REPLY_BYTES {
+            return Err(too_large());
+        }
+        match &first {
+            // Most replies are one chunk, kept without a copy.
+            None => first = Some(chunk),
+            Some(head) => {
+                if joined.is_empty() {
+                    joined.extend_from_slice(head);
+                }
+                joined.extend_from_slice(&chunk);
+            }
+        }
+    }
+    Ok(if joined.is_empty() {
+        first.unwrap_or_default()
+    } else {
+        joined.freeze()
+    })
 }
 
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {

@@ -26,7 +26,7 @@ mod payload;
 mod wire;
 
 pub use crate::redact::redact_url;
-pub use client::{CREATE_PATH, Client, ClientConfig, STATUS_PATH};
+pub use client::{CREATE_PATH, Client, ClientConfig, MAX_REPLY_BYTES, STATUS_PATH};
 pub use error::UpstreamError;
 pub use payload::{
     CreatePayload, CreateRequest, InvalidField, JsonObject, Limits, MAX_NAME_CHARS,
