@@ -351,6 +351,7 @@ mod tests {
             }],
             upstream_status: "success".into(),
             prompt_id: "p".into(),
+            ..Default::default()
         };
         let value = job_json(&job, Some(7), &[PathBuf::from("out/a.png")]);
         assert_eq!(
