@@ -241,8 +241,8 @@ impl Hub {
         hub
     }
 
-    /// [`Hub::with_fleet`] through the Redis at `redis_url`, in the
-    /// deployment's namespace, when given (fleet polling on with a Redis
+    /// [`Hub::with_fleet`] through `redis` (the store's URL and the
+    /// deployment's namespace) when given (fleet polling on with a Redis
     /// store), else [`Hub::new`].
     pub fn for_store(
         config: HubConfig,
