@@ -186,14 +186,25 @@ pub async fn run_with_http(
 /// The service both front ends share: the hub (polling shared by the fleet
 /// when the store is Redis and --fleet-polling is on), the idempotency store
 /// opened from its settings, and the core over them.
+///
+/// Everything shared in Redis lives in the deployment's namespace, derived
+/// here from the URL the client actually calls (or `--store-namespace`):
+/// every way of starting a server (`serve`, `--simulate`, an embedder of
+/// [`run`]) gets it, and it cannot disagree with the Piclumen called.
 fn service(config: &ServerConfig, client: Client, draining: CancellationToken) -> ImageServiceImpl {
+    let namespace = config.idempotency.namespace(client.base_url().expose());
     let fleet = match &config.idempotency.store {
-        StoreLocation::Redis(url) if config.fleet_polling == FleetPolling::On => Some(url.as_str()),
+        StoreLocation::Redis(url) if config.fleet_polling == FleetPolling::On => {
+            Some((url.as_str(), &namespace))
+        }
         _ => None,
     };
+    if let StoreLocation::Redis(_) = config.idempotency.store {
+        info!(%namespace, "shared store: keys and channels under piclumen-grpc:{namespace}:");
+    }
     let upstream: Arc<dyn Upstream> = Arc::new(client);
     let hub = Hub::for_store(config.hub.clone(), Arc::new(upstream.clone()), fleet);
-    let store = config.idempotency.open();
+    let store = config.idempotency.open(&namespace);
     let core = Core::new(config.service.clone(), upstream, store, hub, draining);
     ImageServiceImpl::new(core)
 }

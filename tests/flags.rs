@@ -191,8 +191,13 @@ fn serve_with_no_flags_runs_on_the_defaults() {
         max_generates_per_token,
         ..
     } = service;
-    let IdempotencyConfig { ttl, store } = idempotency;
+    let IdempotencyConfig {
+        ttl,
+        store,
+        namespace,
+    } = idempotency;
     assert_eq!(store.to_string(), "memory");
+    assert!(namespace.is_none(), "derived from the upstream URL");
     assert!(default_token.is_none() && api_keys.is_none());
     assert_eq!(
         (
@@ -429,6 +434,19 @@ fn every_serve_flag_reaches_its_setting() {
                 })
             },
         ),
+        row(
+            "store-namespace",
+            &["--store-namespace", "team-a.prod"],
+            |a| {
+                with(a, |s| {
+                    s.server
+                        .idempotency
+                        .namespace("https://api.piclumen.com")
+                        .as_str()
+                        == "team-a.prod"
+                })
+            },
+        ),
         row("fleet-polling", &["--fleet-polling", "off"], |a| {
             with(a, |s| s.server.fleet_polling == FleetPolling::Off)
         }),
@@ -555,6 +573,15 @@ fn settings_refuse_what_cannot_work() {
         Err(ConfigError::Port { .. })
     ));
     assert!(sim_args(&["--tokens", "a,b c"]).config().is_err());
+    for namespace in ["", "team:a", "a b", &"n".repeat(65)] {
+        let message = parse(&["serve", "--store-namespace", namespace])
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            message.contains("--store-namespace") && message.contains("A-Z, a-z, 0-9, `.`"),
+            "{message}"
+        );
+    }
 }
 
 #[test]

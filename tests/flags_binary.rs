@@ -140,6 +140,7 @@ fn env_cases(existing: &str) -> Vec<(&'static str, &'static str, String, Vec<Str
         ("PICLUMEN_HTTP_LISTEN", "nope"),
         ("PICLUMEN_OTLP_ENDPOINT", "collector:4317"),
         ("PICLUMEN_IDEMPOTENCY_STORE", "mysql://h"),
+        ("PICLUMEN_STORE_NAMESPACE", "team:a"),
         ("PICLUMEN_SIMULATE", "maybe"),
         ("PICLUMEN_FLEET_POLLING", "sometimes"),
         ("PICLUMEN_SIM_JOB_DURATION", "0s"),

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use common::*;
 use piclumen_grpc::{
+    idempotency::StoreNamespace,
     pb::{self, JobState, image_service_client::ImageServiceClient},
     sim::SimConfig,
 };
@@ -21,14 +22,16 @@ use tonic::transport::Channel;
 
 const INTERVAL: Duration = Duration::from_millis(500);
 
-/// The pid in the name of the replica holding `token`'s lease.
-async fn lease_holder_pid(redis: &Redis, token: &str) -> Option<u32> {
+/// The pid in the name of the replica holding `token`'s lease, in the
+/// namespace of replicas calling `sim`.
+async fn lease_holder_pid(redis: &Redis, sim: &Sim, token: &str) -> Option<u32> {
+    let namespace = StoreNamespace::of_upstream(&sim.url());
     let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
     let hash: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
     let client = redis::Client::open(redis.url()).ok()?;
     let mut connection = client.get_multiplexed_async_connection().await.ok()?;
     let holder: Option<String> = redis::cmd("GET")
-        .arg(format!("piclumen-grpc:fleet:v1:{hash}:lease"))
+        .arg(format!("piclumen-grpc:{namespace}:fleet:v1:{hash}:lease"))
         .query_async(&mut connection)
         .await
         .ok()?;
@@ -169,7 +172,7 @@ async fn two_replicas_killed_mid_watch_leave_every_survivor_watch_succeeded_once
     // The holder and one other replica die mid-watch (SIGKILL).
     let mut holder_pid = None;
     for _ in 0..200 {
-        holder_pid = lease_holder_pid(&redis, TOKEN).await;
+        holder_pid = lease_holder_pid(&redis, &sim, TOKEN).await;
         if holder_pid.is_some() {
             break;
         }

@@ -30,7 +30,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::{job::JobStatus, job::Token, upstream::UpstreamError};
+use crate::{idempotency::StoreNamespace, job::JobStatus, job::Token, upstream::UpstreamError};
 pub use fleet::{FleetLink, FleetPolling};
 pub use source::StatusSource;
 use state::{Slot, State};
@@ -241,16 +241,17 @@ impl Hub {
         hub
     }
 
-    /// [`Hub::with_fleet`] through the Redis at `redis_url` when given
-    /// (fleet polling on with a Redis store), else [`Hub::new`].
+    /// [`Hub::with_fleet`] through `redis` (the store's URL and the
+    /// deployment's namespace) when given (fleet polling on with a Redis
+    /// store), else [`Hub::new`].
     pub fn for_store(
         config: HubConfig,
         source: Arc<dyn StatusSource>,
-        redis_url: Option<&str>,
+        redis: Option<(&str, &StoreNamespace)>,
     ) -> Self {
-        match redis_url {
-            Some(url) => {
-                let store = Arc::new(fleet::redis::RedisFleet::new(url));
+        match redis {
+            Some((url, namespace)) => {
+                let store = Arc::new(fleet::redis::RedisFleet::new(url, namespace));
                 Self::with_fleet(config, source, Arc::new(FleetLink::new(store)))
             }
             None => Self::new(config, source),

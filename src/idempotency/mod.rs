@@ -26,17 +26,21 @@
 //!   502/504, an unreadable 2xx): "outcome unknown", kept for the TTL; retries
 //!   get `Error::CreateOutcomeUnknown` rather than a second paid job.
 //!
-//! Keys hold a SHA-256 of the token, never the token itself.
+//! Keys hold a SHA-256 of the token, never the token itself, and start
+//! with the deployment's [`StoreNamespace`]: deployments sharing one Redis
+//! but calling different Piclumen URLs never see each other's records.
 
 mod in_flight;
 mod lease;
 mod memory;
+mod namespace;
 mod redis;
 mod settings;
 mod store;
 mod traced;
 
 pub use in_flight::{CreatesInFlight, InFlight};
+pub use namespace::StoreNamespace;
 pub use settings::IdempotencyConfig;
 pub use store::IdempotencyStore;
 
@@ -47,8 +51,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::{error::Error, job::Token, upstream::redact_url};
 
-/// Prefix of every key, versioned with the record format.
-const KEY_PREFIX: &str = "piclumen-grpc:request-id:v1:";
+/// What follows the namespace's prefix in every key, versioned with the
+/// record format: `piclumen-grpc:<namespace>:request-id:v1:<hash>`. Keys of
+/// versions before namespaces (`piclumen-grpc:request-id:v1:<hash>`) are
+/// not read: they may be another deployment's (see the README's "Scaling
+/// out").
+const KEY_KIND: &str = "request-id:v1:";
 
 /// Where `request_id` outcomes are kept (`--idempotency-store`).
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -236,15 +244,20 @@ fn unavailable(_: StoreError) -> Error {
     Error::IdempotencyStoreUnavailable
 }
 
-/// The store key of (token, request_id): a SHA-256 of both, length-prefixed
-/// so no two pairs share an input.
-fn key(token: &Token, request_id: &str) -> String {
+/// The prefix of the keys of `namespace`.
+fn key_prefix(namespace: &StoreNamespace) -> String {
+    format!("{}{KEY_KIND}", namespace.prefix())
+}
+
+/// The store key of (token, request_id) under `prefix` ([`key_prefix`]): a
+/// SHA-256 of both, length-prefixed so no two pairs share an input.
+fn key(prefix: &str, token: &Token, request_id: &str) -> String {
     let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
     let token = token.expose().as_bytes();
     hash.update(&(token.len() as u64).to_be_bytes());
     hash.update(token);
     hash.update(request_id.as_bytes());
-    format!("{KEY_PREFIX}{}", hex(hash.finish().as_ref()))
+    format!("{prefix}{}", hex(hash.finish().as_ref()))
 }
 
 /// GenerateImage calls answered by a create already done or running for

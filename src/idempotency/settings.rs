@@ -6,7 +6,7 @@ use std::{str::FromStr, time::Duration};
 
 use clap::Args;
 
-use super::{IdempotencyStore, StoreLocation};
+use super::{IdempotencyStore, StoreLocation, StoreNamespace};
 use crate::flags::{no_flags, positive_duration};
 
 /// Where `request_id` outcomes are kept, and for how long.
@@ -34,6 +34,18 @@ pub struct IdempotencyConfig {
         value_parser = StoreLocation::from_str
     )]
     pub store: StoreLocation,
+    /// The deployment's name in the shared store, in front of every key and
+    /// channel; by default derived from `--upstream-url` (a hash of it), so
+    /// deployments calling different Piclumen URLs never share records.
+    /// Give replicas the same name to share, different names to split.
+    #[arg(
+        id = "store_namespace",
+        value_name = "STORE_NAMESPACE",
+        long = "store-namespace",
+        env = "PICLUMEN_STORE_NAMESPACE",
+        value_parser = StoreNamespace::from_str
+    )]
+    pub namespace: Option<StoreNamespace>,
 }
 
 impl Default for IdempotencyConfig {
@@ -43,8 +55,15 @@ impl Default for IdempotencyConfig {
 }
 
 impl IdempotencyConfig {
-    /// Opens the store; a Redis one connects lazily, so this never fails.
-    pub fn open(&self) -> IdempotencyStore {
-        IdempotencyStore::open(&self.store, self.ttl)
+    /// The namespace of a deployment calling Piclumen at `upstream_url`:
+    /// `--store-namespace` when given, else derived from the URL.
+    pub fn namespace(&self, upstream_url: &str) -> StoreNamespace {
+        StoreNamespace::resolve(self.namespace.as_ref(), upstream_url)
+    }
+
+    /// Opens the store under `namespace` ([`IdempotencyConfig::namespace`]);
+    /// a Redis one connects lazily, so this never fails.
+    pub fn open(&self, namespace: &StoreNamespace) -> IdempotencyStore {
+        IdempotencyStore::open(&self.store, namespace, self.ttl)
     }
 }

@@ -20,7 +20,8 @@ use tracing::{Instrument, Span, debug, warn};
 
 use super::{
     Backend, Created, CreatesInFlight, Entry, Fingerprint, InFlight, Record, StoreError,
-    StoreLocation, hits, key, lease::Lease, lock, memory, redis, traced, unavailable,
+    StoreLocation, StoreNamespace, hits, key, key_prefix, lease::Lease, lock, memory, redis,
+    traced, unavailable,
 };
 use crate::{error::Error, job::Token};
 
@@ -38,6 +39,8 @@ pub struct IdempotencyStore {
 #[derive(Debug)]
 struct Inner {
     backend: Box<dyn Backend>,
+    /// The prefix of this deployment's keys (its namespace's).
+    prefix: String,
     ttl: Duration,
     /// Creates this process runs, by key: local callers wait on these
     /// instead of polling the backend.
@@ -56,9 +59,10 @@ enum Waiting {
 }
 
 impl IdempotencyStore {
-    /// A store at `location` keeping outcomes for `ttl`. Redis is connected
-    /// lazily: an unreachable one fails calls, not the start.
-    pub fn open(location: &StoreLocation, ttl: Duration) -> Self {
+    /// A store at `location` keeping outcomes for `ttl` under keys of
+    /// `namespace`. Redis is connected lazily: an unreachable one fails
+    /// calls, not the start.
+    pub fn open(location: &StoreLocation, namespace: &StoreNamespace, ttl: Duration) -> Self {
         let backend: Box<dyn Backend> = match location {
             StoreLocation::Memory => Box::new(memory::MemoryBackend::new(ttl)),
             StoreLocation::Redis(url) => Box::new(redis::RedisBackend::new(url)),
@@ -67,6 +71,7 @@ impl IdempotencyStore {
         Self {
             inner: Arc::new(Inner {
                 backend,
+                prefix: key_prefix(namespace),
                 ttl,
                 running: Mutex::default(),
                 creates: CreatesInFlight::default(),
@@ -105,7 +110,7 @@ impl IdempotencyStore {
         S: FnMut() -> Result<F, Error> + Send,
         F: Future<Output = Outcome> + Send + 'static,
     {
-        let key = key(token, request_id);
+        let key = key(&self.inner.prefix, token, request_id);
         let mut waiting = Waiting::Here;
         let work = self.run_inner(key, fingerprint, start, &mut waiting);
         let Some(deadline) = deadline else {

@@ -16,8 +16,8 @@ use std::{
 use tokio::time::Instant;
 
 use super::{
-    Backend, Created, Entry, Fingerprint, IdempotencyStore, KEY_PREFIX, Record, StoreLocation, key,
-    lease::TERM, memory::MemoryBackend,
+    Backend, Created, Entry, Fingerprint, IdempotencyStore, Record, StoreLocation, StoreNamespace,
+    key, key_prefix, lease::TERM, memory::MemoryBackend,
 };
 use crate::{error::Error, job::Token};
 
@@ -25,6 +25,14 @@ const TTL: Duration = Duration::from_secs(600);
 
 fn token() -> Token {
     Token::new("token-a").expect("token")
+}
+
+fn namespace() -> StoreNamespace {
+    StoreNamespace::of_upstream("http://127.0.0.1:4001")
+}
+
+fn prefix() -> String {
+    key_prefix(&namespace())
 }
 
 fn fingerprint() -> Fingerprint {
@@ -58,7 +66,7 @@ fn create_taking(
 
 #[tokio::test(start_paused = true)]
 async fn a_long_create_keeps_its_claim_alive_and_counted() {
-    let store = IdempotencyStore::open(&StoreLocation::Memory, TTL);
+    let store = IdempotencyStore::open(&StoreLocation::Memory, &namespace(), TTL);
     let calls = Calls::default();
     let running = {
         let store = store.clone();
@@ -69,7 +77,7 @@ async fn a_long_create_keeps_its_claim_alive_and_counted() {
     tokio::time::sleep(TERM * 3).await;
     let entry = store
         .inner_backend()
-        .get(&key(&token(), "r"))
+        .get(&key(&prefix(), &token(), "r"))
         .await
         .expect("get")
         .expect("a claim");
@@ -105,7 +113,10 @@ async fn a_vanished_holder_frees_an_unsent_claim_and_leaves_a_sent_one_unknown()
         fingerprint: fingerprint().0,
         sent,
     };
-    let (unsent, sent) = (key(&token(), "unsent"), key(&token(), "sent"));
+    let (unsent, sent) = (
+        key(&prefix(), &token(), "unsent"),
+        key(&prefix(), &token(), "sent"),
+    );
     assert!(
         backend
             .claim(&unsent, &claim("x", false), TERM)
@@ -173,8 +184,8 @@ async fn a_vanished_holder_frees_an_unsent_claim_and_leaves_a_sent_one_unknown()
 
 #[tokio::test(start_paused = true)]
 async fn a_retry_after_a_dead_sender_answers_outcome_unknown() {
-    let store = IdempotencyStore::open(&StoreLocation::Memory, TTL);
-    let k = key(&token(), "r");
+    let store = IdempotencyStore::open(&StoreLocation::Memory, &namespace(), TTL);
+    let k = key(&prefix(), &token(), "r");
     let backend = store.inner_backend();
     let claim = |sent| Record::Pending {
         owner: "gone".into(),
@@ -213,13 +224,30 @@ async fn a_retry_after_a_dead_sender_answers_outcome_unknown() {
 #[test]
 fn keys_hide_the_token_and_separate_pairs() {
     let token = Token::new("secret-token").expect("token");
-    let k = key(&token, "r1");
-    assert!(k.starts_with(KEY_PREFIX));
+    let k = key(&prefix(), &token, "r1");
+    assert!(k.starts_with(&prefix()));
     assert!(!k.contains("secret"));
-    assert_eq!(k, key(&token, "r1"), "stable");
-    assert_ne!(k, key(&token, "r2"));
+    assert_eq!(k, key(&prefix(), &token, "r1"), "stable");
+    assert_ne!(k, key(&prefix(), &token, "r2"));
     let other = Token::new("secret-toke").expect("token");
-    assert_ne!(key(&other, "nr1"), k, "length-prefixed");
+    assert_ne!(key(&prefix(), &other, "nr1"), k, "length-prefixed");
+}
+
+#[test]
+fn keys_are_namespaced_by_deployment() {
+    let token = Token::new("secret-token").expect("token");
+    let here = StoreNamespace::of_upstream("http://127.0.0.1:4001");
+    let there = StoreNamespace::of_upstream("http://127.0.0.1:4002");
+    let k = key(&key_prefix(&here), &token, "r1");
+    assert_eq!(
+        k.strip_suffix(&k[k.len() - 64..]),
+        Some(format!("piclumen-grpc:{here}:request-id:v1:").as_str())
+    );
+    assert_ne!(k, key(&key_prefix(&there), &token, "r1"));
+    let named: StoreNamespace = "shared".parse().expect("valid");
+    assert!(
+        key(&key_prefix(&named), &token, "r1").starts_with("piclumen-grpc:shared:request-id:v1:")
+    );
 }
 
 #[test]

@@ -156,7 +156,7 @@ fn harness(config: ServiceConfig) -> Harness {
     let core = Arc::new(Core::new(
         config,
         upstream,
-        IdempotencyConfig::default().open(),
+        IdempotencyConfig::default().open(&"test".parse().expect("namespace")),
         hub,
         draining.clone(),
     ));

@@ -99,6 +99,9 @@ struct Inner {
     create_url: reqwest::Url,
     status_url: reqwest::Url,
     timeout: Duration,
+    /// `--upstream-url` as given: the shared store's namespace is derived
+    /// from it.
+    base_url: Secret,
 }
 
 impl Client {
@@ -152,7 +155,14 @@ impl Client {
             create_url: url(CREATE_PATH)?,
             status_url: url(STATUS_PATH)?,
             timeout: config.timeout,
+            base_url: config.base_url.clone(),
         })))
+    }
+
+    /// The Piclumen base URL this client calls (`--upstream-url`); it may
+    /// hold credentials.
+    pub fn base_url(&self) -> &Secret {
+        &self.0.base_url
     }
 
     /// The bound on one whole call (`--upstream-timeout`).

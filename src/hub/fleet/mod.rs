@@ -12,6 +12,12 @@
 //! unreachable each replica polls its own jobs, and goes back to sharing
 //! when the store answers again.
 //!
+//! Keys and the rounds channel live in the deployment's namespace
+//! (`StoreNamespace`), so only replicas calling the same Piclumen (or given
+//! the same `--store-namespace`) share polling: a deployment calling
+//! another URL on the same Redis never takes a lease or hears a round of
+//! this one's.
+//!
 //! Tokens never reach the store: keys and rounds name a token by the
 //! SHA-256 of it. A replica only ever polls with a token one of its own
 //! callers gave it, and takes part (and takes the lease) only while it has

@@ -1,10 +1,15 @@
 //! Fleet polling's store in Redis (the `--idempotency-store redis://...`
-//! server). Per token, under `piclumen-grpc:fleet:v1:<sha256 of token>:`:
-//! `lease` (the holder's name, `PX` one interval), `want` (a sorted set of
-//! ids scored by when each stops being wanted, in Redis's own clock), and
-//! `job:<id>` (the last published answer, `PX` a few intervals). Rounds go
-//! out on one channel, `piclumen-grpc:fleet:v1:rounds`, that every replica
-//! subscribes to. An exchange is one Lua script, so it costs one round trip.
+//! server). Everything lives in the deployment's namespace (see
+//! `StoreNamespace`: `--store-namespace`, else a hash of `--upstream-url`),
+//! so deployments calling different Piclumen URLs on one Redis neither
+//! share leases nor hear each other's rounds. Per token, under
+//! `piclumen-grpc:<namespace>:fleet:v1:<sha256 of token>:`: `lease` (the
+//! holder's name, `PX` one interval), `want` (a sorted set of ids scored by
+//! when each stops being wanted, in Redis's own clock), and `job:<id>` (the
+//! last published answer, `PX` a few intervals). Rounds go out on one
+//! channel per namespace, `piclumen-grpc:<namespace>:fleet:v1:rounds`, that
+//! every replica of the deployment subscribes to. An exchange is one Lua
+//! script, so it costs one round trip.
 //!
 //! Why pub/sub plus keys: pub/sub delivers a round to every replica within a
 //! millisecond or two, which a follower polling keys could only match by
@@ -25,12 +30,14 @@ use super::{
     ExchangeReply, ExchangeRequest, FleetError, FleetStore, TokenKey,
     wire::{Encoded, Entry, Round},
 };
-use crate::{hub::schedule::Id, upstream::BoxFuture};
+use crate::{hub::schedule::Id, idempotency::StoreNamespace, upstream::BoxFuture};
 
-/// Prefix of every key, versioned with the formats.
-const PREFIX: &str = "piclumen-grpc:fleet:v1:";
-/// The channel rounds are published on.
-const CHANNEL: &str = "piclumen-grpc:fleet:v1:rounds";
+/// What follows the namespace's prefix in every key, versioned with the
+/// formats.
+const KIND: &str = "fleet:v1:";
+/// What follows the namespace's prefix in the name of the channel rounds
+/// are published on.
+const CHANNEL: &str = "fleet:v1:rounds";
 /// Bound on opening a connection and on one command.
 const TIMEOUT: Duration = Duration::from_secs(1);
 /// Rounds buffered between the subscription and the hub.
@@ -101,6 +108,34 @@ return 1
 pub struct RedisFleet {
     client: Option<redis::Client>,
     connection: Option<ConnectionManager>,
+    names: Names,
+}
+
+/// The namespace's key prefix and rounds channel.
+#[derive(Debug, Clone)]
+struct Names {
+    /// `piclumen-grpc:<namespace>:fleet:v1:`.
+    prefix: Arc<str>,
+    /// `piclumen-grpc:<namespace>:fleet:v1:rounds`.
+    channel: Arc<str>,
+}
+
+impl Names {
+    fn of(namespace: &StoreNamespace) -> Self {
+        let base = namespace.prefix();
+        Self {
+            prefix: format!("{base}{KIND}").into(),
+            channel: format!("{base}{CHANNEL}").into(),
+        }
+    }
+
+    fn key(&self, token: &TokenKey, part: &str) -> String {
+        format!("{}{}:{part}", self.prefix, token.as_str())
+    }
+
+    fn state_key(&self, token: &TokenKey, id: &str) -> String {
+        self.key(token, &format!("job:{id}"))
+    }
 }
 
 impl std::fmt::Debug for RedisFleet {
@@ -110,9 +145,10 @@ impl std::fmt::Debug for RedisFleet {
 }
 
 impl RedisFleet {
-    /// A store at `url` (already checked when the flag was parsed);
-    /// connects on first use and after every failure.
-    pub fn new(url: &str) -> Self {
+    /// A store at `url` (already checked when the flag was parsed) for the
+    /// deployment named `namespace`; connects on first use and after every
+    /// failure.
+    pub fn new(url: &str, namespace: &StoreNamespace) -> Self {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(TIMEOUT))
             .set_response_timeout(Some(TIMEOUT))
@@ -121,7 +157,11 @@ impl RedisFleet {
         let connection = client
             .clone()
             .and_then(|c| ConnectionManager::new_lazy_with_config(c, config).ok());
-        Self { client, connection }
+        Self {
+            client,
+            connection,
+            names: Names::of(namespace),
+        }
     }
 
     fn connection(&self) -> Result<ConnectionManager, FleetError> {
@@ -129,14 +169,6 @@ impl RedisFleet {
             .clone()
             .ok_or_else(|| FleetError("the Redis client could not be set up".into()))
     }
-}
-
-fn key(token: &TokenKey, part: &str) -> String {
-    format!("{PREFIX}{}:{part}", token.as_str())
-}
-
-fn state_key(token: &TokenKey, id: &str) -> String {
-    format!("{PREFIX}{}:job:{id}", token.as_str())
 }
 
 fn millis(d: Duration) -> u64 {
@@ -172,14 +204,15 @@ fn list(value: Option<&Value>) -> Vec<String> {
 impl FleetStore for RedisFleet {
     fn exchange(&self, request: ExchangeRequest) -> BoxFuture<Result<ExchangeReply, FleetError>> {
         let connection = self.connection();
+        let names = self.names.clone();
         Box::pin(async move {
             let mut connection = connection?;
             let mut invocation = redis::cmd("EVAL");
             invocation
                 .arg(EXCHANGE)
                 .arg(2)
-                .arg(key(&request.key, "lease"))
-                .arg(key(&request.key, "want"))
+                .arg(names.key(&request.key, "lease"))
+                .arg(names.key(&request.key, "want"))
                 .arg(&*request.me)
                 .arg(millis(request.lease))
                 .arg(millis(request.want_ttl))
@@ -188,7 +221,7 @@ impl FleetStore for RedisFleet {
                 invocation.arg(&**id);
             }
             for id in &request.read {
-                invocation.arg(state_key(&request.key, id));
+                invocation.arg(names.state_key(&request.key, id));
             }
             let reply: Value = bounded(invocation.query_async(&mut connection)).await?;
             let Value::Array(parts) = reply else {
@@ -218,6 +251,7 @@ impl FleetStore for RedisFleet {
         keep: Duration,
     ) -> BoxFuture<Result<(), FleetError>> {
         let connection = self.connection();
+        let names = self.names.clone();
         Box::pin(async move {
             let mut connection = connection?;
             let token = TokenKey(round.round.key.as_str().into());
@@ -225,13 +259,13 @@ impl FleetStore for RedisFleet {
             invocation
                 .arg(PUBLISH)
                 .arg(1)
-                .arg(key(&token, "want"))
+                .arg(names.key(&token, "want"))
                 .arg(millis(keep))
-                .arg(CHANNEL)
+                .arg(&*names.channel)
                 .arg(&round.json)
                 .arg(round.entries.len());
             for (id, json) in &round.entries {
-                invocation.arg(state_key(&token, id)).arg(json);
+                invocation.arg(names.state_key(&token, id)).arg(json);
             }
             for id in &done {
                 invocation.arg(&**id);
@@ -241,15 +275,16 @@ impl FleetStore for RedisFleet {
         })
     }
 
-    fn release(&self, key_: TokenKey, me: Arc<str>) -> BoxFuture<Result<(), FleetError>> {
+    fn release(&self, key: TokenKey, me: Arc<str>) -> BoxFuture<Result<(), FleetError>> {
         let connection = self.connection();
+        let lease = self.names.key(&key, "lease");
         Box::pin(async move {
             let mut connection = connection?;
             let _: i64 = bounded(
                 redis::cmd("EVAL")
                     .arg(RELEASE)
                     .arg(1)
-                    .arg(key(&key_, "lease"))
+                    .arg(lease)
                     .arg(&*me)
                     .query_async(&mut connection),
             )
@@ -260,11 +295,12 @@ impl FleetStore for RedisFleet {
 
     fn subscribe(&self) -> BoxFuture<Result<mpsc::Receiver<Arc<Round>>, FleetError>> {
         let client = self.client.clone();
+        let channel = Arc::clone(&self.names.channel);
         Box::pin(async move {
             let client =
                 client.ok_or_else(|| FleetError("the Redis client could not be set up".into()))?;
             let mut pubsub = bounded(client.get_async_pubsub()).await?;
-            bounded(pubsub.subscribe(CHANNEL)).await?;
+            bounded(pubsub.subscribe(&*channel)).await?;
             let (tx, rx) = mpsc::channel(ROUNDS_BUFFER);
             tokio::spawn(async move {
                 let mut messages = pubsub.into_on_message();
@@ -282,5 +318,35 @@ impl FleetStore for RedisFleet {
             });
             Ok(rx)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_the_channel_live_in_the_namespace() {
+        let here = Names::of(&StoreNamespace::of_upstream("http://127.0.0.1:4001"));
+        let there = Names::of(&StoreNamespace::of_upstream("http://127.0.0.1:4002"));
+        let token = TokenKey("ab12".into());
+        let ns = StoreNamespace::of_upstream("http://127.0.0.1:4001");
+        assert_eq!(
+            here.key(&token, "lease"),
+            format!("piclumen-grpc:{ns}:fleet:v1:ab12:lease")
+        );
+        assert_eq!(
+            here.state_key(&token, "m1"),
+            format!("piclumen-grpc:{ns}:fleet:v1:ab12:job:m1")
+        );
+        assert_eq!(
+            &*here.channel,
+            format!("piclumen-grpc:{ns}:fleet:v1:rounds")
+        );
+        assert_ne!(here.key(&token, "lease"), there.key(&token, "lease"));
+        assert_ne!(here.state_key(&token, "m1"), there.state_key(&token, "m1"));
+        assert_ne!(here.channel, there.channel);
+        let named = Names::of(&"shared".parse().expect("valid"));
+        assert_eq!(&*named.channel, "piclumen-grpc:shared:fleet:v1:rounds");
     }
 }
