@@ -159,6 +159,12 @@ pub struct JobStatus {
     pub upstream_status: String,
     /// Piclumen's prompt id, when known.
     pub prompt_id: String,
+    /// When Piclumen last confirmed this state: the wall-clock time the
+    /// reply of the status call that brought it arrived (one instant per
+    /// call, the same on every replica that shares it). `None` until the
+    /// hub stamps it (a freshly decoded entry), or when shared by a replica
+    /// too old to say.
+    pub observed_at: Option<std::time::SystemTime>,
 }
 
 #[cfg(test)]
