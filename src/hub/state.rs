@@ -50,18 +50,15 @@ impl Slot {
     /// wake-ups.
     pub(super) fn set(&self, snapshot: Snapshot) {
         self.0.send_if_modified(|current| {
-            if let (Snapshot::Status(now), Snapshot::Status(new)) = (&mut *current, &snapshot) {
-                let before = std::mem::replace(&mut now.observed_at, new.observed_at);
-                if now == new {
-                    return false;
+            // Statuses equal whatever their `observed_at`.
+            if *current == snapshot {
+                if let (Snapshot::Status(now), Snapshot::Status(new)) = (current, &snapshot) {
+                    now.observed_at = new.observed_at;
                 }
-                now.observed_at = before;
+                return false;
             }
-            let changed = *current != snapshot;
-            if changed {
-                *current = snapshot;
-            }
-            changed
+            *current = snapshot;
+            true
         });
     }
 }

@@ -304,10 +304,11 @@ pub(super) const RETRY_MAX: Duration = Duration::from_millis(300);
 /// How long to wait before asking a failed status call again within its
 /// round, or `None` to let the round fail: only transient trouble that a
 /// moment may cure (a 5xx, a broken or refused connection, a timeout) is
-/// retried, once; a 429 is not (its `Retry-After` pauses the token); and
-/// the retry must go out within the round's `interval`, `elapsed` since the
-/// call was sent. `draw` (0 to 1) places the wait between `RETRY_MIN` and
-/// `RETRY_MAX`, so replicas and tokens hit by the same fault spread out.
+/// retried, once; a 429 is not (its `Retry-After` pauses the token). `draw`
+/// (0 to 1) places the wait between `RETRY_MIN` and `RETRY_MAX`, so
+/// replicas and tokens hit by the same fault spread out; the wait is cut to
+/// what is left of the round (`interval`, `elapsed` since the call was
+/// sent), and with less than `RETRY_MIN` left there is no retry.
 pub(super) fn retry_delay(
     error: &UpstreamError,
     elapsed: Duration,
@@ -317,8 +318,9 @@ pub(super) fn retry_delay(
     if !error.is_transient() || matches!(error, UpstreamError::RateLimited { .. }) {
         return None;
     }
+    let left = interval.saturating_sub(elapsed);
     let delay = RETRY_MIN + (RETRY_MAX - RETRY_MIN).mul_f64(draw.clamp(0.0, 1.0));
-    (elapsed + delay <= interval).then_some(delay)
+    (left >= RETRY_MIN).then(|| delay.min(left))
 }
 
 /// The answer to a check asked while the token is paused: the pause's

@@ -1,6 +1,7 @@
 //! Piclumen's faults absorbed by the hub, on paused time against the
-//! scripted fake: checks answered with a recent state during trouble
-//! (stale-if-error), a failed status call asked again within its round,
+//! scripted fake: states stamped with when they were observed, checks
+//! answered with a recent state during trouble (stale-if-error), a failed
+//! status call asked again within its round,
 //! and a poller that panics ending its token's watches and checks INTERNAL
 //! and leaving the token to start afresh.
 
@@ -36,6 +37,30 @@ fn hub_with(fake: &Fake, stale_if_error: Duration) -> Hub {
         ..config()
     };
     Hub::new(config, std::sync::Arc::new(fake.clone()))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_watch_sees_when_its_state_was_last_confirmed_without_a_wake_up_per_round() {
+    let fake = Fake::with_jobs(1);
+    let hub = hub(&fake);
+    let mut sub = hub.subscribe(&token(), &id(0));
+    let Snapshot::Status(first) = next_state(&mut sub).await else {
+        panic!("a state first");
+    };
+    let first_seen = first.observed_at.expect("stamped");
+    // Real time moves for the wall clock: the next round's stamp is later.
+    std::thread::sleep(Duration::from_millis(5));
+    sleep(INTERVAL + Duration::from_millis(10)).await;
+    assert_eq!(fake.calls().len(), 2);
+    assert!(
+        !sub.rx.has_changed().expect("open"),
+        "unchanged: no wake-up"
+    );
+    let Snapshot::Status(now) = sub.rx.borrow().clone() else {
+        panic!("still a state");
+    };
+    assert_eq!(now, first);
+    assert!(now.observed_at.expect("stamped") > first_seen, "refreshed");
 }
 
 #[tokio::test(start_paused = true)]

@@ -116,11 +116,14 @@ fn every_shared_error_keeps_its_class_and_reason_across_replicas() {
 #[test]
 fn a_state_keeps_the_instant_it_was_observed() {
     let mut running = status("job-1", JobState::Running);
-    running.observed_at = Some(now_ms());
-    assert_eq!(across(&Ok(running.clone())), Ok(running.clone()));
+    let seen = now_ms();
+    running.observed_at = Some(seen);
+    let there = across(&Ok(running.clone())).expect("a state");
+    assert_eq!(there, running);
+    assert_eq!(there.observed_at, Some(seen), "the same instant, to the ms");
     // From a replica that does not stamp states: no instant.
     running.observed_at = None;
-    assert_eq!(across(&Ok(running.clone())), Ok(running));
+    assert_eq!(across(&Ok(running)).map(|s| s.observed_at), Ok(None));
     let old = r#"{"id":"job-1","status":{"state":"running"}}"#;
     let entry: Entry = serde_json::from_str(old).expect("an older replica's entry");
     assert_eq!(entry.outcome().map(|s| s.observed_at), Ok(None));

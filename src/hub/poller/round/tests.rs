@@ -446,8 +446,22 @@ fn a_retry_never_goes_out_past_the_round() {
         status: 503,
         body: String::new(),
     };
-    let late = interval - RETRY_MIN;
-    assert_eq!(retry_delay(&busy, late, interval, 0.0), Some(RETRY_MIN));
-    assert_eq!(retry_delay(&busy, late, interval, 0.5), None);
-    assert_eq!(retry_delay(&busy, interval, interval, 0.0), None);
+    // The wait is cut to what is left of the round.
+    let left = Duration::from_millis(150);
+    assert_eq!(
+        retry_delay(&busy, interval - left, interval, 1.0),
+        Some(left)
+    );
+    assert_eq!(
+        retry_delay(&busy, interval - left, interval, 0.0),
+        Some(RETRY_MIN)
+    );
+    // Less than the shortest wait left: the round fails instead.
+    let late = interval - RETRY_MIN + Duration::from_millis(1);
+    assert_eq!(retry_delay(&busy, late, interval, 0.0), None);
+    assert_eq!(retry_delay(&busy, interval * 2, interval, 0.0), None);
+    // A short interval still leaves room for one retry.
+    let short = Duration::from_millis(200);
+    let cut = retry_delay(&busy, Duration::from_millis(5), short, 1.0);
+    assert_eq!(cut, Some(Duration::from_millis(195)));
 }
