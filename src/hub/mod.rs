@@ -344,7 +344,10 @@ impl Hub {
 
     /// The job's state: from the hub when its answer is younger than one
     /// poll interval, else from a call sent after this check arrived
-    /// (shared with other checks and watches of the token). Waits at most
+    /// (shared with other checks and watches of the token). While the
+    /// token's calls are in transient trouble (a failed round, a pause),
+    /// the job's last state observed within `--stale-if-error` (a terminal
+    /// one whatever its age) answers instead of the trouble. Waits at most
     /// until `deadline`.
     pub async fn check(
         &self,

@@ -49,6 +49,13 @@ impl StaleIfError {
         (age <= self.window || status.state.is_terminal()).then(|| status.clone())
     }
 
+    /// How often kept answers are swept: often enough that none outstays
+    /// its time by more than half of it, seldom enough that an idle token
+    /// keeping answers for the window costs few wake-ups.
+    pub(super) fn sweep_every(&self) -> Duration {
+        self.interval.max(self.window) / 2
+    }
+
     /// Whether an answer `age` old is still worth keeping.
     pub(super) fn keeps(&self, status: &JobStatus, age: Duration) -> bool {
         if age < self.interval {

@@ -97,6 +97,6 @@ impl State {
         if self.known.capacity() > 4 * self.known.len().max(64) {
             self.known.shrink_to_fit();
         }
-        (!self.known.is_empty()).then(|| now + rules.interval / 2)
+        (!self.known.is_empty()).then(|| now + rules.sweep_every())
     }
 }

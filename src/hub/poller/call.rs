@@ -22,7 +22,7 @@ pub(super) struct StatusCall {
     /// The token asked for.
     pub(super) token: Token,
     /// The ids asked.
-    pub(super) ids: Vec<Id>,
+    pub(super) ids: Arc<[Id]>,
     /// When the schedule decided the call (the start of its round).
     pub(super) sent_at: Instant,
     /// The round's length: a retry never goes out past its end.

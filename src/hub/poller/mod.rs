@@ -51,7 +51,7 @@ use round::{Ended, Job, JobPlan, Plan, Round, Then};
 /// task), so a task that panics still has its waiters ended.
 struct InFlight {
     call: Call,
-    ids: Vec<Id>,
+    ids: Arc<[Id]>,
     waiters: Carried,
     /// The round's span (disabled with export off), open until applied.
     span: tracing::Span,
@@ -211,10 +211,12 @@ impl Poller {
                 .increment(answered.saturating_sub(1) as u64);
         }
         upstream_metrics().ids.record(ids.len() as f64);
+        // Shared with the call's task, for a retry, without a copy.
+        let ids: Arc<[Id]> = ids.into();
         let request = call::StatusCall {
             source: Arc::clone(&self.hub.source),
             token: self.shared.token.clone(),
-            ids: ids.clone(),
+            ids: Arc::clone(&ids),
             sent_at: call.sent_at,
             interval: self.hub.config.poll_interval,
         }
