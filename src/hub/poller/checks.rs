@@ -76,6 +76,13 @@ impl Carried {
         self.0.iter().map(|(_, w)| w.len()).sum()
     }
 
+    /// Answers every caller with `error`.
+    pub(super) fn answer_all(mut self, error: &HubError) {
+        for (_, waiters) in self.0.drain(..) {
+            fail(waiters, error, None);
+        }
+    }
+
     /// Answers each caller with its job's outcome, or, when the plan has
     /// an error for the call's checks, with its job's `stale` state if any,
     /// else that error.
@@ -98,15 +105,6 @@ impl Carried {
                     let _ = waiter.send((*outcome).clone());
                 }
             }
-        }
-    }
-}
-
-impl Carried {
-    /// Answers every caller with `error`.
-    pub(super) fn answer_all(mut self, error: &HubError) {
-        for (_, waiters) in self.0.drain(..) {
-            fail(waiters, error, None);
         }
     }
 }

@@ -179,10 +179,10 @@ impl Poller {
             Cmd::Round(round) => self.apply_round(&round, now),
             Cmd::Check(id, waiter, link) => {
                 if let Some(until) = self.schedule.paused_until(now) {
-                    let known = lock(&self.shared.state).known.get(&id).cloned();
-                    let answer = self
+                    let stale = self
                         .stale
-                        .answer(known.as_ref(), now)
+                        .answer(lock(&self.shared.state).known.get(&id), now);
+                    let answer = stale
                         .ok_or_else(|| round::paused_answer(self.pause_error.clone(), until - now));
                     let _ = waiter.send(answer);
                     return;
@@ -285,7 +285,11 @@ impl Poller {
     /// and, with fleet polling, the other replicas.
     fn apply(&mut self, flight: InFlight, ended: Ended) {
         #[cfg(test)]
-        if (self.hub.panic_next_round).swap(false, std::sync::atomic::Ordering::SeqCst) {
+        if self
+            .hub
+            .panic_next_round
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
             panic!("test fault: the poller panics applying a round");
         }
         let now = Instant::now();
