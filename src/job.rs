@@ -145,7 +145,11 @@ pub struct Image {
 }
 
 /// A job's state as last reported by Piclumen.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Equality is about the state, not its age: two statuses that differ only
+/// in `observed_at` are equal (the same state, confirmed at another time),
+/// so a watch sees a change only when the job changed.
+#[derive(Debug, Clone)]
 pub struct JobStatus {
     /// Piclumen's job id.
     pub mark_id: String,
@@ -159,7 +163,37 @@ pub struct JobStatus {
     pub upstream_status: String,
     /// Piclumen's prompt id, when known.
     pub prompt_id: String,
+    /// When Piclumen last confirmed this state: the wall-clock time the
+    /// reply of the status call that brought it arrived (one instant per
+    /// call, the same on every replica that shares it). `None` until the
+    /// hub stamps it (a freshly decoded entry), or when shared by a replica
+    /// too old to say.
+    pub observed_at: Option<std::time::SystemTime>,
 }
+
+impl PartialEq for JobStatus {
+    fn eq(&self, other: &Self) -> bool {
+        // Destructured, so a new field must be placed on one side or the
+        // other of this rule.
+        let Self {
+            mark_id,
+            state,
+            queue_position,
+            images,
+            upstream_status,
+            prompt_id,
+            observed_at: _,
+        } = self;
+        *mark_id == other.mark_id
+            && *state == other.state
+            && *queue_position == other.queue_position
+            && *images == other.images
+            && *upstream_status == other.upstream_status
+            && *prompt_id == other.prompt_id
+    }
+}
+
+impl Eq for JobStatus {}
 
 #[cfg(test)]
 mod tests {
@@ -196,6 +230,29 @@ mod tests {
         for bad in ["two words", "line\nbreak", "tab\there", "caf\u{e9}"] {
             assert_eq!(Token::parse(bad), Err(TokenError::NotPrintable), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn statuses_equal_by_state_whatever_their_age() {
+        let status = JobStatus {
+            mark_id: "m".into(),
+            state: JobState::Running,
+            queue_position: 0,
+            images: Vec::new(),
+            upstream_status: "running".into(),
+            prompt_id: String::new(),
+            observed_at: None,
+        };
+        let later = JobStatus {
+            observed_at: Some(std::time::SystemTime::now()),
+            ..status.clone()
+        };
+        assert_eq!(status, later);
+        let moved = JobStatus {
+            state: JobState::Succeeded,
+            ..later.clone()
+        };
+        assert_ne!(later, moved);
     }
 
     #[test]

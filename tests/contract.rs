@@ -129,6 +129,7 @@ fn the_example_status_reply_decodes_every_field() {
         images: Vec::new(),
         upstream_status: "pending".into(),
         prompt_id: String::new(),
+        observed_at: None,
     };
     let succeeded = JobStatus {
         mark_id: "a02c…".into(),
@@ -143,6 +144,7 @@ fn the_example_status_reply_decodes_every_field() {
         }],
         upstream_status: "success".into(),
         prompt_id: "…".into(),
+        observed_at: None,
     };
     assert_eq!(jobs, [pending, succeeded.clone()]);
 

@@ -287,6 +287,12 @@ fn every_serve_flag_reaches_its_setting() {
         row("failure-budget", &["--failure-budget", "11s"], |a| {
             with(a, |s| s.server.hub.failure_budget == secs(11))
         }),
+        row("stale-if-error", &["--stale-if-error", "0"], |a| {
+            with(a, |s| s.server.hub.stale_if_error.is_zero())
+        }),
+        row("stale-if-error", &["--stale-if-error", "45s"], |a| {
+            with(a, |s| s.server.hub.stale_if_error == secs(45))
+        }),
         row("upstream-timeout", &["--upstream-timeout", "13s"], |a| {
             with(a, |s| s.client.timeout == secs(13))
         }),

@@ -7,7 +7,10 @@
 //! only ever skips to the newest state (the terminal state is the last
 //! value, so it is never skipped). Checks are coalesced: asked at once when
 //! the token is idle, batched while its calls are in flight, and answered
-//! from the hub's state when that is younger than one poll interval.
+//! from the hub's state when that is younger than one poll interval. While
+//! a token's calls are in transient trouble, a check is answered with its
+//! job's last state when that is recent enough (`stale`) rather than with
+//! the trouble.
 //!
 //! The hub knows jobs, tokens and states; neither proto nor JSON. It
 //! returns its own error type; the service maps it to a `Status`.
@@ -16,6 +19,7 @@ pub mod fleet;
 mod poller;
 pub mod schedule;
 pub mod source;
+mod stale;
 mod state;
 
 use crate::support::lock;
@@ -117,6 +121,28 @@ pub struct HubConfig {
         value_parser = crate::flags::positive_duration
     )]
     pub failure_budget: Duration,
+    /// While Piclumen is in trouble for a token (429, 5xx, timeouts, no
+    /// connection), CheckImage answers with the job's last state when it
+    /// was observed within this long, instead of the error (terminal
+    /// states whatever their age); 0 turns it off.
+    #[arg(
+        long,
+        env = "PICLUMEN_STALE_IF_ERROR",
+        default_value = "30s",
+        value_parser = crate::flags::duration_or_zero
+    )]
+    pub stale_if_error: Duration,
+}
+
+impl HubConfig {
+    /// The stale-if-error rules these settings make.
+    fn stale(&self) -> stale::StaleIfError {
+        stale::StaleIfError {
+            window: self.stale_if_error,
+            interval: self.poll_interval,
+            budget: self.failure_budget,
+        }
+    }
 }
 
 impl Default for HubConfig {
@@ -163,6 +189,9 @@ struct Inner {
     /// (how rounds published by other replicas find their poller).
     fleet: Option<Arc<FleetLink>>,
     keys: Mutex<HashMap<Arc<str>, Weak<Shared>>>,
+    /// Test fault: the next round applied by any poller panics.
+    #[cfg(test)]
+    panic_next_round: std::sync::atomic::AtomicBool,
 }
 
 /// What a token's poller shares with the handles.
@@ -270,8 +299,19 @@ impl Hub {
                 tokens: Mutex::default(),
                 fleet,
                 keys: Mutex::default(),
+                #[cfg(test)]
+                panic_next_round: std::sync::atomic::AtomicBool::new(false),
             }),
         }
+    }
+
+    /// Test fault: the next round a poller applies panics in the poller
+    /// itself (not in the call's task).
+    #[cfg(test)]
+    pub(crate) fn panic_next_round(&self) {
+        self.inner
+            .panic_next_round
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Joins the watchers of `mark_id` for `token`, starting to poll it when
@@ -305,7 +345,10 @@ impl Hub {
 
     /// The job's state: from the hub when its answer is younger than one
     /// poll interval, else from a call sent after this check arrived
-    /// (shared with other checks and watches of the token). Waits at most
+    /// (shared with other checks and watches of the token). While the
+    /// token's calls are in transient trouble (a failed round, a pause),
+    /// the job's last state observed within `--stale-if-error` (a terminal
+    /// one whatever its age) answers instead of the trouble. Waits at most
     /// until `deadline`.
     pub async fn check(
         &self,

@@ -1,12 +1,12 @@
 //! A token's state shared between its poller and the hub's handles: the
-//! watched jobs' channels (`Slot`s) and the answers fresh enough to serve
-//! checks.
+//! watched jobs' channels (`Slot`s) and the answers recent enough to serve
+//! checks (fresh, or stale-if-error while Piclumen is in trouble).
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc};
 
 use tokio::{sync::watch, time::Instant};
 
-use super::{Snapshot, gauges, schedule::Id};
+use super::{Snapshot, gauges, schedule::Id, stale::StaleIfError};
 use crate::job::JobStatus;
 
 /// Job channels and recent answers of one token.
@@ -24,8 +24,9 @@ use crate::job::JobStatus;
 pub(super) struct State {
     /// Watched jobs' channels.
     pub(super) slots: HashMap<Id, Slot>,
-    /// The latest answer for each job asked recently, with when it arrived;
-    /// entries older than one interval are swept.
+    /// The latest answer for each job asked recently, with when it was
+    /// observed; swept as `StaleIfError::keeps` says (one interval, or the
+    /// stale-if-error window when longer).
     pub(super) known: HashMap<Id, (JobStatus, Instant)>,
 }
 
@@ -43,13 +44,21 @@ impl Slot {
     }
 
     /// Sends `snapshot` to the job's watchers, unless they already have it.
+    /// A state that only differs by when it was observed replaces the
+    /// current one without waking the watchers: later readers (a newcomer,
+    /// a heartbeat) see its age, and a round of unchanged jobs costs no
+    /// wake-ups.
     pub(super) fn set(&self, snapshot: Snapshot) {
         self.0.send_if_modified(|current| {
-            let changed = *current != snapshot;
-            if changed {
-                *current = snapshot;
+            // Statuses equal whatever their `observed_at`.
+            if *current == snapshot {
+                if let (Snapshot::Status(now), Snapshot::Status(new)) = (current, &snapshot) {
+                    now.observed_at = new.observed_at;
+                }
+                return false;
             }
-            changed
+            *current = snapshot;
+            true
         });
     }
 }
@@ -79,15 +88,15 @@ impl State {
         !known.is_empty()
     }
 
-    /// Drops answers `interval` old; returns when to sweep next, if
-    /// anything is left.
-    pub(super) fn sweep(&mut self, now: Instant, interval: Duration) -> Option<Instant> {
+    /// Drops answers no longer worth keeping; returns when to sweep next,
+    /// if anything is left.
+    pub(super) fn sweep(&mut self, now: Instant, rules: &StaleIfError) -> Option<Instant> {
         self.known
-            .retain(|_, (_, at)| now.duration_since(*at) < interval);
+            .retain(|_, (status, at)| rules.keeps(status, now.duration_since(*at)));
         // A burst of checks can leave a large, mostly empty table behind.
         if self.known.capacity() > 4 * self.known.len().max(64) {
             self.known.shrink_to_fit();
         }
-        (!self.known.is_empty()).then(|| now + interval / 2)
+        (!self.known.is_empty()).then(|| now + rules.sweep_every())
     }
 }

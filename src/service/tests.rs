@@ -94,6 +94,7 @@ fn status(mark_id: &str, state: JobState) -> JobStatus {
             .collect(),
         upstream_status: format!("{state:?}").to_lowercase(),
         prompt_id: String::new(),
+        observed_at: None,
     }
 }
 

@@ -160,6 +160,8 @@ impl TaskWire {
                 .collect(),
             upstream_status: self.status,
             prompt_id: self.prompt_id.unwrap_or_default(),
+            // Stamped by the hub, which knows when the reply arrived.
+            observed_at: None,
         }
     }
 }

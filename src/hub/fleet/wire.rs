@@ -3,7 +3,10 @@
 //! pause, an outage. JSON mirrors of the hub's types, so the hub's own types
 //! stay free of serde; a value that does not decode is dropped by the reader.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -60,41 +63,87 @@ pub struct Entry {
     /// Its state; absent with no error: the token has no such job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<WireStatus>,
-    /// Why there is no state (an unreadable entry, a refused call).
+    /// Why there is no state (an unreadable entry, a refused call); with
+    /// `hub`, the upstream error it carries (an outage's last one), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<WireError>,
+    /// A failure of the hub rather than of Piclumen (an internal error, an
+    /// outage): replicas that know this field read it in preference to
+    /// `error`, which older replicas read as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub: Option<WireHubError>,
+}
+
+/// A hub failure on the wire: the [`HubError`]s that are not Piclumen's
+/// own answer, so they reach the other replicas with their own class.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum WireHubError {
+    /// [`HubError::Internal`].
+    Internal,
+    /// [`HubError::Stopped`].
+    Stopped,
+    /// [`HubError::DeadlineExceeded`].
+    DeadlineExceeded,
+    /// [`HubError::Outage`]; its last error is the entry's `error`.
+    Outage {
+        /// The failure budget, in milliseconds.
+        budget_ms: u64,
+    },
 }
 
 impl Entry {
     /// The entry of an outcome.
     pub fn of(id: &str, outcome: &Result<JobStatus, HubError>) -> Self {
-        let (status, error) = match outcome {
-            Ok(status) => (Some(WireStatus::from(status)), None),
-            Err(HubError::NotFound { .. }) => (None, None),
-            Err(HubError::Upstream(e)) => (None, Some(WireError::from(e))),
-            Err(other) => (
+        let (status, error, hub) = match outcome {
+            Ok(status) => (Some(WireStatus::from(status)), None, None),
+            Err(HubError::NotFound { .. }) => (None, None, None),
+            Err(HubError::Upstream(e)) => (None, Some(WireError::from(e)), None),
+            Err(HubError::Outage { budget, last }) => (
                 None,
-                Some(WireError::Other {
-                    message: other.to_string(),
+                Some(WireError::from(last)),
+                Some(WireHubError::Outage {
+                    budget_ms: ms(*budget),
                 }),
             ),
+            Err(other) => {
+                let hub = match other {
+                    HubError::Stopped => WireHubError::Stopped,
+                    HubError::DeadlineExceeded => WireHubError::DeadlineExceeded,
+                    _ => WireHubError::Internal,
+                };
+                // What replicas without `hub` read, as they always did.
+                let message = other.to_string();
+                (None, Some(WireError::Other { message }), Some(hub))
+            }
         };
         Self {
             id: id.to_owned(),
             status,
             error,
+            hub,
         }
     }
 
     /// The outcome it stands for.
     pub fn outcome(&self) -> Result<JobStatus, HubError> {
-        match (&self.status, &self.error) {
-            (Some(status), _) => Ok(status.clone().into_status(&self.id)),
-            (None, Some(error)) => Err(HubError::Upstream(error.clone().into())),
-            (None, None) => Err(HubError::NotFound {
-                mark_id: self.id.clone(),
-            }),
+        if let Some(status) = &self.status {
+            return Ok(status.clone().into_status(&self.id));
         }
+        let upstream = || self.error.clone().map(UpstreamError::from);
+        Err(match (self.hub, upstream()) {
+            (Some(WireHubError::Outage { budget_ms }), Some(last)) => HubError::Outage {
+                budget: Duration::from_millis(budget_ms),
+                last,
+            },
+            (Some(WireHubError::Stopped), _) => HubError::Stopped,
+            (Some(WireHubError::DeadlineExceeded), _) => HubError::DeadlineExceeded,
+            (Some(_), _) => HubError::Internal,
+            (None, Some(error)) => HubError::Upstream(error),
+            (None, None) => HubError::NotFound {
+                mark_id: self.id.clone(),
+            },
+        })
     }
 
     /// True when the job will not change any more (or its watch ends).
@@ -115,6 +164,10 @@ pub struct WireStatus {
     upstream_status: String,
     #[serde(default)]
     prompt_id: String,
+    /// When Piclumen confirmed it, in unix milliseconds (absent from older
+    /// replicas).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    observed_at_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -179,6 +232,7 @@ impl From<&JobStatus> for WireStatus {
                 .collect(),
             upstream_status: s.upstream_status.clone(),
             prompt_id: s.prompt_id.clone(),
+            observed_at_ms: s.observed_at.and_then(unix_ms),
         }
     }
 }
@@ -202,6 +256,7 @@ impl WireStatus {
                 .collect(),
             upstream_status: self.upstream_status,
             prompt_id: self.prompt_id,
+            observed_at: self.observed_at_ms.map(from_unix_ms),
         }
     }
 }
@@ -259,6 +314,22 @@ pub enum WireError {
 
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `at` in unix milliseconds; `None` before 1970.
+pub fn unix_ms(at: SystemTime) -> Option<u64> {
+    at.duration_since(UNIX_EPOCH).ok().map(ms)
+}
+
+/// The wall-clock time now, to the millisecond the wire carries: an
+/// instant stamped with it reads the same on every replica.
+pub fn now_ms() -> SystemTime {
+    unix_ms(SystemTime::now()).map_or(UNIX_EPOCH, from_unix_ms)
+}
+
+/// The instant `ms` unix milliseconds stand for.
+pub fn from_unix_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
 }
 
 impl From<&UpstreamError> for WireError {

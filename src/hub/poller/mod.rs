@@ -8,9 +8,13 @@
 //!
 //! One type per file: `Poller` here, its fleet part `FleetSide` in
 //! `fleet`, the plain `Plan` in `round`, the callers of checks it holds in
-//! `checks`.
+//! `checks`; the status call it sends (retried once within its round) in
+//! `call`, and how it ends (retired when idle, or abandoned after a panic,
+//! by its supervisor) in `ending`.
 
+mod call;
 mod checks;
+mod ending;
 mod fleet;
 mod round;
 
@@ -31,6 +35,7 @@ use super::{
     fleet::wire::{Entry, Round as FleetRound},
     lock,
     schedule::{Call, Id, Next, Schedule, ScheduleConfig},
+    stale::StaleIfError,
     upstream_metrics,
 };
 use crate::{
@@ -46,7 +51,7 @@ use round::{Ended, Job, JobPlan, Plan, Round, Then};
 /// task), so a task that panics still has its waiters ended.
 struct InFlight {
     call: Call,
-    ids: Vec<Id>,
+    ids: Arc<[Id]>,
     waiters: Carried,
     /// The round's span (disabled with export off), open until applied.
     span: tracing::Span,
@@ -78,6 +83,7 @@ pub(super) fn spawn(token: Token, hub: Arc<Inner>) -> Arc<Shared> {
         .map(|link| FleetSide::new(Arc::clone(link), &hub, &shared));
     let poller = Poller {
         shared: Arc::clone(&shared),
+        stale: hub.config.stale(),
         hub,
         rx,
         schedule,
@@ -91,7 +97,7 @@ pub(super) fn spawn(token: Token, hub: Arc<Inner>) -> Arc<Shared> {
     };
     // No parent: a poller serves many calls, and must not carry the request
     // id of whichever call happened to start it.
-    tokio::spawn(poller.run().instrument(info_span!(parent: None, "poller")));
+    tokio::spawn(ending::supervise(poller).instrument(info_span!(parent: None, "poller")));
     shared
 }
 
@@ -113,10 +119,14 @@ struct Poller {
     fleet: Option<FleetSide>,
     /// The calls each job's next round serves, for its span's links.
     links: crate::otel::RoundLinks,
+    /// Which remembered states answer checks during trouble.
+    stale: StaleIfError,
 }
 
 impl Poller {
-    async fn run(mut self) {
+    /// Runs until the token has nothing left (`retire`); the supervisor
+    /// keeps the poller, to abandon its token if this panics.
+    async fn run(&mut self) {
         loop {
             while let Ok(cmd) = self.rx.try_recv() {
                 self.command(cmd);
@@ -169,8 +179,12 @@ impl Poller {
             Cmd::Round(round) => self.apply_round(&round, now),
             Cmd::Check(id, waiter, link) => {
                 if let Some(until) = self.schedule.paused_until(now) {
-                    let cause = self.pause_error.clone();
-                    let _ = waiter.send(Err(round::paused_answer(cause, until - now)));
+                    let stale = self
+                        .stale
+                        .answer(lock(&self.shared.state).known.get(&id), now);
+                    let answer = stale
+                        .ok_or_else(|| round::paused_answer(self.pause_error.clone(), until - now));
+                    let _ = waiter.send(answer);
                     return;
                 }
                 self.waiters.push(Arc::clone(&id), waiter);
@@ -197,8 +211,16 @@ impl Poller {
                 .increment(answered.saturating_sub(1) as u64);
         }
         upstream_metrics().ids.record(ids.len() as f64);
-        let source = Arc::clone(&self.hub.source);
-        let request = source.batch_status(&self.shared.token, &ids);
+        // Shared with the call's task, for a retry, without a copy.
+        let ids: Arc<[Id]> = ids.into();
+        let request = call::StatusCall {
+            source: Arc::clone(&self.hub.source),
+            token: self.shared.token.clone(),
+            ids: Arc::clone(&ids),
+            sent_at: call.sent_at,
+            interval: self.hub.config.poll_interval,
+        }
+        .send();
         let schedule = &self.schedule;
         let span = self.links.round_span(&ids, |id| schedule.is_watched(id));
         let request = request.instrument(span.clone());
@@ -262,6 +284,14 @@ impl Poller {
     /// remembers the answers, answers the call's checks, tells the schedule
     /// and, with fleet polling, the other replicas.
     fn apply(&mut self, flight: InFlight, ended: Ended) {
+        #[cfg(test)]
+        if self
+            .hub
+            .panic_next_round
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            panic!("test fault: the poller panics applying a round");
+        }
         let now = Instant::now();
         let InFlight {
             call,
@@ -273,6 +303,7 @@ impl Poller {
             ids: &ids,
             sent_at: call.sent_at,
             sharing: self.fleet.as_ref().is_some_and(FleetSide::shares),
+            observed_at: super::fleet::wire::now_ms(),
         };
         let shared = Arc::clone(&self.shared);
         let mut state = lock(&shared.state);
@@ -281,9 +312,10 @@ impl Poller {
         let plan = round.plan(ended, |id| job(&state, self.fleet.as_ref(), id));
         self.publish(&mut state, &plan.jobs, now);
         self.remember(&mut state, &plan.known, plan.fresh_from, now);
+        let stale = self.stale;
+        waiters.answer(&plan, |id| stale.answer(state.known.get(id), now));
         drop(state);
         log(&plan);
-        waiters.answer(&plan);
         let verdict = self.schedule.on_reply(&call, &plan.reply, now);
         self.after(plan.then(verdict, now), plan.sharing, &span, now);
         if let Some(fleet) = &self.fleet {
@@ -354,12 +386,17 @@ impl Poller {
         }
     }
 
-    /// Holds the token until `until`: queued checks get the cause now
-    /// rather than waiting out the pause.
+    /// Holds the token until `until`: queued checks get their job's
+    /// stale-if-error state, else the cause, now rather than waiting out
+    /// the pause.
     fn pause(&mut self, until: Instant, error: UpstreamError, now: Instant) {
         let left = until.saturating_duration_since(now);
+        let answer = round::paused_answer(Some(error.clone()), left);
+        let state = lock(&self.shared.state);
+        let stale = self.stale;
         self.waiters
-            .fail_all(&round::paused_answer(Some(error.clone()), left));
+            .fail_all(&answer, |id| stale.answer(state.known.get(id), now));
+        drop(state);
         self.schedule.clear_checks();
         self.pause_error = Some(error);
     }
@@ -375,8 +412,10 @@ impl Poller {
         for (_, slot) in state.slots.drain() {
             slot.set(Snapshot::Ended(ended.clone()));
         }
+        let (stale, now) = (self.stale, Instant::now());
+        self.waiters
+            .fail_all(&ended, |id| stale.answer(state.known.get(id), now));
         drop(state);
-        self.waiters.fail_all(&ended);
         if let Some(fleet) = &mut self.fleet {
             fleet.remote.clear();
         }
@@ -427,48 +466,12 @@ impl Poller {
         self.publish(&mut state, &jobs, now);
     }
 
-    /// Drops answers older than one interval, when due.
+    /// Drops answers no longer worth keeping, when due.
     fn sweep(&mut self, now: Instant) {
         if self.next_sweep.is_none_or(|at| at > now) {
             return;
         }
-        let interval = self.hub.config.poll_interval;
-        self.next_sweep = lock(&self.shared.state).sweep(now, interval);
-    }
-
-    /// Ends this poller when it has nothing left, under the hub's lock so a
-    /// handle either reaches this poller before it looks or finds none and
-    /// starts a new one.
-    fn retire(&mut self) -> bool {
-        let mut tokens = lock(&self.hub.tokens);
-        if self.fleet.as_ref().is_some_and(|f| !f.is_idle()) {
-            return false;
-        }
-        if !self.rx.is_empty() || !self.schedule.is_idle() || !self.waiters.is_empty() {
-            return false;
-        }
-        {
-            let state = lock(&self.shared.state);
-            if !state.known.is_empty() || !state.slots.is_empty() {
-                return false;
-            }
-        }
-        if tokens
-            .get(&self.shared.token)
-            .is_some_and(|s| Arc::ptr_eq(s, &self.shared))
-        {
-            tokens.remove(&self.shared.token);
-        }
-        if let Some(fleet) = &self.fleet {
-            let mut keys = lock(&self.hub.keys);
-            if keys
-                .get(fleet.key.as_str())
-                .is_some_and(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(&self.shared)))
-            {
-                keys.remove(fleet.key.as_str());
-            }
-        }
-        true
+        self.next_sweep = lock(&self.shared.state).sweep(now, &self.stale);
     }
 }
 

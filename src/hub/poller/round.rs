@@ -4,11 +4,12 @@
 //! and polling, the answers to remember, the entries to share with the
 //! other replicas, the error the call's checks get, what the schedule is
 //! told), and `Plan::then` turns the schedule's verdict on a failed call
-//! into a pause or an outage. Plain values in, plain values out: no
+//! into a pause or an outage; `retry_delay` says whether a failed call is
+//! asked again within its round. Plain values in, plain values out: no
 //! channel, lock or task, so every rule is tested on plain values; the
 //! poller only carries plans out.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
@@ -146,6 +147,8 @@ pub(super) struct Round<'a> {
     pub(super) sent_at: Instant,
     /// True when answers are published to the other replicas.
     pub(super) sharing: bool,
+    /// When its reply arrived: every state it brings was observed then.
+    pub(super) observed_at: SystemTime,
 }
 
 impl Round<'_> {
@@ -193,7 +196,10 @@ impl Round<'_> {
         plan.jobs.reserve(self.ids.len());
         for id in self.ids {
             let outcome = match by_id.remove(&**id) {
-                Some(Ok(status)) => Ok(status),
+                Some(Ok(mut status)) => {
+                    status.observed_at = Some(self.observed_at);
+                    Ok(status)
+                }
                 Some(Err(bad)) => {
                     plan.unreadable.push(bad.clone());
                     Err(HubError::Upstream(bad.error))
@@ -288,6 +294,33 @@ pub(super) fn from_replica(
         }
     }
     (jobs, known)
+}
+
+/// Shortest wait before a failed status call is asked again in its round.
+pub(super) const RETRY_MIN: Duration = Duration::from_millis(100);
+/// Longest such wait.
+pub(super) const RETRY_MAX: Duration = Duration::from_millis(300);
+
+/// How long to wait before asking a failed status call again within its
+/// round, or `None` to let the round fail: only transient trouble that a
+/// moment may cure (a 5xx, a broken or refused connection, a timeout) is
+/// retried, once; a 429 is not (its `Retry-After` pauses the token). `draw`
+/// (0 to 1) places the wait between `RETRY_MIN` and `RETRY_MAX`, so
+/// replicas and tokens hit by the same fault spread out; the wait is cut to
+/// what is left of the round (`interval`, `elapsed` since the call was
+/// sent), and with less than `RETRY_MIN` left there is no retry.
+pub(super) fn retry_delay(
+    error: &UpstreamError,
+    elapsed: Duration,
+    interval: Duration,
+    draw: f64,
+) -> Option<Duration> {
+    if !error.is_transient() || matches!(error, UpstreamError::RateLimited { .. }) {
+        return None;
+    }
+    let left = interval.saturating_sub(elapsed);
+    let delay = RETRY_MIN + (RETRY_MAX - RETRY_MIN).mul_f64(draw.clamp(0.0, 1.0));
+    (left >= RETRY_MIN).then(|| delay.min(left))
 }
 
 /// The answer to a check asked while the token is paused: the pause's

@@ -127,6 +127,7 @@ pub(crate) fn status(id: &str, state: JobState) -> JobStatus {
         images: Vec::new(),
         upstream_status: String::new(),
         prompt_id: String::new(),
+        observed_at: None,
     }
 }
 

@@ -4,9 +4,10 @@
 //! store operations never end). Exact counts of calls per round, handover
 //! within two intervals, fleet-wide pauses, the fallback to polling alone,
 //! and what the store ever sees of a token. The coordinator alone is in
-//! `coordinator`.
+//! `coordinator`; what an entry carries across the wire in `wire`.
 
 mod coordinator;
+mod wire;
 
 use std::{
     collections::HashMap,

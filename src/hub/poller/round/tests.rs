@@ -11,6 +11,11 @@ use crate::{
     job::{JobState, JobStatus},
 };
 
+/// When the rounds' replies arrived.
+fn seen() -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123)
+}
+
 fn ids(names: &[&str]) -> Vec<Id> {
     names.iter().map(|n| Id::from(*n)).collect()
 }
@@ -65,6 +70,7 @@ fn an_answer_publishes_each_job_and_ends_only_the_finished_ones() {
         ids: &call,
         sent_at: sent,
         sharing: false,
+        observed_at: seen(),
     };
     let answer = vec![
         Ok(status("run", JobState::Running)),
@@ -111,6 +117,15 @@ fn an_answer_publishes_each_job_and_ends_only_the_finished_ones() {
     let remembered: Vec<&str> = plan.known.iter().map(|(id, _)| &**id).collect();
     assert_eq!(remembered, ["run", "done", "lonely"]);
     assert_eq!(plan.fresh_from, sent);
+    // Every state is stamped with when the reply arrived, remembered or
+    // published alike.
+    assert!(
+        plan.known
+            .iter()
+            .all(|(_, s)| s.observed_at == Some(seen()))
+    );
+    let stamped = |id| matches!(outcome(&plan, id), Ok(s) if s.observed_at == Some(seen()));
+    assert!(stamped("run") && stamped("done") && stamped("lonely"));
     assert!(plan.share.is_empty(), "not sharing");
     let order: Vec<&str> = plan.jobs.iter().map(|j| &*j.id).collect();
     assert_eq!(order, ["run", "done", "gone", "lonely", "bad"]);
@@ -123,6 +138,7 @@ fn jobs_without_a_channel_are_unwatched_unless_another_replica_wants_them() {
         ids: &call,
         sent_at: Instant::now(),
         sharing: true,
+        observed_at: seen(),
     };
     let remote = Job {
         watchers: None,
@@ -177,6 +193,7 @@ fn a_watched_remote_job_loses_its_channel_but_stays_polled_when_unwatched_here()
         ids: &call,
         sent_at: Instant::now(),
         sharing: true,
+        observed_at: seen(),
     };
     let plan = round.plan(
         Ended::Answered(vec![Ok(status("both", JobState::Running))]),
@@ -206,6 +223,7 @@ fn transient_trouble_answers_checks_with_it_and_leaves_watches_to_the_pause() {
         ids: &call,
         sent_at: Instant::now(),
         sharing: true,
+        observed_at: seen(),
     };
     let limited = UpstreamError::RateLimited {
         retry_after: Some(Duration::from_secs(5)),
@@ -238,6 +256,7 @@ fn the_verdict_on_trouble_becomes_a_pause_or_an_outage() {
         ids: &call,
         sent_at: now,
         sharing: false,
+        observed_at: seen(),
     };
     let error = UpstreamError::Timeout(Duration::from_secs(1));
     let plan = round.plan(Ended::Failed(error.clone()), facts(&[]));
@@ -264,6 +283,7 @@ fn a_refusal_ends_every_job_of_the_call_and_tells_every_replica() {
         ids: &call,
         sent_at: Instant::now(),
         sharing: false,
+        observed_at: seen(),
     };
     let refused = UpstreamError::Http {
         status: 401,
@@ -292,6 +312,7 @@ fn a_panicked_call_ends_its_jobs_with_an_internal_error() {
         ids: &call,
         sent_at: Instant::now(),
         sharing: false,
+        observed_at: seen(),
     };
     let plan = round.plan(Ended::Panicked, facts(&[("a", watched(1))]));
     assert_eq!(outcome(&plan, "a"), &Err(HubError::Internal));
@@ -352,4 +373,95 @@ fn a_check_during_a_pause_gets_its_cause_with_the_time_left() {
         paused_answer(Some(busy.clone()), left),
         HubError::Upstream(busy)
     );
+}
+
+#[test]
+fn only_transient_trouble_other_than_a_429_is_retried_within_the_round() {
+    let interval = Duration::from_secs(2);
+    let at_once = Duration::ZERO;
+    let retried = [
+        UpstreamError::Http {
+            status: 503,
+            body: String::new(),
+        },
+        UpstreamError::Http {
+            status: 500,
+            body: String::new(),
+        },
+        UpstreamError::Connect {
+            detail: "refused".into(),
+        },
+        UpstreamError::Interrupted {
+            detail: "reset".into(),
+        },
+        UpstreamError::Timeout(Duration::from_secs(1)),
+    ];
+    for error in &retried {
+        assert_eq!(
+            retry_delay(error, at_once, interval, 0.0),
+            Some(RETRY_MIN),
+            "{error:?}"
+        );
+        assert_eq!(
+            retry_delay(error, at_once, interval, 1.0),
+            Some(RETRY_MAX),
+            "{error:?}"
+        );
+        let mid = retry_delay(error, at_once, interval, 0.5).expect("retried");
+        assert!(RETRY_MIN < mid && mid < RETRY_MAX, "{mid:?}");
+    }
+    let not_retried = [
+        UpstreamError::RateLimited {
+            retry_after: Some(Duration::from_secs(5)),
+        },
+        UpstreamError::RateLimited { retry_after: None },
+        UpstreamError::Unauthorized,
+        UpstreamError::Forbidden,
+        UpstreamError::Http {
+            status: 404,
+            body: String::new(),
+        },
+        UpstreamError::Rejected {
+            code: 1,
+            message: "no".into(),
+        },
+        UpstreamError::Decode {
+            error: "x".into(),
+            body: String::new(),
+        },
+    ];
+    for error in &not_retried {
+        assert_eq!(
+            retry_delay(error, at_once, interval, 0.5),
+            None,
+            "{error:?}"
+        );
+    }
+}
+
+#[test]
+fn a_retry_never_goes_out_past_the_round() {
+    let interval = Duration::from_secs(2);
+    let busy = UpstreamError::Http {
+        status: 503,
+        body: String::new(),
+    };
+    // The wait is cut to what is left of the round.
+    let left = Duration::from_millis(150);
+    assert_eq!(
+        retry_delay(&busy, interval - left, interval, 1.0),
+        Some(left)
+    );
+    assert_eq!(
+        retry_delay(&busy, interval - left, interval, 0.0),
+        Some(RETRY_MIN)
+    );
+    // Less than the shortest wait left: the round fails instead.
+    let late = interval - RETRY_MIN + Duration::from_millis(1);
+    assert_eq!(retry_delay(&busy, late, interval, 0.0), None);
+    assert_eq!(retry_delay(&busy, interval * 2, interval, 0.0), None);
+    // A short interval still leaves room for one retry.
+    let short = Duration::from_millis(200);
+    let cut = retry_delay(&busy, Duration::from_millis(5), short, 1.0);
+    assert_eq!(cut, Some(Duration::from_millis(195)));
 }
