@@ -147,8 +147,7 @@ pub fn into_proto_job(status: JobStatus) -> pb::ImageJob {
         images: status.images.into_iter().map(into_proto_image).collect(),
         upstream_status: status.upstream_status,
         prompt_id: status.prompt_id,
-        // Set from the hub's observation time once jobs carry it.
-        observed_at: None,
+        observed_at: status.observed_at.map(prost_types::Timestamp::from),
     }
 }
 

@@ -549,3 +549,72 @@ async fn shutdown_stops_the_http_listener_too() {
         "the HTTP port still accepts"
     );
 }
+
+/// A job checked once, then Piclumen's status calls all failing: `(HTTP
+/// answer, gRPC answer)` of a check one second into the outage.
+async fn checked_through_an_outage(
+    stale_if_error: Duration,
+) -> (Answer, Result<pb::ImageJob, tonic::Status>) {
+    let sim = SimConfig {
+        job_duration: Duration::from_secs(600),
+        ..sim_config()
+    };
+    let mut config = server_config();
+    config.hub.stale_if_error = stale_if_error;
+    let legacy = Legacy::with(sim, config).await;
+    let started = legacy.generate(TOKEN, EXAMPLE_BODY).await;
+    let mark_id = started.body["mark_id"]
+        .as_str()
+        .expect("mark id")
+        .to_owned();
+    let fresh = legacy.check(TOKEN, &mark_id).await;
+    assert_eq!(fresh.status, 202, "{:?}", fresh.body);
+    let age: u64 = fresh.headers["age"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!(age <= 1, "a state just confirmed: Age {age}");
+    legacy
+        .sim
+        .script(json!([{"endpoint": "status", "http_status": 503, "body": "down", "times": 1000}]))
+        .await;
+    // Past several intervals (200 ms): the token is paused and its last
+    // state is older than one interval.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let http = legacy.check(TOKEN, &mark_id).await;
+    let grpc = legacy
+        .grpc_client()
+        .await
+        .check_image(authed(TOKEN, pb::CheckImageRequest { mark_id }))
+        .await
+        .map(|answer| answer.into_inner().job.expect("job"));
+    (http, grpc)
+}
+
+#[tokio::test]
+async fn checks_answer_a_recent_state_through_an_outage_with_its_age() {
+    let (http, grpc) = checked_through_an_outage(Duration::from_secs(30)).await;
+    assert_eq!(http.status, 202, "{:?}", http.body);
+    assert!(http.headers.contains_key("age"), "{:?}", http.headers);
+    let job = grpc.expect("the last state, not the outage");
+    assert_eq!(job.state(), pb::JobState::Pending);
+    let observed = job.observed_at.expect("observed_at");
+    let age = std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::try_from(observed).expect("a time"))
+        .expect("in the past");
+    assert!(
+        (Duration::from_millis(500)..Duration::from_secs(30)).contains(&age),
+        "observed {age:?} ago"
+    );
+}
+
+#[tokio::test]
+async fn without_stale_if_error_checks_fail_through_an_outage() {
+    let (http, grpc) = checked_through_an_outage(Duration::ZERO).await;
+    assert_eq!(http.status, 503, "{:?}", http.body);
+    assert_eq!(
+        grpc.expect_err("the outage").code(),
+        tonic::Code::Unavailable
+    );
+}

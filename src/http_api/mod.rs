@@ -24,7 +24,7 @@ mod status;
 #[cfg(test)]
 mod tests;
 
-use std::{collections::HashMap, future::Future, sync::Arc};
+use std::{collections::HashMap, future::Future, sync::Arc, time::SystemTime};
 
 use axum::{
     Json, Router,
@@ -33,7 +33,7 @@ use axum::{
         DefaultBodyLimit, Query, State,
         rejection::{BytesRejection, QueryRejection},
     },
-    http::{HeaderMap, HeaderValue, StatusCode},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::post,
     serve::ListenerExt,
@@ -199,8 +199,8 @@ async fn generate_image(
         ("x-api-key" = Option<String>, Header, description = "Caller API key, when the server requires one (`--api-keys-file`)."),
     ),
     responses(
-        (status = 200, description = "Done: the first image's URL.", body = GenerationSucceeded),
-        (status = 202, description = "Queued or running (or a state this version does not know): `Image still processing. Current status: <Piclumen's status>`.", body = StillProcessing),
+        (status = 200, description = "Done: the first image's URL.", body = GenerationSucceeded, headers(("Age" = u64, description = "Seconds since Piclumen last confirmed this state."))),
+        (status = 202, description = "Queued or running (or a state this version does not know): `Image still processing. Current status: <Piclumen's status>`. While Piclumen has trouble, a state confirmed within the server's `--stale-if-error` window is answered instead of the error; `Age` says how old it is.", body = StillProcessing, headers(("Age" = u64, description = "Seconds since Piclumen last confirmed this state."))),
         (status = 400, description = "The mark id is empty or malformed, or Piclumen refused the request.", body = ErrorBody),
         (status = 404, description = "This token has no job with this mark id (reason `JOB_NOT_FOUND`).", body = ErrorBody),
         (status = 422, description = "A query parameter is missing.", body = ValidationError),
@@ -225,7 +225,7 @@ async fn check_image(
     };
     let credentials = credentials(token, &headers);
     match core.check(&credentials, mark_id, None).await {
-        Ok(status) => job_response(status),
+        Ok(status) => with_age(status.observed_at, job_response(status)),
         Err(error) => error_of(error),
     }
 }
@@ -237,6 +237,19 @@ fn credentials<'a>(token: &'a str, headers: &'a HeaderMap) -> Credentials<'a> {
         token: TokenInput::Bare(token),
         api_key: headers.get(API_KEY_HEADER).map(HeaderValue::as_bytes),
     }
+}
+
+/// `Age` (RFC 9111): whole seconds since Piclumen confirmed the state, as a
+/// cache says how old the answer it serves is (RFC 5861's stale-if-error
+/// answers carry it the same way).
+fn with_age(observed_at: Option<SystemTime>, mut response: Response) -> Response {
+    if let Some(at) = observed_at {
+        let age = SystemTime::now().duration_since(at).unwrap_or_default();
+        response
+            .headers_mut()
+            .insert(header::AGE, HeaderValue::from(age.as_secs()));
+    }
+    response
 }
 
 /// The job in the first version's shapes: 200 with the first image when it

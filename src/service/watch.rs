@@ -117,6 +117,15 @@ impl Watch {
                         }
                     }
                     () = sleep_until(heartbeat_at), if last.is_some() => {
+                        // The same state confirmed since is set without a
+                        // wake-up: repeat it with its newer `observed_at`.
+                        let confirmed = match &*rx.borrow() {
+                            Snapshot::Status(now) if last.as_ref() == Some(now) => Some(now.clone()),
+                            _ => None,
+                        };
+                        if confirmed.is_some() {
+                            last = confirmed;
+                        }
                         if let Some(status) = &last {
                             yield Ok(WatchEvent { status: status.clone(), heartbeat: true });
                         }
