@@ -218,9 +218,32 @@ async fn quiet_watches_get_heartbeats() {
     let mut last = first.job.clone();
     for _ in 0..4 {
         let m = stream.message().await.expect("next").expect("message");
+        let observed = |job: &Option<pb::ImageJob>| {
+            job.as_ref()
+                .and_then(|j| j.observed_at)
+                .map(|t| (t.seconds, t.nanos))
+        };
+        let without_age = |job: &Option<pb::ImageJob>| {
+            job.clone().map(|j| pb::ImageJob {
+                observed_at: None,
+                ..j
+            })
+        };
         if m.heartbeat {
             heartbeats += 1;
-            assert_eq!(m.job, last, "a heartbeat repeats the latest state");
+            assert_eq!(
+                without_age(&m.job),
+                without_age(&last),
+                "a heartbeat repeats the latest state"
+            );
+            // Confirmed again every round (200 ms): a heartbeat (300 ms)
+            // says so rather than the age of the state it last sent.
+            assert!(
+                observed(&m.job) > observed(&last),
+                "{:?} after {:?}",
+                observed(&m.job),
+                observed(&last)
+            );
         }
         last = m.job.clone();
     }
