@@ -76,7 +76,10 @@ impl Share {
 #[derive(Debug, Default)]
 struct Outcomes {
     codes: Mutex<BTreeMap<String, u64>>,
-    /// By RPC: [whole load, calls that ended inside the outage].
+    /// The HTTP API's answers by path and status (`error` when none came).
+    http_codes: Mutex<BTreeMap<String, u64>>,
+    /// By RPC: [whole load, calls in flight during the outage (started
+    /// before its end, ended after its start)].
     shares: Mutex<BTreeMap<&'static str, [Share; 2]>>,
     /// The outage window, once scripted.
     outage: Mutex<Option<(Instant, Instant)>>,
@@ -103,14 +106,14 @@ fn count(codes: &Codes, rpc: &str, code: tonic::Code) {
         .or_default() += 1;
 }
 
-/// One call of `rpc` ended, failed or not.
-fn tally(codes: &Codes, rpc: &'static str, failed: bool) {
+/// One call of `rpc`, made at `started`, ended, failed or not.
+fn tally(codes: &Codes, rpc: &'static str, started: Instant, failed: bool) {
     let now = Instant::now();
     let inside = codes
         .outage
         .lock()
         .expect("outage")
-        .is_some_and(|(from, to)| from <= now && now < to);
+        .is_some_and(|(from, to)| started < to && now >= from);
     let mut shares = codes.shares.lock().expect("shares");
     let entry = shares.entry(rpc).or_default();
     for share in if inside {
@@ -123,10 +126,29 @@ fn tally(codes: &Codes, rpc: &'static str, failed: bool) {
     }
 }
 
+/// [`tally`] of an HTTP call to `path` that got `status` (or no answer),
+/// also counted by status.
+fn tally_http(
+    codes: &Codes,
+    path: &'static str,
+    started: Instant,
+    status: Option<u16>,
+    failed: bool,
+) {
+    let status = status.map_or_else(|| "error".to_owned(), |s| s.to_string());
+    *codes
+        .http_codes
+        .lock()
+        .expect("http codes")
+        .entry(format!("{path} {status}"))
+        .or_default() += 1;
+    tally(codes, path, started, failed);
+}
+
 /// [`count`] and [`tally`] of a gRPC call.
-fn record(codes: &Codes, rpc: &'static str, code: tonic::Code) {
+fn record(codes: &Codes, rpc: &'static str, started: Instant, code: tonic::Code) {
     count(codes, rpc, code);
-    tally(codes, rpc, code != tonic::Code::Ok);
+    tally(codes, rpc, started, code != tonic::Code::Ok);
 }
 
 async fn worker(mut client: ImageServiceClient<Channel>, id: usize, until: Instant, codes: Codes) {
@@ -140,13 +162,14 @@ async fn worker(mut client: ImageServiceClient<Channel>, id: usize, until: Insta
             request_id: format!("soak-{run:08x}-{id}-{n}"),
             ..Default::default()
         };
+        let started = Instant::now();
         let mark_id = match client.generate_image(authed(&token, request)).await {
             Ok(r) => {
-                record(&codes, "GenerateImage", tonic::Code::Ok);
+                record(&codes, "GenerateImage", started, tonic::Code::Ok);
                 r.into_inner().mark_id
             }
             Err(s) => {
-                record(&codes, "GenerateImage", s.code());
+                record(&codes, "GenerateImage", started, s.code());
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
@@ -161,31 +184,34 @@ async fn worker(mut client: ImageServiceClient<Channel>, id: usize, until: Insta
                             mark_id: mark_id.clone(),
                         },
                     );
+                    let started = Instant::now();
                     let code = client
                         .check_image(request)
                         .await
                         .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
-                    record(&codes, "CheckImage", code);
+                    record(&codes, "CheckImage", started, code);
                     tokio::time::sleep(Duration::from_millis(300)).await;
                 }
             }
             // A watch the caller abandons half-way.
             2 => {
                 let request = authed(&token, pb::WatchImageRequest { mark_id });
+                let started = Instant::now();
                 match client.watch_image(request).await {
                     Ok(r) => {
                         let mut stream = r.into_inner();
                         let first =
                             tokio::time::timeout(Duration::from_secs(1), stream.message()).await;
                         count(&codes, "WatchImage cancelled", tonic::Code::Ok);
-                        tally(&codes, "WatchImage", matches!(first, Ok(Err(_))));
+                        tally(&codes, "WatchImage", started, matches!(first, Ok(Err(_))));
                     }
-                    Err(_) => tally(&codes, "WatchImage", true),
+                    Err(_) => tally(&codes, "WatchImage", started, true),
                 }
             }
             // Most watch to the end.
             _ => {
                 let request = authed(&token, pb::WatchImageRequest { mark_id });
+                let started = Instant::now();
                 let code = match client.watch_image(request).await {
                     Err(s) => s.code(),
                     Ok(r) => {
@@ -199,7 +225,7 @@ async fn worker(mut client: ImageServiceClient<Channel>, id: usize, until: Insta
                         }
                     }
                 };
-                record(&codes, "WatchImage", code);
+                record(&codes, "WatchImage", started, code);
             }
         }
     }
@@ -219,12 +245,14 @@ async fn http_poller(http: reqwest::Client, api: String, id: usize, until: Insta
     while Instant::now() < until {
         n += 1;
         let body = serde_json::json!({ "prompt": format!("soak http {run:08x} {id} {n}") });
+        let started = Instant::now();
         let created = http
             .post(format!("{api}/generate-image?authorization_token={token}"))
             .header("content-type", "application/json")
             .body(body.to_string())
             .send()
             .await;
+        let status = created.as_ref().ok().map(|r| r.status().as_u16());
         let mark_id = match created {
             Ok(r) if r.status() == reqwest::StatusCode::OK => {
                 let body = r.bytes().await.unwrap_or_default();
@@ -233,26 +261,36 @@ async fn http_poller(http: reqwest::Client, api: String, id: usize, until: Insta
             }
             _ => None,
         };
-        tally(&codes, "HTTP /generate-image", mark_id.is_none());
+        tally_http(
+            &codes,
+            "HTTP /generate-image",
+            started,
+            status,
+            mark_id.is_none(),
+        );
         let Some(mark_id) = mark_id else {
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         };
         for _ in 0..MAX_POLLS {
             tokio::time::sleep(Duration::from_secs(1)).await;
+            let started = Instant::now();
             let status = http
                 .post(format!(
                     "{api}/check-image?authorization_token={token}&mark_id={mark_id}"
                 ))
                 .send()
                 .await
-                .map(|r| r.status().as_u16());
-            tally(
+                .map(|r| r.status().as_u16())
+                .ok();
+            tally_http(
                 &codes,
                 "HTTP /check-image",
-                !matches!(status, Ok(200 | 202)),
+                started,
+                status,
+                !matches!(status, Some(200 | 202)),
             );
-            if matches!(status, Ok(200 | 500)) || Instant::now() >= until {
+            if matches!(status, Some(200 | 500)) || Instant::now() >= until {
                 break;
             }
         }
@@ -372,10 +410,18 @@ fn print_shares(
         } else {
             "n/a".to_owned()
         };
+        let percent = |p: f64| {
+            if p.is_nan() {
+                "n/a".to_owned()
+            } else {
+                format!("{p:.2}%")
+            }
+        };
         println!(
-            "{prefix}failed {rpc}: {:.2}% of {} calls (upstream {endpoint} calls failed: {upstream:.2}%), amplification {amplification}",
-            share.percent(),
+            "{prefix}failed {rpc}: {} of {} calls (upstream {endpoint} calls failed: {}), amplification {amplification}",
+            percent(share.percent()),
             share.calls,
+            percent(upstream),
         );
     }
 }
@@ -486,6 +532,7 @@ async fn main() {
 
     codes.codes.lock().expect("codes").clear();
     codes.shares.lock().expect("shares").clear();
+    codes.http_codes.lock().expect("http codes").clear();
     let upstream0 = Upstream::read(&http, &sim.addr).await;
     let started = Instant::now();
     let scripted = args.outage.map(|length| {
@@ -534,6 +581,13 @@ async fn main() {
         create.failed, create.calls, status.failed, status.calls
     );
     print_shares("", &shares, 0, [upstream0, upstream1]);
+    let http_codes = codes.http_codes.lock().expect("http codes").clone();
+    if !http_codes.is_empty() {
+        println!("HTTP outcomes by status:");
+        for (key, n) in &http_codes {
+            println!("  {key}: {n}");
+        }
+    }
     if let (Some(scripted), Some(length)) = (scripted, args.outage) {
         let (from, window) = scripted.await.expect("outage");
         println!(
@@ -541,6 +595,7 @@ async fn main() {
             from.as_secs_f64(),
             (from + length).as_secs_f64()
         );
+        println!("calls in flight during the outage:");
         print_shares("in outage, ", &shares, 1, window);
     }
 }
