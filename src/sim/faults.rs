@@ -1,9 +1,11 @@
 //! What goes wrong on purpose before a Piclumen endpoint answers: the
-//! latency knob, the scripted faults of `POST /_sim/faults` and the random
-//! 5xx/429 rates. A new kind of trouble is one more field of `Faults` and
+//! latency knob, the scripted faults of `POST /_sim/faults` (for a number
+//! of requests, or for a span of time) and the random 5xx/429 rates. A new kind of trouble is one more field of `Faults` and
 //! one more step in `Faults::meet`.
 
 use std::{collections::HashMap, collections::VecDeque, sync::Mutex, time::Duration};
+
+use tokio::time::Instant;
 
 use axum::{
     body::{Body, Bytes},
@@ -24,9 +26,10 @@ const MAX_QUEUED: usize = 1_000;
 ///
 /// Omitted keys take their defaults; an unknown key, an unknown endpoint,
 /// an HTTP status out of range, a fault that would change nothing (no
-/// `http_status`, `delay_ms` nor `reset`) or a script that would queue more
-/// than 1,000 faults gets the whole script refused with HTTP 400 saying
-/// why, so a misspelled key cannot pass unnoticed.
+/// `http_status`, `delay_ms` nor `reset`), one with both `times` and
+/// `duration_ms`, or a script that would queue more than 1,000 faults gets
+/// the whole script refused with HTTP 400 saying why, so a misspelled key
+/// cannot pass unnoticed.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Fault {
@@ -36,6 +39,10 @@ pub struct Fault {
     pub token: String,
     /// How many requests it applies to (1 when 0).
     pub times: u32,
+    /// Instead of `times`: every matching request for this many
+    /// milliseconds from when the script is accepted (an outage), after
+    /// which the fault is dropped. Faults behind it in the queue wait.
+    pub duration_ms: u64,
     /// Delay before replying, in milliseconds.
     pub delay_ms: u64,
     /// HTTP status to answer (the normal reply when 0).
@@ -65,6 +72,9 @@ impl Fault {
         }
         if self.http_status == 0 && self.delay_ms == 0 && !self.reset {
             return Err("changes nothing: set http_status, delay_ms or reset".into());
+        }
+        if self.times != 0 && self.duration_ms != 0 {
+            return Err("set times or duration_ms, not both".into());
         }
         Ok(())
     }
@@ -111,15 +121,23 @@ impl Fault {
     }
 }
 
+/// A queued fault and, for a timed one (`duration_ms`), when it ends.
+#[derive(Debug)]
+struct Queued {
+    fault: Fault,
+    until: Option<Instant>,
+}
+
 /// The faults queued by `POST /_sim/faults`, met in order.
 #[derive(Debug, Default)]
 struct Script {
-    faults: VecDeque<Fault>,
+    faults: VecDeque<Queued>,
 }
 
 impl Script {
-    /// Queues `faults` after those already queued, or refuses them all.
-    fn add(&mut self, faults: Vec<Fault>) -> Result<(), String> {
+    /// Queues `faults` after those already queued, or refuses them all;
+    /// timed faults run from `now`.
+    fn add(&mut self, faults: Vec<Fault>, now: Instant) -> Result<(), String> {
         for (i, fault) in faults.iter().enumerate() {
             fault.check().map_err(|why| format!("fault {i}: {why}"))?;
         }
@@ -130,28 +148,52 @@ impl Script {
                 faults.len()
             ));
         }
-        self.faults.extend(faults);
+        self.faults.extend(faults.into_iter().map(|fault| Queued {
+            until: (fault.duration_ms > 0).then(|| now + Duration::from_millis(fault.duration_ms)),
+            fault,
+        }));
         Ok(())
     }
 
-    /// The first fault matching a request, used up by one.
-    fn take(&mut self, endpoint: &str, token: &str) -> Option<Fault> {
+    /// The first fault matching a request at `now`, used up by one (a
+    /// timed fault is not used up; it is dropped once its time is over).
+    fn take(&mut self, endpoint: &str, token: &str, now: Instant) -> Option<Fault> {
+        self.expire(now);
         let pos = self
             .faults
             .iter()
-            .position(|f| f.matches(endpoint, token))?;
-        let fault = &mut self.faults[pos];
-        if fault.times > 1 {
-            fault.times -= 1;
-            Some(fault.clone())
+            .position(|q| q.fault.matches(endpoint, token))?;
+        let queued = &mut self.faults[pos];
+        if queued.until.is_some() {
+            return Some(queued.fault.clone());
+        }
+        if queued.fault.times > 1 {
+            queued.fault.times -= 1;
+            Some(queued.fault.clone())
         } else {
-            self.faults.remove(pos)
+            self.faults.remove(pos).map(|q| q.fault)
         }
     }
 
-    /// How many requests the queued faults will still meet.
+    /// Drops the timed faults whose time is over at `now`.
+    fn expire(&mut self, now: Instant) {
+        self.faults
+            .retain(|q| q.until.is_none_or(|until| now < until));
+    }
+
+    /// How many requests the queued counted faults will still meet.
     fn requests_left(&self) -> u64 {
-        self.faults.iter().map(|f| u64::from(f.times.max(1))).sum()
+        self.faults
+            .iter()
+            .filter(|q| q.until.is_none())
+            .map(|q| u64::from(q.fault.times.max(1)))
+            .sum()
+    }
+
+    /// How many timed faults are still in force at `now`.
+    fn timed_left(&mut self, now: Instant) -> u64 {
+        self.expire(now);
+        self.faults.iter().filter(|q| q.until.is_some()).count() as u64
     }
 }
 
@@ -185,7 +227,7 @@ impl Faults {
         if !self.latency.is_zero() {
             tokio::time::sleep(self.latency).await;
         }
-        let fault = lock(&self.script).take(endpoint, token);
+        let fault = lock(&self.script).take(endpoint, token, Instant::now());
         if let Some(fault) = fault {
             Calls::count(&calls.scripted_faults, 1);
             tokio::time::sleep(Duration::from_millis(fault.delay_ms)).await;
@@ -220,9 +262,14 @@ impl Faults {
         None
     }
 
-    /// How many requests the scripted faults will still meet.
+    /// How many requests the counted scripted faults will still meet.
     pub(super) fn queued(&self) -> u64 {
         lock(&self.script).requests_left()
+    }
+
+    /// How many timed scripted faults (`duration_ms`) are in force.
+    pub(super) fn timed(&self) -> u64 {
+        lock(&self.script).timed_left(Instant::now())
     }
 }
 
@@ -231,7 +278,7 @@ impl Faults {
 pub(super) async fn add(State(sim): State<Sim>, body: Bytes) -> Response {
     let added = serde_json::from_slice::<Vec<Fault>>(&body)
         .map_err(|e| e.to_string())
-        .and_then(|faults| lock(&sim.faults.script).add(faults));
+        .and_then(|faults| lock(&sim.faults.script).add(faults, Instant::now()));
     match added {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(why) => {
@@ -256,35 +303,77 @@ mod tests {
 
     #[test]
     fn faults_are_met_in_order_by_matching_requests_only() {
+        let now = Instant::now();
         let mut script = Script::default();
         script
-            .add(vec![fault("status", 2), fault("create", 0)])
+            .add(vec![fault("status", 2), fault("create", 0)], now)
             .expect("valid");
         assert_eq!(script.requests_left(), 3);
         assert_eq!(
-            script.take("create", "t").map(|f| f.endpoint),
+            script.take("create", "t", now).map(|f| f.endpoint),
             Some("create".into())
         );
-        assert!(script.take("create", "t").is_none());
-        assert!(script.take("status", "t").is_some());
-        assert!(script.take("status", "t").is_some());
-        assert!(script.take("status", "t").is_none());
+        assert!(script.take("create", "t", now).is_none());
+        assert!(script.take("status", "t", now).is_some());
+        assert!(script.take("status", "t", now).is_some());
+        assert!(script.take("status", "t", now).is_none());
     }
 
     #[test]
     fn a_script_beyond_the_bound_is_refused_whole() {
+        let now = Instant::now();
         let mut script = Script::default();
         let many = vec![fault("any", 1); MAX_QUEUED + 1];
-        let why = script.add(many).expect_err("too long");
+        let why = script.add(many, now).expect_err("too long");
         assert!(why.contains("at most 1000"), "{why}");
         assert_eq!(script.requests_left(), 0, "none of it queued");
         script
-            .add(vec![fault("any", 1); MAX_QUEUED - 1])
+            .add(vec![fault("any", 1); MAX_QUEUED - 1], now)
             .expect("fits");
         script
-            .add(vec![fault("any", 1); 2])
+            .add(vec![fault("any", 1); 2], now)
             .expect_err("the queue is full");
-        script.add(vec![fault("any", 1)]).expect("the last place");
+        script
+            .add(vec![fault("any", 1)], now)
+            .expect("the last place");
         assert_eq!(script.requests_left(), MAX_QUEUED as u64);
+    }
+
+    #[test]
+    fn a_timed_fault_meets_every_match_until_its_time_is_over() {
+        let now = Instant::now();
+        let mut script = Script::default();
+        let outage = Fault {
+            duration_ms: 10_000,
+            ..fault("status", 0)
+        };
+        script
+            .add(vec![outage, fault("status", 1)], now)
+            .expect("valid");
+        assert_eq!(script.requests_left(), 1, "the timed fault is not counted");
+        assert_eq!(script.timed_left(now), 1);
+        for _ in 0..100 {
+            assert!(script.take("status", "t", now).is_some());
+        }
+        assert!(script.take("create", "t", now).is_none(), "status only");
+        let later = now + Duration::from_millis(9_999);
+        assert!(script.take("status", "t", later).is_some());
+        assert_eq!(script.requests_left(), 1, "the fault behind it waited");
+        let over = now + Duration::from_millis(10_000);
+        assert_eq!(script.timed_left(over), 0);
+        assert!(script.take("status", "t", over).is_some(), "the next one");
+        assert!(script.take("status", "t", over).is_none());
+    }
+
+    #[test]
+    fn times_and_duration_together_are_refused() {
+        let both = Fault {
+            duration_ms: 1_000,
+            ..fault("status", 2)
+        };
+        let why = Script::default()
+            .add(vec![both], Instant::now())
+            .expect_err("ambiguous");
+        assert!(why.contains("not both"), "{why}");
     }
 }

@@ -6,8 +6,9 @@ use serde_json::{Value, json};
 
 use super::{Calls, Sim};
 
-/// `GET /_sim/stats`: the request counters, the requests scripted faults
-/// will still meet and how many jobs there are.
+/// `GET /_sim/stats`: the request counters, the failed replies of each
+/// endpoint, the requests scripted faults will still meet, the timed
+/// faults in force and how many jobs there are.
 pub(super) async fn stats(State(sim): State<Sim>) -> Json<Value> {
     let c = &sim.calls;
     let jobs = sim.world().len();
@@ -15,10 +16,13 @@ pub(super) async fn stats(State(sim): State<Sim>) -> Json<Value> {
         "create_calls": Calls::read(&c.create_calls),
         "status_calls": Calls::read(&c.status_calls),
         "status_ids": Calls::read(&c.status_ids),
+        "create_failed": Calls::read(&c.create_failed),
+        "status_failed": Calls::read(&c.status_failed),
         "injected_5xx": Calls::read(&c.injected_5xx),
         "injected_429": Calls::read(&c.injected_429),
         "scripted_faults": Calls::read(&c.scripted_faults),
         "faults_queued": sim.faults.queued(),
+        "faults_timed": sim.faults.timed(),
         "unauthorized": Calls::read(&c.unauthorized),
         "connections": Calls::read(&c.connections),
         "jobs": jobs,

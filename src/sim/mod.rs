@@ -6,7 +6,10 @@
 //! `success` with `batch_size` images (or `failed` for prompts containing
 //! `[sim:fail]`). A finished job is forgotten some minutes after it
 //! finished (see `world`). `GET /_sim/stats` counts every request, injected
-//! faults included, and the TCP connections accepted; `POST /_sim/faults` scripts the next replies; `GET
+//! faults included, the failed replies of each endpoint (`create_failed`,
+//! `status_failed`: a fault's reply or a refusal, anything but the normal
+//! answer) and the TCP connections accepted; `POST /_sim/faults` scripts
+//! the next replies, for a number of requests or for a time; `GET
 //! /_sim/creates` shows the accepted creates, each as `{"headers", "body"}`;
 //! `GET /_sim/requests` shows the headers of the latest request to each
 //! endpoint, as `{"create": headers, "status": headers}` (`null` before the
@@ -47,7 +50,7 @@ mod world;
 use crate::support::lock;
 use std::{
     future::Future,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard, atomic::AtomicU64},
     time::Duration,
 };
 
@@ -212,47 +215,66 @@ async fn gate(sim: &Sim, endpoint: &str, headers: &HeaderMap) -> Result<String, 
     Ok(token)
 }
 
+/// The reply of a handler whose `Err` is a failed reply (a fault's, a
+/// refusal), counted in `failed`.
+fn counted(reply: Result<Response, Response>, failed: &AtomicU64) -> Response {
+    reply.unwrap_or_else(|reply| {
+        Calls::count(failed, 1);
+        reply
+    })
+}
+
 async fn create(State(sim): State<Sim>, headers: HeaderMap, body: Bytes) -> Response {
     Calls::count(&sim.calls.create_calls, 1);
-    let seen = recorded_headers(&headers);
+    counted(
+        create_reply(&sim, &headers, &body).await,
+        &sim.calls.create_failed,
+    )
+}
+
+async fn create_reply(sim: &Sim, headers: &HeaderMap, body: &Bytes) -> Result<Response, Response> {
+    let seen = recorded_headers(headers);
     sim.world().last_create = Some(seen.clone());
-    let token = match gate(&sim, "create", &headers).await {
-        Ok(token) => token,
-        Err(reply) => return reply,
-    };
-    let Ok(payload) = serde_json::from_slice::<Value>(&body) else {
-        return reject(StatusCode::BAD_REQUEST, "Bad Request");
+    let token = gate(sim, "create", headers).await?;
+    let Ok(payload) = serde_json::from_slice::<Value>(body) else {
+        return Err(reject(StatusCode::BAD_REQUEST, "Bad Request"));
     };
     let now = Instant::now();
     let duration = jittered(sim.config.job_duration, sim.config.job_jitter);
     let Some(job) = Job::ordered(token, &payload, now, duration) else {
-        return Json(json!({"status": 4001, "message": "prompt is required", "data": null}))
-            .into_response();
+        return Err(
+            Json(json!({"status": 4001, "message": "prompt is required", "data": null}))
+                .into_response(),
+        );
     };
     let mark_id = format!("{:032x}", rand::random::<u128>());
     let mut world = sim.world();
     world.insert(now, mark_id.clone(), job);
     world.record_create(json!({ "headers": seen, "body": payload }));
-    envelope(json!({ "markId": mark_id }))
+    Ok(envelope(json!({ "markId": mark_id })))
 }
 
 async fn status(State(sim): State<Sim>, headers: HeaderMap, body: Bytes) -> Response {
     Calls::count(&sim.calls.status_calls, 1);
-    sim.world().last_status = Some(recorded_headers(&headers));
-    let ids = serde_json::from_slice::<Vec<String>>(&body);
+    counted(
+        status_reply(&sim, &headers, &body).await,
+        &sim.calls.status_failed,
+    )
+}
+
+async fn status_reply(sim: &Sim, headers: &HeaderMap, body: &Bytes) -> Result<Response, Response> {
+    sim.world().last_status = Some(recorded_headers(headers));
+    let ids = serde_json::from_slice::<Vec<String>>(body);
     if let Ok(ids) = &ids {
         Calls::count(&sim.calls.status_ids, ids.len());
     }
-    let token = match gate(&sim, "status", &headers).await {
-        Ok(token) => token,
-        Err(reply) => return reply,
-    };
+    let token = gate(sim, "status", headers).await?;
     let Ok(ids) = ids else {
-        return reject(StatusCode::BAD_REQUEST, "Bad Request");
+        return Err(reject(StatusCode::BAD_REQUEST, "Bad Request"));
     };
-    let host = request_host(&headers);
+    let host = request_host(headers);
     let data = sim.world().status(Instant::now(), &token, &ids, &host);
-    envelope(Value::Array(data))
+    Ok(envelope(Value::Array(data)))
 }
 
 /// The request headers worth checking, the token reduced to its presence.

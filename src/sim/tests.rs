@@ -149,3 +149,62 @@ async fn unknown_or_unfinished_image_names_get_404() {
         assert_eq!(reply.status(), expected, "{name}");
     }
 }
+
+impl Running {
+    async fn stats(&self) -> Value {
+        let reply = self
+            .http
+            .get(format!("{}/_sim/stats", self.url))
+            .send()
+            .await
+            .expect("stats");
+        self.json(reply).await
+    }
+
+    async fn script(&self, faults: Value) {
+        let reply = self.post("/_sim/faults", faults).await;
+        assert_eq!(reply.status(), StatusCode::NO_CONTENT, "script accepted");
+    }
+}
+
+#[tokio::test]
+async fn stats_count_failed_replies_per_endpoint_and_timed_faults_end() {
+    let sim = start(quick()).await;
+    let mark_id = sim.create(json!({"prompt": "p"})).await;
+    sim.script(json!([
+        {"endpoint": "create", "http_status": 500},
+        {"endpoint": "status", "http_status": 503, "duration_ms": 300},
+    ]))
+    .await;
+    assert_eq!(sim.stats().await["faults_timed"], 1);
+    let create = sim.post(CREATE_PATH, json!({"prompt": "p"})).await;
+    assert_eq!(create.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    for _ in 0..5 {
+        let reply = sim.post(STATUS_PATH, json!([mark_id])).await;
+        assert_eq!(
+            reply.status(),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "in the outage"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let reply = sim.post(STATUS_PATH, json!([mark_id])).await;
+    assert_eq!(reply.status(), StatusCode::OK, "the outage is over");
+    let unauthorized = sim
+        .http
+        .post(format!("{}{STATUS_PATH}", sim.url))
+        .body("[]")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(unauthorized.status(), StatusCode::UNAUTHORIZED);
+
+    let stats = sim.stats().await;
+    assert_eq!(stats["create_calls"], 2);
+    assert_eq!(stats["create_failed"], 1);
+    assert_eq!(stats["status_calls"], 7);
+    assert_eq!(stats["status_failed"], 6, "5 in the outage, 1 refused");
+    assert_eq!(stats["scripted_faults"], 6);
+    assert_eq!(stats["faults_timed"], 0);
+    assert_eq!(stats["faults_queued"], 0);
+}

@@ -38,6 +38,11 @@ pub(super) struct Calls {
     pub(super) create_calls: AtomicU64,
     pub(super) status_calls: AtomicU64,
     pub(super) status_ids: AtomicU64,
+    /// Create requests answered with anything but a mark id: a fault's
+    /// reply (scripted or random) or a refusal (401, 400, no prompt).
+    pub(super) create_failed: AtomicU64,
+    /// Status requests answered with anything but the jobs' states.
+    pub(super) status_failed: AtomicU64,
     pub(super) injected_5xx: AtomicU64,
     pub(super) injected_429: AtomicU64,
     pub(super) scripted_faults: AtomicU64,
