@@ -83,6 +83,19 @@ struct Outcomes {
     shares: Mutex<BTreeMap<&'static str, [Share; 2]>>,
     /// The outage window, once scripted.
     outage: Mutex<Option<(Instant, Instant)>>,
+    /// By check path: the oldest state answered (`observed_at` over gRPC,
+    /// `Age` over HTTP), and answers without an age.
+    oldest: Mutex<BTreeMap<&'static str, (Duration, u64)>>,
+}
+
+/// Notes the age of a state a check answered (`None`: no age given).
+fn age(codes: &Codes, rpc: &'static str, age: Option<Duration>) {
+    let mut oldest = codes.oldest.lock().expect("oldest");
+    let entry = oldest.entry(rpc).or_default();
+    match age {
+        Some(age) => entry.0 = entry.0.max(age),
+        None => entry.1 += 1,
+    }
 }
 
 type Codes = Arc<Outcomes>;
@@ -185,10 +198,15 @@ async fn worker(mut client: ImageServiceClient<Channel>, id: usize, until: Insta
                         },
                     );
                     let started = Instant::now();
-                    let code = client
-                        .check_image(request)
-                        .await
-                        .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+                    let answer = client.check_image(request).await;
+                    if let Ok(answer) = &answer {
+                        let observed = answer.get_ref().job.as_ref().and_then(|j| j.observed_at);
+                        let since = observed
+                            .and_then(|t| std::time::SystemTime::try_from(t).ok())
+                            .map(|t| t.elapsed().unwrap_or_default());
+                        age(&codes, "CheckImage", since);
+                    }
+                    let code = answer.map_or_else(|s| s.code(), |_| tonic::Code::Ok);
                     record(&codes, "CheckImage", started, code);
                     tokio::time::sleep(Duration::from_millis(300)).await;
                 }
@@ -281,8 +299,19 @@ async fn http_poller(http: reqwest::Client, api: String, id: usize, until: Insta
                 ))
                 .send()
                 .await
-                .map(|r| r.status().as_u16())
                 .ok();
+            if let Some(response) = status.as_ref().filter(|r| r.status().is_success()) {
+                let seconds = response
+                    .headers()
+                    .get("age")
+                    .and_then(|v| v.to_str().ok()?.parse().ok());
+                age(
+                    &codes,
+                    "HTTP /check-image",
+                    seconds.map(Duration::from_secs),
+                );
+            }
+            let status = status.map(|r| r.status().as_u16());
             tally_http(
                 &codes,
                 "HTTP /check-image",
@@ -587,6 +616,12 @@ async fn main() {
         for (key, n) in &http_codes {
             println!("  {key}: {n}");
         }
+    }
+    for (rpc, (oldest, unaged)) in codes.oldest.lock().expect("oldest").iter() {
+        println!(
+            "oldest state answered by {rpc}: {:.1}s ({unaged} answers without an age)",
+            oldest.as_secs_f64()
+        );
     }
     if let (Some(scripted), Some(length)) = (scripted, args.outage) {
         let (from, window) = scripted.await.expect("outage");
