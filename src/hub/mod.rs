@@ -15,6 +15,7 @@
 //! The hub knows jobs, tokens and states; neither proto nor JSON. It
 //! returns its own error type; the service maps it to a `Status`.
 
+mod created;
 pub mod fleet;
 mod poller;
 pub mod schedule;
@@ -189,6 +190,9 @@ struct Inner {
     /// (how rounds published by other replicas find their poller).
     fleet: Option<Arc<FleetLink>>,
     keys: Mutex<HashMap<Arc<str>, Weak<Shared>>>,
+    /// Jobs created here, standing for their state during trouble until
+    /// a status call sees them.
+    created: created::Created,
     /// Test fault: the next round applied by any poller panics.
     #[cfg(test)]
     panic_next_round: std::sync::atomic::AtomicBool,
@@ -294,6 +298,7 @@ impl Hub {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
+                created: created::Created::new(config.stale_if_error),
                 config,
                 source,
                 tokens: Mutex::default(),
@@ -312,6 +317,13 @@ impl Hub {
         self.inner
             .panic_next_round
             .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Notes that `token` just created `mark_id`: until a status call sees
+    /// the job, its create's reply answers checks during trouble (within
+    /// `--stale-if-error`) as PENDING.
+    pub fn created(&self, token: &Token, mark_id: &str) {
+        self.inner.created.record(token, mark_id, Instant::now());
     }
 
     /// Joins the watchers of `mark_id` for `token`, starting to poll it when

@@ -153,11 +153,16 @@ impl Core {
         // Counted until it ends, so a draining server waits for it.
         let in_flight = self.store.creates().enter();
         let sent = self.upstream.create(&call.token, payload, deadline);
+        let (hub, token) = (self.hub.clone(), call.token.clone());
         Ok(async move {
             let (_slot, _in_flight) = (slot, in_flight);
-            sent.await
-                .map(|mark_id| Created { mark_id, seed })
-                .map_err(|e| admission::create_error(e, default_token, deadline))
+            let mark_id = sent
+                .await
+                .map_err(|e| admission::create_error(e, default_token, deadline))?;
+            // The reply is Piclumen's first word on the job: it stands for
+            // the job's state if status calls fail before one sees it.
+            hub.created(&token, &mark_id);
+            Ok(Created { mark_id, seed })
         })
     }
 

@@ -179,9 +179,7 @@ impl Poller {
             Cmd::Round(round) => self.apply_round(&round, now),
             Cmd::Check(id, waiter, link) => {
                 if let Some(until) = self.schedule.paused_until(now) {
-                    let stale = self
-                        .stale
-                        .answer(lock(&self.shared.state).known.get(&id), now);
+                    let stale = self.stale_answer(&lock(&self.shared.state), &id, now);
                     let answer = stale
                         .ok_or_else(|| round::paused_answer(self.pause_error.clone(), until - now));
                     let _ = waiter.send(answer);
@@ -312,8 +310,7 @@ impl Poller {
         let plan = round.plan(ended, |id| job(&state, self.fleet.as_ref(), id));
         self.publish(&mut state, &plan.jobs, now);
         self.remember(&mut state, &plan.known, plan.fresh_from, now);
-        let stale = self.stale;
-        waiters.answer(&plan, |id| stale.answer(state.known.get(id), now));
+        waiters.answer(&plan, |id| self.stale_answer(&state, id, now));
         drop(state);
         log(&plan);
         let verdict = self.schedule.on_reply(&call, &plan.reply, now);
@@ -372,6 +369,13 @@ impl Poller {
         }
     }
 
+    /// The state a check gets instead of trouble, if any (`stale`, or the
+    /// job's create here, `created`).
+    fn stale_answer(&self, state: &State, id: &Id, now: Instant) -> Option<JobStatus> {
+        let known = state.known.get(id);
+        (self.hub.created).stale_answer(&self.stale, known, &self.shared.token, id, now)
+    }
+
     /// Keeps answers to serve checks, and sweeps them in time.
     fn remember(
         &mut self,
@@ -392,10 +396,9 @@ impl Poller {
     fn pause(&mut self, until: Instant, error: UpstreamError, now: Instant) {
         let left = until.saturating_duration_since(now);
         let answer = round::paused_answer(Some(error.clone()), left);
+        let mut waiters = std::mem::take(&mut self.waiters);
         let state = lock(&self.shared.state);
-        let stale = self.stale;
-        self.waiters
-            .fail_all(&answer, |id| stale.answer(state.known.get(id), now));
+        waiters.fail_all(&answer, |id| self.stale_answer(&state, id, now));
         drop(state);
         self.schedule.clear_checks();
         self.pause_error = Some(error);
@@ -412,9 +415,9 @@ impl Poller {
         for (_, slot) in state.slots.drain() {
             slot.set(Snapshot::Ended(ended.clone()));
         }
-        let (stale, now) = (self.stale, Instant::now());
-        self.waiters
-            .fail_all(&ended, |id| stale.answer(state.known.get(id), now));
+        let mut waiters = std::mem::take(&mut self.waiters);
+        let now = Instant::now();
+        waiters.fail_all(&ended, |id| self.stale_answer(&state, id, now));
         drop(state);
         if let Some(fleet) = &mut self.fleet {
             fleet.remote.clear();

@@ -227,3 +227,36 @@ async fn a_poller_that_panics_ends_its_token_internal_and_the_token_starts_afres
     let mut sub = hub.subscribe(&token(), &id(0));
     assert!(matches!(next_state(&mut sub).await, Snapshot::Status(_)));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_job_created_here_and_never_polled_answers_pending_during_trouble() {
+    let fake = Fake::with_jobs(3);
+    let hub = hub_with(&fake, Duration::from_secs(30));
+    hub.created(&token(), &id(1));
+    // Its first status call fails (a 429 pausing the token), and so does
+    // a check during the pause: the create's reply answers, as queued.
+    fake.script(Scripted::Fail(rate_limited(100)));
+    let first = hub.check(&token(), &id(1), None).await.expect("created");
+    assert_eq!(first.state, JobState::Pending);
+    assert!(first.observed_at.is_some(), "as of the create's reply");
+    sleep(Duration::from_secs(5)).await;
+    let paused = hub.check(&token(), &id(1), None).await.expect("created");
+    assert_eq!(paused, first);
+    // A job not created here has nothing to fall back on.
+    assert!(hub.check(&token(), &id(2), None).await.is_err());
+    // Past the window the create's reply no longer stands for the job.
+    sleep(Duration::from_secs(26)).await;
+    assert!(hub.check(&token(), &id(1), None).await.is_err());
+    assert_eq!(fake.calls().len(), 1, "nothing sent during the pause");
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_trouble_a_created_job_is_asked_not_answered_from_its_create() {
+    let fake = Fake::with_jobs(1);
+    fake.set(&id(0), JobState::Running);
+    let hub = hub_with(&fake, Duration::from_secs(30));
+    hub.created(&token(), &id(0));
+    let answer = hub.check(&token(), &id(0), None).await.expect("asked");
+    assert_eq!(answer.state, JobState::Running);
+    assert_eq!(fake.calls().len(), 1);
+}
