@@ -303,7 +303,12 @@ async fn a_file_that_does_not_parse_is_refused_at_start_and_on_reload() {
     );
 
     std::fs::write(&file, callers_file(1)).expect("write");
-    let server = Process::serve_against(&sim.url(), &["--callers-file", path_str(&file)], &[]);
+    let http = unused_addr().to_string();
+    let server = Process::serve_against(
+        &sim.url(),
+        &["--callers-file", path_str(&file), "--http-listen", &http],
+        &[],
+    );
     let mut client = server.client().await;
     client
         .generate_image(as_caller(BATCH_KEY, generate("one")))
@@ -330,6 +335,31 @@ async fn a_file_that_does_not_parse_is_refused_at_start_and_on_reload() {
         .await
         .expect_err("still 1 a day");
     assert_status(&status, Code::ResourceExhausted, "CALLER_QUOTA_EXCEEDED");
+    // Over HTTP: 429 with Retry-After.
+    let reply = reqwest::Client::new()
+        .post(format!(
+            "http://{http}/generate-image?authorization_token=t"
+        ))
+        .header("x-api-key", BATCH_KEY)
+        .header("content-type", "application/json")
+        .body(r#"{"prompt": "over http"}"#)
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(reply.status().as_u16(), 429);
+    let retry_after: u64 = reply.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!((1..=86_400).contains(&retry_after), "{retry_after}");
+    assert!(
+        reply
+            .text()
+            .await
+            .expect("body")
+            .contains("CALLER_QUOTA_EXCEEDED")
+    );
     // Unknown keys: UNAUTHENTICATED, as before callers.
     let status = client
         .generate_image(as_caller("nobody", generate("three")))

@@ -124,7 +124,7 @@ impl CallerGate {
         }
         if let Some(cert) = peer_cert {
             if directory.has_subjects()
-                && let Some(caller) = subject(cert).and_then(|s| directory.by_subject(&s))
+                && let Some(caller) = subject_of(cert).and_then(|s| directory.by_subject(&s))
             {
                 return Ok(Some(Arc::clone(caller)));
             }
@@ -202,7 +202,7 @@ impl CallerGate {
 }
 
 /// The subject of a DER certificate, normalized.
-fn subject(der: &[u8]) -> Option<String> {
+fn subject_of(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     Some(normalize_subject(&cert.subject().to_string()))
 }

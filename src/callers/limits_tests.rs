@@ -224,3 +224,32 @@ fn keys_find_callers_and_unknown_keys_are_refused() {
             .is_some()
     );
 }
+
+#[test]
+fn a_client_certificate_finds_its_caller_by_subject() {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "Example");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "web");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = params.self_signed(&key).expect("cert");
+    // As `openssl x509 -noout -subject` prints it.
+    let text = "[[caller]]\nname = \"web\"\ntls_subject = \"O = Example, CN = web\"\n";
+    let directory = Arc::new(Directory::parse(text).expect("file"));
+    let gate = CallerGate::new(directory, None, false, Clock::System);
+    let found = gate.admit(None, None, Some(cert.der())).expect("known");
+    assert_eq!(found.map(|c| c.name.to_string()).as_deref(), Some("web"));
+    // Another subject: an unnamed caller the TLS layer verified, as before.
+    let mut other = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    other
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "other");
+    let other = other.self_signed(&key).expect("cert");
+    assert!(matches!(
+        gate.admit(None, None, Some(other.der())),
+        Ok(None)
+    ));
+}
