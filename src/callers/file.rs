@@ -234,17 +234,19 @@ fn parse_sha256(text: &str) -> Result<[u8; 32], String> {
     Ok(out)
 }
 
-/// A certificate subject compared without the spaces around `=` and `,`:
-/// `CN = batch, O = Example` and `CN=batch,O=Example` are the same.
+/// A certificate subject compared without the spaces around `=` and `,`
+/// and whatever the order of its parts (tools print them in either order):
+/// `O = Example, CN = batch` and `CN=batch,O=Example` are the same.
 pub fn normalize_subject(subject: &str) -> String {
-    subject
+    let mut parts: Vec<String> = subject
         .split(',')
         .map(|rdn| {
             let (k, v) = rdn.split_once('=').unwrap_or((rdn, ""));
             format!("{}={}", k.trim().to_ascii_uppercase(), v.trim())
         })
-        .collect::<Vec<_>>()
-        .join(",")
+        .collect();
+    parts.sort_unstable();
+    parts.join(",")
 }
 
 #[cfg(test)]
@@ -318,5 +320,6 @@ mod tests {
     #[test]
     fn subjects_compare_without_spaces() {
         assert_eq!(normalize_subject("cn = a, O= B c "), "CN=a,O=B c");
+        assert_eq!(normalize_subject("O=B c,CN=a"), "CN=a,O=B c");
     }
 }
