@@ -84,6 +84,11 @@
 # Environment: INSTRUCTIONS_SCENARIOS (default "generate check check-distinct";
 # idle always runs), INSTRUCTIONS_WORKERS (default 1),
 # INSTRUCTIONS_VALGRIND_ARGS (extra valgrind words, e.g. --fair-sched=yes),
+# INSTRUCTIONS_CALLERS=COUNT runs every server with a `--callers-file` of
+# COUNT named callers (keys `instructions-key-1` ...), the calls sent as the
+# last of them, whose `images_per_day` and `creates_per_minute` are high
+# enough never to refuse: the cost of identifying a caller among COUNT and
+# of counting its creates (default: no callers file, no API key).
 # INSTRUCTIONS_KEEP=1 keeps the work dir (valgrind logs, cachegrind.out.* for
 # cg_annotate/cg_diff, server logs, ghz reports); default: kept only on
 # failure.
@@ -248,6 +253,20 @@ create_jobs() {
     die "could not create $count jobs at the simulator"
 }
 
+# With INSTRUCTIONS_CALLERS: the callers file, and the metadata of calls.
+CALLERS_ARGS=()
+METADATA="{\"authorization\": \"Bearer $TOKEN\"}"
+if [[ -n ${INSTRUCTIONS_CALLERS:-} ]]; then
+  [[ $INSTRUCTIONS_CALLERS =~ ^[1-9][0-9]*$ ]] || die "INSTRUCTIONS_CALLERS must be a positive integer"
+  for ((i = 1; i <= INSTRUCTIONS_CALLERS; i++)); do
+    printf '[[caller]]\nname = "caller-%d"\nkey_sha256 = "%s"\nimages_per_day = 100000000\ncreates_per_minute = 100000000\n\n' \
+      "$i" "$(printf '%s' "instructions-key-$i" | sha256sum | cut -d' ' -f1)"
+  done >"$WORK/callers.toml"
+  CALLERS_ARGS=(--callers-file "$WORK/callers.toml")
+  METADATA="{\"authorization\": \"Bearer $TOKEN\", \"x-api-key\": \"instructions-key-$INSTRUCTIONS_CALLERS\"}"
+  log "callers file: $INSTRUCTIONS_CALLERS callers; calls as the last"
+fi
+
 SERVER_PORT=
 # start_server NAME: a fresh server under cachegrind; returns once it listens.
 start_server() {
@@ -258,7 +277,7 @@ start_server() {
     --cachegrind-out-file="$WORK/cachegrind.out.$name" --log-file="$WORK/valgrind.$name.log" \
     "$BIN" serve --listen "127.0.0.1:$SERVER_PORT" --upstream-url "$SIM" --token "$TOKEN" \
     --poll-interval 1h --max-connection-age 24h --http2-keepalive-interval 1h \
-    >"$WORK/server.$name.log" 2>&1 &
+    "${CALLERS_ARGS[@]}" >"$WORK/server.$name.log" 2>&1 &
   SERVER_PID=$!
   # Listening is enough: the kernel queues connections from then on, and
   # asking anything (health, reflection) would add to the count.
@@ -302,7 +321,7 @@ ghz_run() {
   shift 2
   "$GHZ" --insecure --proto "$PROTO" --import-paths "$PROTO_DIR" \
     --call "piclumen.v1.ImageService.$method" "$@" \
-    -m "{\"authorization\": \"Bearer $TOKEN\"}" \
+    -m "$METADATA" \
     -n "$N" -c 1 --connections 1 -t 60s \
     --format json -o "$WORK/ghz.$name.json" "127.0.0.1:$SERVER_PORT" >&2 &
   GHZ_PID=$!

@@ -71,6 +71,12 @@ pub enum Command {
     /// Show a job's current state once.
     #[command(after_help = EXIT_CODES_HELP)]
     Check(JobArgs),
+    /// Show each named caller's images today and this month, and what is
+    /// left of its limits, from the fleet's Redis counters.
+    Usage(crate::callers::usage::UsageArgs),
+    /// Print the SHA-256 of an API key read from stdin (a callers file's
+    /// `key_sha256`).
+    HashKey(crate::callers::usage::HashKeyArgs),
 }
 
 /// `serve` flags: the flattened settings structs, and the flags that only

@@ -99,6 +99,27 @@ pub enum Error {
          without request_id still creates, without protection against duplicates)"
     )]
     IdempotencyStoreUnavailable,
+    /// A named caller is over one of its limits (`--callers-file`).
+    #[error(
+        "caller {caller:?} is over its {limit} limit of {allowed} ({used} used); the window frees in {}s",
+        retry_after.as_secs()
+    )]
+    CallerQuotaExceeded {
+        /// The caller's name.
+        caller: std::sync::Arc<str>,
+        /// The limit's key in the callers file.
+        limit: &'static str,
+        /// Its value.
+        allowed: u64,
+        /// What its window had used.
+        used: u64,
+        /// Until the window frees (zero: when one of its watches ends).
+        retry_after: Duration,
+    },
+    /// The shared store of callers' counters cannot be reached: nothing
+    /// was created.
+    #[error("the store of callers' limits is unreachable, so nothing was created; retry shortly")]
+    CallerQuotaUnavailable,
     /// Piclumen stayed unreachable for longer than the failure budget.
     #[error("Piclumen unreachable for over {budget:?}; last error: {last}")]
     UpstreamOutage {
@@ -179,6 +200,8 @@ impl Error {
                 (C::Aborted, "CREATE_OUTCOME_UNKNOWN")
             }
             Self::IdempotencyStoreUnavailable => (C::Unavailable, "IDEMPOTENCY_STORE_UNAVAILABLE"),
+            Self::CallerQuotaExceeded { .. } => (C::ResourceExhausted, "CALLER_QUOTA_EXCEEDED"),
+            Self::CallerQuotaUnavailable => (C::Unavailable, "CALLER_QUOTA_UNAVAILABLE"),
             Self::Upstream {
                 source,
                 default_token,
@@ -204,13 +227,17 @@ impl Error {
         }
     }
 
-    /// How long the caller should wait before retrying, when Piclumen said.
+    /// How long the caller should wait before retrying, when Piclumen said
+    /// or a caller's window frees.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Upstream {
                 source: UpstreamError::RateLimited { retry_after },
                 ..
             } => *retry_after,
+            Self::CallerQuotaExceeded { retry_after, .. } if !retry_after.is_zero() => {
+                Some(*retry_after)
+            }
             _ => None,
         }
     }

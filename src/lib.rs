@@ -29,6 +29,8 @@
 //! - `error`: the one error enum, its class and stable reason per variant.
 //! - `job`: domain types: jobs, states, the redacting `Token` and `Secret`.
 //! - `auth`: caller authentication (API keys) and TLS settings.
+//! - `callers/`: named callers (`--callers-file`): identity, limits counted
+//!   in memory or Redis, the file's reload, per-caller metrics, `usage`.
 //! - `request_id`: `x-request-id` on every call, its responses and log lines.
 //! - `grpc_metrics`: per-RPC Prometheus metrics (grpc-go's names and labels).
 //! - `call_end`: how a gRPC call ended (status, unknown, cancelled), for
@@ -43,6 +45,7 @@
 
 pub mod auth;
 pub mod call_end;
+pub mod callers;
 pub mod cli;
 pub mod codec;
 pub mod config;

@@ -37,6 +37,8 @@ async fn main() -> ExitCode {
         Command::Generate(args) => return client_exit(cli::generate(args).await),
         Command::Watch(args) => return client_exit(cli::watch(args).await),
         Command::Check(args) => return client_exit(cli::check(args).await),
+        Command::Usage(args) => piclumen_grpc::callers::usage::usage(args).await,
+        Command::HashKey(args) => piclumen_grpc::callers::usage::hash_key(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

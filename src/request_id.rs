@@ -62,7 +62,9 @@ where
         let span = info_span!(
             "call",
             request_id = id.to_str().unwrap_or_default(),
-            method = request.uri().path()
+            method = request.uri().path(),
+            // A named caller's name, once admitted (`callers`).
+            caller = tracing::field::Empty,
         );
         let response = span.in_scope(|| self.inner.call(request));
         ResponseFuture {

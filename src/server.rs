@@ -205,7 +205,11 @@ fn service(config: &ServerConfig, client: Client, draining: CancellationToken) -
     let upstream: Arc<dyn Upstream> = Arc::new(client);
     let hub = Hub::for_store(config.hub.clone(), Arc::new(upstream.clone()), fleet);
     let store = config.idempotency.open(&namespace);
-    let core = Core::new(config.service.clone(), upstream, store, hub, draining);
+    let mut core = Core::new(config.service.clone(), upstream, store, hub, draining);
+    // Callers' limits hold across the fleet when the store is shared.
+    if let StoreLocation::Redis(url) = &config.idempotency.store {
+        core = core.with_callers(config.service.callers.open(Some((url, &namespace))));
+    }
     ImageServiceImpl::new(core)
 }
 

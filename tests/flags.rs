@@ -246,6 +246,13 @@ fn every_serve_flag_reaches_its_setting() {
     let cert = temp_file("cert.pem", "not checked before the handshake");
     let key = temp_file("key.pem", "not checked before the handshake");
     let keys = temp_file("keys.txt", "# callers\nkey-one\n");
+    let callers = temp_file(
+        "callers.toml",
+        &format!(
+            "[[caller]]\nname = \"a\"\nkey_sha256 = \"{}\"\n",
+            "0".repeat(64)
+        ),
+    );
     let (cert, key, keys) = (path_str(&cert), path_str(&key), path_str(&keys));
     let missing_ca = "/nonexistent/piclumen-ca.pem";
     let rows: Vec<ServeRow> = vec![
@@ -387,6 +394,19 @@ fn every_serve_flag_reaches_its_setting() {
             with(a, |s| {
                 format!("{:?}", s.server.service.api_keys) == "Some(ApiKeys(1 keys, redacted))"
             })
+        }),
+        row(
+            "callers-file",
+            &["--callers-file", path_str(&callers)],
+            |a| {
+                with(a, |s| {
+                    format!("{:?}", s.server.service.callers.directory)
+                        == "Some(Directory(1 callers))"
+                })
+            },
+        ),
+        row("callers-fail-open", &["--callers-fail-open"], |a| {
+            with(a, |s| s.server.service.callers.fail_open)
         }),
         row(
             "allow-unauthenticated",

@@ -136,6 +136,7 @@ fn env_cases(existing: &str) -> Vec<(&'static str, &'static str, String, Vec<Str
         ("PICLUMEN_HTTP2_KEEPALIVE_TIMEOUT", "0s"),
         ("PICLUMEN_MAX_STREAMS_PER_CONNECTION", "0"),
         ("PICLUMEN_ALLOW_UNAUTHENTICATED", "maybe"),
+        ("PICLUMEN_CALLERS_FAIL_OPEN", "maybe"),
         ("PICLUMEN_METRICS_LISTEN", "nope"),
         ("PICLUMEN_HTTP_LISTEN", "nope"),
         ("PICLUMEN_OTLP_ENDPOINT", "collector:4317"),
@@ -166,6 +167,13 @@ fn env_cases(existing: &str) -> Vec<(&'static str, &'static str, String, Vec<Str
         "/nonexistent/piclumen-keys",
         &listen,
         "--api-keys-file (PICLUMEN_API_KEYS_FILE): cannot read API keys file /nonexistent/piclumen-keys",
+    );
+    case(
+        "serve",
+        "PICLUMEN_CALLERS_FILE",
+        "/nonexistent/piclumen-callers",
+        &listen,
+        "--callers-file (PICLUMEN_CALLERS_FILE): cannot read /nonexistent/piclumen-callers",
     );
     case(
         "serve",

@@ -1,5 +1,5 @@
 //! Flags to settings: [`ServeArgs::settings`] checks what depends on
-//! several flags, reads the API keys and TLS files and fills the settings
+//! several flags, reads the API keys, callers and TLS files and fills the settings
 //! that are not flags; [`SimArgs::config`] checks the simulator's tokens.
 //! All of it runs before anything listens, so a bad setting is an error at
 //! start, never a tight polling loop or a token retried for the whole
@@ -93,6 +93,9 @@ pub enum ConfigError {
     /// The API keys file cannot be read or holds no key.
     #[error("--api-keys-file (PICLUMEN_API_KEYS_FILE): {0}")]
     ApiKeys(String),
+    /// The callers file cannot be read or does not parse.
+    #[error("--callers-file (PICLUMEN_CALLERS_FILE): {0}")]
+    Callers(String),
     /// A TLS file cannot be read.
     #[error("--tls-cert/--tls-key/--tls-client-ca: {0}")]
     Tls(String),
@@ -130,6 +133,11 @@ impl ServeArgs {
             .map(ApiKeys::load)
             .transpose()
             .map_err(ConfigError::ApiKeys)?;
+        server
+            .service
+            .callers
+            .load()
+            .map_err(|e| ConfigError::Callers(e.to_string()))?;
         server.tls = self.tls()?;
         server.cors = CorsPolicy::new(&self.cors_allow_origin)
             .map_err(|e| ConfigError::Cors(e.to_string()))?;
@@ -166,7 +174,9 @@ impl ServeArgs {
     /// caller authentication, unless the operator says so explicitly. The
     /// simulator's demo token costs nothing and is exempt.
     pub fn check_exposure(&self, listen: SocketAddr) -> Result<(), ConfigError> {
-        let caller_auth = self.api_keys_file.is_some() || self.tls_client_ca.is_some();
+        let caller_auth = self.api_keys_file.is_some()
+            || self.tls_client_ca.is_some()
+            || self.server.service.callers.file.is_some();
         if self.token.is_some()
             && !self.simulate
             && !listen.ip().is_loopback()

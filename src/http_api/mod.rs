@@ -236,6 +236,7 @@ fn credentials<'a>(token: &'a str, headers: &'a HeaderMap) -> Credentials<'a> {
     Credentials {
         token: TokenInput::Bare(token),
         api_key: headers.get(API_KEY_HEADER).map(HeaderValue::as_bytes),
+        ..Credentials::default()
     }
 }
 

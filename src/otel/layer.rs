@@ -8,7 +8,8 @@
 //! `rpc.service`, `rpc.method`, `rpc.grpc.status_code` for gRPC;
 //! `http.request.method`, `url.path` (never the query: the HTTP API carries
 //! the token there), `http.route`, `http.response.status_code` for HTTP;
-//! plus `piclumen.request_id` and, once known, `piclumen.mark_id`.
+//! plus `piclumen.request_id` and, once known, `piclumen.mark_id` and a
+//! named caller's `piclumen.caller`.
 //! With export off both layers pass calls through untouched.
 
 use std::{
@@ -101,6 +102,7 @@ fn grpc_span(path: &str, headers: &HeaderMap) -> Span {
         rpc.grpc.status_code = Empty,
         piclumen.request_id = request_id(headers),
         piclumen.mark_id = Empty,
+        piclumen.caller = Empty,
     );
     let _ = span.set_parent(propagation::extract(headers));
     span
@@ -198,6 +200,7 @@ where
             http.response.status_code = Empty,
             piclumen.request_id = request_id(request.headers()),
             piclumen.mark_id = Empty,
+            piclumen.caller = Empty,
         );
         let _ = span.set_parent(propagation::extract(request.headers()));
         let inner = span.in_scope(|| self.inner.call(request));

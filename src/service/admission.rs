@@ -9,7 +9,14 @@ use tokio::{
     time::Instant,
 };
 
-use crate::{auth::ApiKeys, error::Error, hub::HubError, job::Token, upstream::UpstreamError};
+use crate::{
+    auth::ApiKeys,
+    callers::{Caller, CallerGate},
+    error::Error,
+    hub::HubError,
+    job::Token,
+    upstream::UpstreamError,
+};
 
 /// Where the caller's Piclumen token comes from.
 #[derive(Clone, Copy, Default)]
@@ -31,6 +38,9 @@ pub struct Credentials<'a> {
     pub token: TokenInput<'a>,
     /// The `x-api-key` value, when sent.
     pub api_key: Option<&'a [u8]>,
+    /// The DER of the client certificate the TLS layer verified (mutual
+    /// TLS), when there is one.
+    pub peer_cert: Option<&'a [u8]>,
 }
 
 impl fmt::Debug for Credentials<'_> {
@@ -43,6 +53,7 @@ impl fmt::Debug for Credentials<'_> {
         f.debug_struct("Credentials")
             .field("token", &token)
             .field("api_key", &self.api_key.map(|_| "redacted"))
+            .field("peer_cert", &self.peer_cert.is_some())
             .finish()
     }
 }
@@ -59,20 +70,39 @@ impl fmt::Debug for TokenInput<'_> {
 
 /// Checks the API key (when the server requires one) and resolves the
 /// token: the caller's own, or the server's default when none was sent.
+#[cfg(test)]
 pub(super) fn resolve(
     api_keys: Option<&ApiKeys>,
     default_token: Option<&Token>,
     credentials: &Credentials<'_>,
 ) -> Result<CallToken, Error> {
-    if let Some(keys) = api_keys {
-        keys.check(credentials.api_key)?;
+    resolve_caller(api_keys, &CallerGate::default(), default_token, credentials)
+}
+
+/// Identifies the caller (a named one of `--callers-file`, or one holding
+/// a key of `--api-keys-file`) and resolves the token: the caller's own,
+/// else a named caller's `token`, else the server's default.
+pub(super) fn resolve_caller(
+    api_keys: Option<&ApiKeys>,
+    callers: &CallerGate,
+    default_token: Option<&Token>,
+    credentials: &Credentials<'_>,
+) -> Result<CallToken, Error> {
+    let caller = callers.admit(api_keys, credentials.api_key, credentials.peer_cert)?;
+    if let Some(caller) = &caller {
+        crate::callers::record_caller(&caller.name);
     }
     let token = match credentials.token {
         TokenInput::Absent => {
-            return default_token
+            let own = caller.as_ref().and_then(|c| c.token.clone());
+            return own
+                .or_else(|| default_token.cloned())
                 .map(|token| CallToken {
-                    token: token.clone(),
+                    token,
+                    // A caller's own token from the file is the operator's
+                    // to fix, like the default one.
                     is_default: true,
+                    caller,
                 })
                 .ok_or(Error::MissingToken);
         }
@@ -90,6 +120,7 @@ pub(super) fn resolve(
     Ok(CallToken {
         token: Token::parse(token).map_err(|_| Error::MalformedToken)?,
         is_default: false,
+        caller,
     })
 }
 
@@ -110,6 +141,8 @@ fn visible_ascii(value: &[u8]) -> Result<&str, Error> {
 pub(super) struct CallToken {
     pub(super) token: Token,
     pub(super) is_default: bool,
+    /// The named caller, when the callers file knows it.
+    pub(super) caller: Option<Arc<Caller>>,
 }
 
 impl CallToken {

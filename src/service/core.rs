@@ -7,7 +7,8 @@
 
 use std::sync::Arc;
 
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -19,6 +20,7 @@ use super::{
     watch::{Watch, WatchEvent},
 };
 use crate::{
+    callers::{CallerGate, Rpc, WatchPlace},
     error::Error,
     hub::Hub,
     idempotency::{Created, CreatesInFlight, Fingerprint, IdempotencyStore},
@@ -34,6 +36,8 @@ pub struct Core {
     store: IdempotencyStore,
     watch_slots: WatchSlots,
     create_limit: CreateLimit,
+    /// Named callers: who calls, and their limits.
+    callers: CallerGate,
     /// Cancelled when the server starts draining.
     draining: CancellationToken,
 }
@@ -64,6 +68,7 @@ impl Core {
             store,
             watch_slots: WatchSlots::new(config.max_watches),
             create_limit: CreateLimit::new(config.max_generates_per_token),
+            callers: config.callers.open(None),
             config,
             upstream,
             hub,
@@ -71,14 +76,22 @@ impl Core {
         }
     }
 
-    /// Admits a call: refused while draining, then the API key (when the
-    /// server requires one), then the token. Every call below starts here.
+    /// The same core with callers' limits counted by `callers` (the
+    /// server's, shared through Redis) instead of in this process.
+    pub fn with_callers(mut self, callers: CallerGate) -> Self {
+        self.callers = callers;
+        self
+    }
+
+    /// Admits a call: refused while draining, then the caller (API key,
+    /// named caller), then the token. Every call below starts here.
     pub(super) fn admit(&self, credentials: &Credentials<'_>) -> Result<CallToken, Error> {
         if self.draining.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
-        admission::resolve(
+        admission::resolve_caller(
             self.config.api_keys.as_ref(),
+            &self.callers,
             self.config.default_token.as_ref(),
             credentials,
         )
@@ -107,7 +120,14 @@ impl Core {
                 Fingerprint::of(&req.fingerprint_bytes()),
             )
         });
-        let payload = req.into_payload(&self.config.limits)?;
+        let payload = match req.into_payload(&self.config.limits) {
+            Ok(payload) => payload,
+            Err(invalid) => {
+                let refused = Err(invalid.into());
+                bill(call, Rpc::Generate, &refused);
+                return refused;
+            }
+        };
         let is_keyed = keyed.is_some();
         let created = match keyed {
             // No key: the create is the call's own and ends with it.
@@ -125,6 +145,7 @@ impl Core {
             }
         };
         let created = created.map_err(|e| e.for_create(is_keyed));
+        bill(call, Rpc::Generate, &created);
         match &created {
             Ok(created) => {
                 info!(mark_id = %created.mark_id, seed = created.seed, "generation started");
@@ -148,6 +169,13 @@ impl Core {
         deadline: Option<Instant>,
     ) -> Result<impl Future<Output = Result<Created, Error>> + Send + use<>, Error> {
         let slot = self.create_limit.start(&call.token)?;
+        let images = u64::try_from(payload.resolution.batch_size).unwrap_or(1);
+        // Taken when the create is sent: a request_id retry answered from
+        // the store never gets here, and so costs nothing.
+        let charge = call
+            .caller
+            .as_ref()
+            .and_then(|c| self.callers.charge(c, images));
         let seed = payload.seed;
         let default_token = call.is_default;
         // Counted until it ends, so a draining server waits for it.
@@ -156,13 +184,23 @@ impl Core {
         let (hub, token) = (self.hub.clone(), call.token.clone());
         Ok(async move {
             let (_slot, _in_flight) = (slot, in_flight);
-            let mark_id = sent
+            let taken = match charge {
+                Some(charge) => Some(charge.take().await?),
+                None => None,
+            };
+            let created = sent
                 .await
-                .map_err(|e| admission::create_error(e, default_token, deadline))?;
+                .map(|mark_id| Created { mark_id, seed })
+                .map_err(|e| admission::create_error(e, default_token, deadline));
+            if let Some(taken) = taken {
+                taken.settle(&created);
+            }
             // The reply is Piclumen's first word on the job: it stands for
             // the job's state if status calls fail before one sees it.
-            hub.created(&token, &mark_id);
-            Ok(Created { mark_id, seed })
+            if let Ok(created) = &created {
+                hub.created(&token, &created.mark_id);
+            }
+            created
         })
     }
 
@@ -174,11 +212,16 @@ impl Core {
         deadline: Option<Instant>,
     ) -> Result<JobStatus, Error> {
         let call = self.admit(credentials)?;
-        let mark_id = self::mark_id(mark_id)?;
-        self.hub
-            .check(&call.token, &mark_id, deadline)
-            .await
-            .map_err(|e| call.hub_error(e))
+        let checked = match self::mark_id(mark_id) {
+            Ok(mark_id) => self
+                .hub
+                .check(&call.token, &mark_id, deadline)
+                .await
+                .map_err(|e| call.hub_error(e)),
+            Err(e) => Err(e),
+        };
+        bill(&call, Rpc::Check, &checked);
+        checked
     }
 
     /// WatchImage: admits the caller, takes a watch slot and joins the
@@ -190,8 +233,9 @@ impl Core {
         caller_deadline: Option<Instant>,
     ) -> Result<impl Stream<Item = Result<WatchEvent, Error>> + Send + use<>, Error> {
         let call = self.admit(credentials)?;
-        let mark_id = self::mark_id(mark_id)?;
-        let slot = self.watch_slots.take()?;
+        let opened = self.open_watch(&call, mark_id);
+        bill(&call, Rpc::Watch, &opened);
+        let (mark_id, slot, place) = opened?;
         let subscription = self.hub.subscribe(&call.token, &mark_id);
         let (end_at, end_message) = Watch::end(caller_deadline, self.config.max_watch);
         let watch = Watch {
@@ -203,7 +247,37 @@ impl Core {
             heartbeat: self.config.heartbeat,
             draining: self.draining.clone(),
         };
-        Ok(watch.stream())
+        // The caller's watch place is held as long as the stream.
+        Ok(watch.stream().map(move |event| {
+            let _ = &place;
+            event
+        }))
+    }
+
+    /// A watch's checks before it opens: its mark id, a place among the
+    /// server's watches and among its caller's.
+    fn open_watch(
+        &self,
+        call: &CallToken,
+        mark_id: &str,
+    ) -> Result<(String, OwnedSemaphorePermit, Option<WatchPlace>), Error> {
+        let mark_id = self::mark_id(mark_id)?;
+        let place = call
+            .caller
+            .as_ref()
+            .map(|c| self.callers.watch(c))
+            .transpose()?;
+        let slot = self.watch_slots.take()?;
+        Ok((mark_id, slot, place))
+    }
+}
+
+/// Puts a named caller's call on its bill.
+fn bill<T>(call: &CallToken, rpc: Rpc, outcome: &Result<T, Error>) {
+    if let Some(caller) = &call.caller {
+        caller
+            .bill
+            .call(rpc, outcome.as_ref().err().map(|e| e.classify().0));
     }
 }
 

@@ -8,7 +8,7 @@ use std::{pin::Pin, sync::Arc, time::Duration};
 
 use futures_util::{Stream, StreamExt};
 use tokio::time::Instant;
-use tonic::{Request, Response, Status, metadata::MetadataMap};
+use tonic::{Request, Response, Status, metadata::MetadataMap, transport::CertificateDer};
 
 use super::{Core, Credentials, TokenInput};
 use crate::{
@@ -38,9 +38,14 @@ impl ImageServiceImpl {
     }
 }
 
-/// The caller's credentials as the metadata carries them.
-fn credentials(metadata: &MetadataMap) -> Credentials<'_> {
+/// The caller's credentials as the metadata carries them, with the client
+/// certificate of a mutual TLS connection.
+fn credentials<'a>(
+    metadata: &'a MetadataMap,
+    peer_certs: Option<&'a [CertificateDer<'static>]>,
+) -> Credentials<'a> {
     Credentials {
+        peer_cert: peer_certs.and_then(<[_]>::first).map(|c| c.as_ref()),
         token: metadata
             .get("authorization")
             .map_or(TokenInput::Absent, |v| {
@@ -85,11 +90,13 @@ impl ImageService for ImageServiceImpl {
         &self,
         request: Request<pb::GenerateImageRequest>,
     ) -> Result<Response<pb::GenerateImageResponse>, Status> {
+        let peer_certs = request.peer_certs();
         let (metadata, _, message) = request.into_parts();
         let create = convert::create_request(message)?;
+        let credentials = credentials(&metadata, peer_certs.as_deref().map(Vec::as_slice));
         let created = self
             .core
-            .generate(&credentials(&metadata), create, call_deadline(&metadata))
+            .generate(&credentials, create, call_deadline(&metadata))
             .await?;
         Ok(Response::new(pb::GenerateImageResponse {
             mark_id: created.mark_id,
@@ -103,9 +110,11 @@ impl ImageService for ImageServiceImpl {
     ) -> Result<Response<pb::CheckImageResponse>, Status> {
         let metadata = request.metadata();
         let mark_id = &request.get_ref().mark_id;
+        let peer_certs = request.peer_certs();
+        let credentials = credentials(metadata, peer_certs.as_deref().map(Vec::as_slice));
         let status = self
             .core
-            .check(&credentials(metadata), mark_id, call_deadline(metadata))
+            .check(&credentials, mark_id, call_deadline(metadata))
             .await?;
         Ok(Response::new(pb::CheckImageResponse {
             job: Some(convert::into_proto_job(status)),
@@ -119,8 +128,9 @@ impl ImageService for ImageServiceImpl {
         request: Request<pb::WatchImageRequest>,
     ) -> Result<Response<Self::WatchImageStream>, Status> {
         let metadata = request.metadata();
+        let peer_certs = request.peer_certs();
         let events = self.core.watch(
-            &credentials(metadata),
+            &credentials(metadata, peer_certs.as_deref().map(Vec::as_slice)),
             &request.get_ref().mark_id,
             call_deadline(metadata),
         )?;

@@ -8,6 +8,7 @@ use clap::Args;
 
 use crate::{
     auth::ApiKeys,
+    callers::CallersConfig,
     flags::{duration_at_least, no_flags, positive, positive_duration, up_to},
     job::Token,
     upstream::Limits,
@@ -27,6 +28,9 @@ pub struct ServiceConfig {
     /// Request bounds.
     #[command(flatten)]
     pub limits: Limits,
+    /// Named callers and their limits (`--callers-file`).
+    #[command(flatten)]
+    pub callers: CallersConfig,
     /// Longest a WatchImage stream stays open (then DEADLINE_EXCEEDED).
     #[arg(long, env = "PICLUMEN_MAX_WATCH", default_value = "30m", value_parser = positive_duration)]
     pub max_watch: Duration,

@@ -1,6 +1,6 @@
 //! The gRPC edge's one mapping of [`Error`] to `tonic::Status`: the code of
 //! the error's class, its message, and rich details (`ErrorInfo` with the
-//! stable reason, `BadRequest`, `ResourceInfo`, `RetryInfo`), and gRFC A6's
+//! stable reason, `BadRequest`, `ResourceInfo`, `QuotaFailure`, `RetryInfo`), and gRFC A6's
 //! `grpc-retry-pushback-ms` where Piclumen said when to retry.
 
 use std::collections::HashMap;
@@ -21,6 +21,18 @@ impl From<Error> for Status {
             }
             Error::NotFound { mark_id } => {
                 details.set_resource_info("piclumen.v1.ImageJob", mark_id.clone(), "", "");
+            }
+            Error::CallerQuotaExceeded {
+                caller,
+                limit,
+                allowed,
+                used,
+                ..
+            } => {
+                details.add_quota_failure_violation(
+                    format!("caller:{caller}"),
+                    format!("{limit}: {used} used of {allowed}"),
+                );
             }
             _ => {}
         }

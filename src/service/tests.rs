@@ -171,7 +171,7 @@ fn harness(config: ServiceConfig) -> Harness {
 fn bare(token: &str) -> Credentials<'_> {
     Credentials {
         token: TokenInput::Bare(token),
-        api_key: None,
+        ..Credentials::default()
     }
 }
 
@@ -423,7 +423,7 @@ fn tokens_resolve_from_metadata_and_query_alike() {
             Some(&default),
             &Credentials {
                 token,
-                api_key: None,
+                ..Credentials::default()
             },
         )
         .map(|call| (call.token.expose().to_owned(), call.is_default))
@@ -465,6 +465,7 @@ fn an_api_key_is_checked_before_the_token() {
             &Credentials {
                 token: TokenInput::Bare("bad token"),
                 api_key,
+                ..Credentials::default()
             },
         )
         .err()

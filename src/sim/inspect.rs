@@ -41,6 +41,10 @@ pub(super) async fn jobs(State(sim): State<Sim>) -> Json<Value> {
                 let times = json!({
                     "created_unix_ms": job.created_unix_ms,
                     "duration_ms": job.duration.as_millis(),
+                    // Which account paid, without the token: counts per
+                    // account across a fleet's replicas.
+                    "token_sha256": job.token_sha256(),
+                    "images": job.batch_size(),
                 });
                 (id.clone(), times)
             })

@@ -14,7 +14,7 @@
 //! `GET /_sim/requests` shows the headers of the latest request to each
 //! endpoint, as `{"create": headers, "status": headers}` (`null` before the
 //! first), whatever its reply; `GET /_sim/jobs` gives each job's creation
-//! time and duration.
+//! time and duration, the SHA-256 of its token and its image count.
 //!
 //! A finished job's `imgUrl`s point at the simulator itself, at the address
 //! the status request was sent to (its `Host` header):

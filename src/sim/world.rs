@@ -80,6 +80,18 @@ pub(super) struct Job {
 }
 
 impl Job {
+    /// The SHA-256 of the job's token, as lowercase hex.
+    pub(super) fn token_sha256(&self) -> String {
+        crate::support::hex(
+            ring::digest::digest(&ring::digest::SHA256, self.token.as_bytes()).as_ref(),
+        )
+    }
+
+    /// Images the job makes.
+    pub(super) fn batch_size(&self) -> i64 {
+        self.batch_size
+    }
+
     /// The job a create body orders for `token`, or `None` when the body
     /// names no prompt.
     pub(super) fn ordered(
