@@ -226,6 +226,7 @@ pub async fn check(args: JobArgs) -> Result<(), CliError> {
     let mut conn = Connection::open(&args.client).await?;
     let mut request = conn.request(pb::CheckImageRequest {
         mark_id: args.mark_id,
+        ..Default::default()
     });
     request.set_timeout(args.client.timeout);
     let job = conn
