@@ -148,6 +148,7 @@ pub fn into_proto_job(status: JobStatus) -> pb::ImageJob {
         upstream_status: status.upstream_status,
         prompt_id: status.prompt_id,
         observed_at: status.observed_at.map(prost_types::Timestamp::from),
+        etag: String::new(),
     }
 }
 

@@ -134,4 +134,14 @@ impl ImageService for ImageServiceImpl {
         });
         Ok(Response::new(Box::pin(InSpan::current(responses))))
     }
+
+    type WatchImagesStream =
+        Pin<Box<dyn Stream<Item = Result<pb::WatchImagesResponse, Status>> + Send>>;
+
+    async fn watch_images(
+        &self,
+        _request: Request<pb::WatchImagesRequest>,
+    ) -> Result<Response<Self::WatchImagesStream>, Status> {
+        Err(Status::unimplemented("WatchImages is not served yet"))
+    }
 }
