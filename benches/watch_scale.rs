@@ -270,7 +270,11 @@ async fn main() {
     }
     let (rss, _) = usage(server_pid);
     // The waiting callers' target, from the issue: one interval + 200 ms.
-    let margin = if args.mode == Mode::Wait { 200.0 } else { 100.0 };
+    let margin = if args.mode == Mode::Wait {
+        200.0
+    } else {
+        100.0
+    };
     println!(
         "change-to-delivery over {} changes: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (target p99 < poll interval + {margin:.0} ms = {:.0} ms)",
         lags.len(),
@@ -322,7 +326,10 @@ fn print_outcomes(args: &Args, reports: &[Report]) {
 
 /// Starts `job_count` jobs (256 creates at a time, as a fleet of services
 /// would) and returns each one's (token, mark id).
-async fn create_jobs(args: &Args, clients: &[ImageServiceClient<Channel>]) -> Vec<(String, String)> {
+async fn create_jobs(
+    args: &Args,
+    clients: &[ImageServiceClient<Channel>],
+) -> Vec<(String, String)> {
     let creating = Arc::new(tokio::sync::Semaphore::new(256));
     let mut tasks = Vec::new();
     for i in 0..args.job_count() {
@@ -436,7 +443,6 @@ fn start_waiting_callers(
             let mut client = clients[i % clients.len()].clone();
             let (token, mark_id) = jobs[i % jobs.len()].clone();
             let first_tx = first_tx.clone();
-            let wait = wait;
             tokio::spawn(async move {
                 let mut report = Report::default();
                 let mut etag = String::new();
@@ -491,7 +497,10 @@ fn start_streams(
     // A stream's jobs share a token: the jobs of token t are t, t + tokens...
     let mut by_token: HashMap<String, Vec<String>> = HashMap::new();
     for (token, mark_id) in jobs {
-        by_token.entry(token.clone()).or_default().push(mark_id.clone());
+        by_token
+            .entry(token.clone())
+            .or_default()
+            .push(mark_id.clone());
     }
     let mut tasks = Vec::new();
     for (token, ids) in by_token {

@@ -162,7 +162,10 @@ mod tests {
         );
         assert!(plan.unchanged(&same));
         // Our wait is over: the unchanged state is the answer.
-        assert_eq!(plan.next(Some(&same), start + Duration::from_secs(100)), None);
+        assert_eq!(
+            plan.next(Some(&same), start + Duration::from_secs(100)),
+            None
+        );
         // A change, or an end, answers at once.
         let changed = job("e2", JobState::Running);
         assert_eq!(plan.next(Some(&changed), start), None);

@@ -253,7 +253,12 @@ pub(super) fn job_dirs(dir: &Path, mark_ids: &[String]) -> Vec<PathBuf> {
     let mut used = HashSet::new();
     mark_ids
         .iter()
-        .map(|id| dir.join(distinct(sanitise(id).unwrap_or_else(|| "job".into()), &mut used)))
+        .map(|id| {
+            dir.join(distinct(
+                sanitise(id).unwrap_or_else(|| "job".into()),
+                &mut used,
+            ))
+        })
         .collect()
 }
 
@@ -385,7 +390,10 @@ mod tests {
     fn job_directories_stay_inside_and_are_distinct() {
         let ids = ["../up", "a", "a", "..."].map(String::from);
         let dirs = job_dirs(Path::new("out"), &ids);
-        let names: Vec<_> = dirs.iter().map(|d| d.to_string_lossy().into_owned()).collect();
+        let names: Vec<_> = dirs
+            .iter()
+            .map(|d| d.to_string_lossy().into_owned())
+            .collect();
         assert_eq!(names, ["out/_up", "out/a", "out/a-2", "out/job"]);
     }
 

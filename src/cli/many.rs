@@ -141,7 +141,10 @@ fn line(mark_id: &str, entry: &Entry) -> String {
             message,
         } => format!("{mark_id}: not found ({message})"),
         Entry::Error { code, message } => {
-            format!("{mark_id}: ended with an error ({}: {message})", code_name(*code))
+            format!(
+                "{mark_id}: ended with an error ({}: {message})",
+                code_name(*code)
+            )
         }
     }
 }
@@ -355,11 +358,11 @@ mod tests {
             })
         );
         let mut missing = update(job("b", JobState::Unspecified));
-        missing.error = Some(pb::WatchImagesResponse::default().error.unwrap_or_default());
-        if let Some(error) = missing.error.as_mut() {
-            error.code = Code::NotFound as i32;
-            error.message = "no such job".into();
-        }
+        missing.error = Some(tonic_types::Status {
+            code: Code::NotFound as i32,
+            message: "no such job".into(),
+            details: Vec::new(),
+        });
         assert_eq!(
             tracker.apply(missing),
             Some(Shown {
