@@ -17,8 +17,10 @@ const protoLoader = require('@grpc/proto-loader');
 const protobuf = require('protobufjs');
 
 const PROTO_ROOT = path.resolve(__dirname, '../../proto');
+// googleapis' google/rpc/status.proto (WatchImagesResponse.error), vendored.
+const VENDOR_ROOT = path.resolve(__dirname, '../../proto-vendor');
 const definition = protoLoader.loadSync('piclumen/v1/image_service.proto', {
-  includeDirs: [PROTO_ROOT],
+  includeDirs: [PROTO_ROOT, VENDOR_ROOT],
   keepCase: true,
   longs: String,
   enums: String,
