@@ -161,17 +161,25 @@ fn code_name(code: Code) -> String {
     name
 }
 
-/// The progress display: one line per job, live on a terminal; one line
-/// per change on stderr otherwise.
+/// The progress display: one line per job, live on a terminal under a
+/// header line (whose steady tick redraws them all, so the job lines need
+/// no ticker of their own); one line per change on stderr otherwise.
 struct Display {
     multi: MultiProgress,
+    header: ProgressBar,
     bars: Vec<ProgressBar>,
+    ended: std::cell::Cell<usize>,
 }
 
 impl Display {
     fn new(tracker: &Tracker) -> Self {
         let multi = MultiProgress::new();
-        let style = ProgressStyle::with_template("{spinner} {elapsed} {msg}")
+        let header = multi.add(ProgressBar::new_spinner());
+        header.set_style(
+            ProgressStyle::with_template("{spinner} {elapsed} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        let style = ProgressStyle::with_template("  {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_spinner());
         let bars = tracker
             .entries()
@@ -179,22 +187,39 @@ impl Display {
                 let bar = multi.add(ProgressBar::new_spinner());
                 bar.set_style(style.clone());
                 bar.set_message(line(id, entry));
-                bar.enable_steady_tick(Duration::from_millis(120));
                 bar
             })
             .collect();
-        Self { multi, bars }
+        let display = Self {
+            multi,
+            header,
+            bars,
+            ended: std::cell::Cell::new(0),
+        };
+        display.count();
+        display
+            .header
+            .enable_steady_tick(Duration::from_millis(120));
+        display
+    }
+
+    fn count(&self) {
+        self.header.set_message(format!(
+            "{} of {} jobs ended",
+            self.ended.get(),
+            self.bars.len()
+        ));
     }
 
     fn show(&self, shown: Shown) {
+        if shown.ended {
+            self.ended.set(self.ended.get() + 1);
+        }
         if self.multi.is_hidden() {
             eprintln!("{}", shown.line);
         } else if let Some(bar) = self.bars.get(shown.index) {
-            if shown.ended {
-                bar.finish_with_message(shown.line);
-            } else {
-                bar.set_message(shown.line);
-            }
+            bar.set_message(shown.line);
+            self.count();
         }
     }
 
@@ -203,6 +228,7 @@ impl Display {
     }
 
     fn clear(&self) {
+        self.header.finish_and_clear();
         for bar in &self.bars {
             bar.finish_and_clear();
         }
