@@ -18,6 +18,7 @@
 pub mod fleet;
 mod poller;
 pub mod schedule;
+mod settle;
 pub mod source;
 mod stale;
 mod state;

@@ -16,7 +16,9 @@ use super::{
     ServiceConfig,
     admission::{self, CallToken, Credentials, WatchSlots},
     in_flight::CreateLimit,
+    wait::{self, Wait, WaitFor, Waited},
     watch::{Watch, WatchEvent},
+    watch_many::{Many, ManyEvent},
 };
 use crate::{
     error::Error,
@@ -176,6 +178,80 @@ impl Core {
             .map_err(|e| call.hub_error(e))
     }
 
+    /// CheckImage that waits for a change (see `super::wait`): admits the
+    /// caller; when `request` asks for a wait, holds a watch slot and the
+    /// job's channel while it waits, then answers with the state that
+    /// ended it (through `Hub::settle`, so a state the channel kept through
+    /// long trouble is answered as any check would be).
+    pub async fn check_wait(
+        &self,
+        credentials: &Credentials<'_>,
+        mark_id: &str,
+        deadline: Option<Instant>,
+        request: &WaitFor,
+    ) -> Result<JobStatus, Error> {
+        let call = self.admit(credentials)?;
+        let mark_id = self::mark_id(mark_id)?;
+        let max = self.config.max_check_wait;
+        let Some(wait) = Wait::start(request, max, deadline, Instant::now()) else {
+            return self
+                .hub
+                .check(&call.token, &mark_id, deadline)
+                .await
+                .map_err(|e| call.hub_error(e));
+        };
+        let slot = self.watch_slots.take()?;
+        let subscription = self.hub.subscribe(&call.token, &mark_id);
+        let waited = wait::wait_on(&wait, subscription, &self.draining).await;
+        drop(slot);
+        let answer = match waited {
+            Waited::Status(status) => {
+                self.hub
+                    .settle(&call.token, &mark_id, status, deadline)
+                    .await
+            }
+            Waited::Failed(error) => Err(error),
+            Waited::Unknown => self.hub.check(&call.token, &mark_id, deadline).await,
+        };
+        answer.map_err(|e| call.hub_error(e))
+    }
+
+    /// The longest wait a check is granted (`--max-check-wait`).
+    pub fn max_check_wait(&self) -> std::time::Duration {
+        self.config.max_check_wait
+    }
+
+    /// WatchImages: admits the caller, checks the ids (duplicates folded),
+    /// takes a watch slot per job (all or none) and joins every job's
+    /// channel; the stream holds them until it ends.
+    pub fn watch_many(
+        &self,
+        credentials: &Credentials<'_>,
+        mark_ids: &[String],
+        caller_deadline: Option<Instant>,
+    ) -> Result<impl Stream<Item = Result<ManyEvent, Error>> + Send + use<>, Error> {
+        let call = self.admit(credentials)?;
+        let ids = self::mark_ids(mark_ids, self.config.max_watch_ids)?;
+        let slots = self.watch_slots.take_many(ids.len())?;
+        let subscriptions = ids
+            .iter()
+            .map(|id| self.hub.subscribe(&call.token, id))
+            .collect();
+        let (end_at, end_message) =
+            Watch::end(caller_deadline, self.config.max_watch, "WatchImages");
+        let many = Many {
+            call,
+            ids,
+            subscriptions,
+            slots,
+            end_at,
+            end_message,
+            heartbeat: self.config.heartbeat,
+            draining: self.draining.clone(),
+        };
+        Ok(many.stream())
+    }
+
     /// WatchImage: admits the caller, takes a watch slot and joins the
     /// job's channel; the stream holds both until it ends.
     pub fn watch(
@@ -188,7 +264,8 @@ impl Core {
         let mark_id = self::mark_id(mark_id)?;
         let slot = self.watch_slots.take()?;
         let subscription = self.hub.subscribe(&call.token, &mark_id);
-        let (end_at, end_message) = Watch::end(caller_deadline, self.config.max_watch);
+        let (end_at, end_message) =
+            Watch::end(caller_deadline, self.config.max_watch, "WatchImage");
         let watch = Watch {
             call,
             subscription,
@@ -200,6 +277,38 @@ impl Core {
         };
         Ok(watch.stream())
     }
+}
+
+/// The mark ids of one WatchImages call: 1 to `max` (after folding
+/// duplicates, first occurrence kept), each as [`mark_id`] checks it.
+pub fn mark_ids(values: &[String], max: usize) -> Result<Vec<String>, Error> {
+    let invalid = |message: String| Error::InvalidArgument {
+        field: "mark_ids",
+        message,
+    };
+    let mut seen = std::collections::HashSet::with_capacity(values.len().min(max));
+    let mut ids = Vec::with_capacity(values.len().min(max));
+    for (i, value) in values.iter().enumerate() {
+        let id = match self::mark_id(value) {
+            Ok(id) => id,
+            Err(Error::InvalidArgument { message, .. }) => {
+                return Err(invalid(format!("mark_ids[{i}] {message}")));
+            }
+            Err(other) => return Err(other),
+        };
+        if seen.insert(id.clone()) {
+            ids.push(id);
+        }
+        if ids.len() > max {
+            return Err(invalid(format!(
+                "more than this server's limit of {max} distinct ids"
+            )));
+        }
+    }
+    if ids.is_empty() {
+        return Err(invalid("must name at least one job".into()));
+    }
+    Ok(ids)
 }
 
 /// A mark id as a caller sends it: trimmed, non-empty, bounded, and free of

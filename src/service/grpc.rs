@@ -10,7 +10,7 @@ use futures_util::{Stream, StreamExt};
 use tokio::time::Instant;
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 
-use super::{Core, Credentials, TokenInput};
+use super::{Core, Credentials, ManyEvent, TokenInput};
 use crate::{
     auth::API_KEY_HEADER,
     convert,
@@ -79,6 +79,9 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 /// Boxed stream of WatchImage responses.
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchImageResponse, Status>> + Send>>;
 
+/// Boxed stream of WatchImages responses.
+pub type ManyStream = Pin<Box<dyn Stream<Item = Result<pb::WatchImagesResponse, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl ImageService for ImageServiceImpl {
     async fn generate_image(
@@ -101,12 +104,21 @@ impl ImageService for ImageServiceImpl {
         &self,
         request: Request<pb::CheckImageRequest>,
     ) -> Result<Response<pb::CheckImageResponse>, Status> {
-        let metadata = request.metadata();
-        let mark_id = &request.get_ref().mark_id;
-        let status = self
-            .core
-            .check(&credentials(metadata), mark_id, call_deadline(metadata))
-            .await?;
+        let (metadata, _, message) = request.into_parts();
+        let credentials = credentials(&metadata);
+        let deadline = call_deadline(&metadata);
+        let status = match convert::check_wait(message.wait, message.etag)? {
+            None => {
+                self.core
+                    .check(&credentials, &message.mark_id, deadline)
+                    .await?
+            }
+            Some(wait) => {
+                self.core
+                    .check_wait(&credentials, &message.mark_id, deadline, &wait)
+                    .await?
+            }
+        };
         Ok(Response::new(pb::CheckImageResponse {
             job: Some(convert::into_proto_job(status)),
         }))
@@ -135,13 +147,40 @@ impl ImageService for ImageServiceImpl {
         Ok(Response::new(Box::pin(InSpan::current(responses))))
     }
 
-    type WatchImagesStream =
-        Pin<Box<dyn Stream<Item = Result<pb::WatchImagesResponse, Status>> + Send>>;
+    type WatchImagesStream = ManyStream;
 
     async fn watch_images(
         &self,
-        _request: Request<pb::WatchImagesRequest>,
+        request: Request<pb::WatchImagesRequest>,
     ) -> Result<Response<Self::WatchImagesStream>, Status> {
-        Err(Status::unimplemented("WatchImages is not served yet"))
+        let metadata = request.metadata();
+        let events = self.core.watch_many(
+            &credentials(metadata),
+            &request.get_ref().mark_ids,
+            call_deadline(metadata),
+        )?;
+        let responses = events.map(|event| {
+            event
+                .map(|event| match event {
+                    ManyEvent::Job(status) => pb::WatchImagesResponse {
+                        job: Some(convert::into_proto_job(status)),
+                        ..Default::default()
+                    },
+                    ManyEvent::JobFailed { mark_id, error } => pb::WatchImagesResponse {
+                        job: Some(pb::ImageJob {
+                            mark_id,
+                            ..Default::default()
+                        }),
+                        error: Some(super::status::rpc_status(error)),
+                        ..Default::default()
+                    },
+                    ManyEvent::Heartbeat => pb::WatchImagesResponse {
+                        heartbeat: true,
+                        ..Default::default()
+                    },
+                })
+                .map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(InSpan::current(responses))))
     }
 }
