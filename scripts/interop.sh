@@ -108,7 +108,7 @@ run buf-breaking scripts/buf-breaking.sh
 echo "== ghz"
 ghz_rpc() {
   local rpc=$1 data=$2
-  ghz --insecure --proto proto/piclumen/v1/image_service.proto --import-paths proto \
+  ghz --insecure --proto proto/piclumen/v1/image_service.proto --import-paths proto,proto-vendor \
     --call "piclumen.v1.ImageService/$rpc" -m '{"authorization": "Bearer demo-token"}' \
     -d "$data" -n 20 -c 5 -O json localhost:50051 >"$LOGS/ghz-$rpc.json" || return 1
   python3 - "$LOGS/ghz-$rpc.json" <<'PY'
