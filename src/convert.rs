@@ -1,6 +1,6 @@
 //! The gRPC edge's conversions: proto messages to and from domain types (a
 //! GenerateImage message to the [`CreateRequest`] the core takes, a
-//! CheckImage `wait` to a [`WaitFor`], a job to the proto `ImageJob`), and
+//! CheckImage `wait` to a `Duration`, a job to the proto `ImageJob`), and
 //! `google.protobuf.Struct` to and from JSON.
 //! Checks and defaults are the domain's (`upstream::CreateRequest`).
 
@@ -11,7 +11,6 @@ use crate::{
     error::Error,
     job::{self, JobState, JobStatus},
     pb,
-    service::WaitFor,
     upstream::{CreatePayload, CreateRequest, JsonObject, Limits, Resolution},
 };
 
@@ -140,12 +139,11 @@ fn json_to_value(v: &Value) -> prost_types::Value {
     prost_types::Value { kind: Some(kind) }
 }
 
-/// CheckImage's `wait` and `etag` as the core takes them: `None` without
-/// a `wait`; INVALID_ARGUMENT for a negative or malformed Duration.
+/// CheckImage's `wait`: `None` when unset; INVALID_ARGUMENT for a
+/// negative or malformed Duration.
 pub fn check_wait(
     wait: Option<prost_types::Duration>,
-    etag: String,
-) -> Result<Option<WaitFor>, Error> {
+) -> Result<Option<std::time::Duration>, Error> {
     let Some(wait) = wait else {
         return Ok(None);
     };
@@ -158,8 +156,9 @@ pub fn check_wait(
             "nanos must be from 0 to 999,999,999 (a Duration's rules for a positive one)",
         ));
     }
-    let wait = std::time::Duration::try_from(wait).map_err(|_| invalid("must not be negative"))?;
-    Ok(Some(WaitFor { wait, etag }))
+    std::time::Duration::try_from(wait)
+        .map(Some)
+        .map_err(|_| invalid("must not be negative"))
 }
 
 /// A domain job as the proto `ImageJob` (taken by value: its strings move).

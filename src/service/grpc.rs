@@ -10,7 +10,7 @@ use futures_util::{Stream, StreamExt};
 use tokio::time::Instant;
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 
-use super::{Core, Credentials, ManyEvent, TokenInput};
+use super::{Core, Credentials, ManyEvent, TokenInput, WaitFor};
 use crate::{
     auth::API_KEY_HEADER,
     convert,
@@ -107,7 +107,11 @@ impl ImageService for ImageServiceImpl {
         let (metadata, _, message) = request.into_parts();
         let credentials = credentials(&metadata);
         let deadline = call_deadline(&metadata);
-        let status = match convert::check_wait(message.wait, message.etag)? {
+        let wait = convert::check_wait(message.wait)?.map(|wait| WaitFor {
+            wait,
+            etag: message.etag,
+        });
+        let status = match wait {
             None => {
                 self.core
                     .check(&credentials, &message.mark_id, deadline)

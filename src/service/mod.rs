@@ -25,6 +25,10 @@ mod watch_many;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod wait_tests;
+#[cfg(test)]
+mod watch_many_tests;
 
 pub use self::{
     admission::{Credentials, TokenInput},

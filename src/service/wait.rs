@@ -146,4 +146,3 @@ pub(super) async fn wait_on(
         Snapshot::Waiting => Waited::Unknown,
     }
 }
-
