@@ -381,6 +381,7 @@ fn checks(jobs: &[(String, String)]) -> Arc<Vec<(String, Bytes)>> {
             .map(|(token, id)| {
                 let message = pb::CheckImageRequest {
                     mark_id: id.clone(),
+                    ..Default::default()
                 };
                 (token.clone(), frame(&message))
             })

@@ -195,6 +195,7 @@ async fn worker(mut client: ImageServiceClient<Channel>, id: usize, until: Insta
                         &token,
                         pb::CheckImageRequest {
                             mark_id: mark_id.clone(),
+                            ..Default::default()
                         },
                     );
                     let started = Instant::now();

@@ -130,6 +130,15 @@ impl pb::image_service_server::ImageService for Floor {
     ) -> Result<Response<Self::WatchImageStream>, Status> {
         Err(Status::unimplemented("the floor proxies unary calls only"))
     }
+
+    type WatchImagesStream = tokio_stream::Empty<Result<pb::WatchImagesResponse, Status>>;
+
+    async fn watch_images(
+        &self,
+        _request: Request<pb::WatchImagesRequest>,
+    ) -> Result<Response<Self::WatchImagesStream>, Status> {
+        Err(Status::unimplemented("the floor proxies unary calls only"))
+    }
 }
 
 #[tokio::main]

@@ -163,7 +163,11 @@ fi
 [[ -x $GHZ ]] || die "ghz not found at $GHZ"
 
 PROTO_DIR=$CHECKOUT/proto
-PROTO=$PROTO_DIR/piclumen/v1/image_service.proto
+# Versions that import googleapis' google/rpc/status.proto vendor it here.
+if [[ -d $CHECKOUT/proto-vendor ]]; then
+  PROTO_DIR=$PROTO_DIR,$CHECKOUT/proto-vendor
+fi
+PROTO=$CHECKOUT/proto/piclumen/v1/image_service.proto
 [[ -f $PROTO ]] || die "no $PROTO"
 
 # --- build -----------------------------------------------------------------

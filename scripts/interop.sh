@@ -4,7 +4,9 @@
 #   - buf lint, buf format and buf breaking against the released contract (scripts/buf-breaking.sh)
 #   - ghz drives each RPC briefly
 #   - the generated Go, Python, Node.js and Java clients run their scenario
-#     against a server whose upstream (the simulator) accepts one token only
+#     against a server whose upstream (the simulator) accepts one token only,
+#     their WatchImages step included (three jobs and an unknown id on one
+#     stream: every job SUCCEEDED once, the unknown id NOT_FOUND)
 #   - each of those clients, with the published retry policy
 #     (clients/service_config.json), rides through a server restart (drain,
 #     a pause, then a new process on the same port) without an error reaching
@@ -83,7 +85,8 @@ readme_grpcurl() {
   out="$(cat "$LOGS/grpcurl.out")"
   for want in "piclumen.v1.ImageService" "grpc.health.v1.Health" "grpc.reflection.v1.ServerReflection" \
     "// WatchImage streams the job's state" '"status": "SERVING"' '"markId"' \
-    "JOB_STATE_PENDING" '"queuePosition"' "JOB_STATE_SUCCEEDED"; do
+    "JOB_STATE_PENDING" '"queuePosition"' "JOB_STATE_SUCCEEDED" '"etag"' \
+    "// WatchImages streams the states of many jobs"; do
     grep -qF -- "$want" <<<"$out" || { echo "missing in grpcurl output: $want"; return 1; }
   done
   # The stream's last message is the terminal one, with both images.
@@ -105,7 +108,7 @@ run buf-breaking scripts/buf-breaking.sh
 echo "== ghz"
 ghz_rpc() {
   local rpc=$1 data=$2
-  ghz --insecure --proto proto/piclumen/v1/image_service.proto --import-paths proto \
+  ghz --insecure --proto proto/piclumen/v1/image_service.proto --import-paths proto,proto-vendor \
     --call "piclumen.v1.ImageService/$rpc" -m '{"authorization": "Bearer demo-token"}' \
     -d "$data" -n 20 -c 5 -O json localhost:50051 >"$LOGS/ghz-$rpc.json" || return 1
   python3 - "$LOGS/ghz-$rpc.json" <<'PY'
@@ -122,17 +125,34 @@ ghz_all() {
     localhost:50051 piclumen.v1.ImageService/GenerateImage | sed -n 's/.*"markId": "\(.*\)".*/\1/p')
   ghz_rpc GenerateImage '{"prompt": "a magical landscape"}' &&
     ghz_rpc CheckImage "{\"mark_id\": \"$mark_id\"}" &&
-    ghz_rpc WatchImage "{\"mark_id\": \"$mark_id\"}"
+    ghz_rpc WatchImage "{\"mark_id\": \"$mark_id\"}" &&
+    ghz_rpc WatchImages "{\"mark_ids\": [\"$mark_id\"]}"
 }
 run ghz ghz_all
 
 echo "== generated clients"
 run generate-stubs clients/generate.sh
 export PICLUMEN_ADDR=127.0.0.1:50052 PICLUMEN_TOKEN=interop-token
+# watch_images_done LOG: the client's WatchImages step saw its three jobs end
+# SUCCEEDED, each once, the unknown id come back NOT_FOUND, and the stream end
+# OK (each client checks that and prints this line only then).
+watch_images_done() {
+  grep -q "watch_images: 3 SUCCEEDED, 1 NOT_FOUND, stream ended OK" "$1" ||
+    { echo "the client's WatchImages step did not finish"; return 1; }
+}
+# client_scenario NAME COMMAND...: a client's scenario, its WatchImages step
+# included.
+client_scenario() {
+  local out="$LOGS/$1.out"
+  shift
+  "$@" | tee "$out" || return 1
+  watch_images_done "$out"
+}
 # The Go client sends W3C trace context (OpenTelemetry's propagator) and
 # prints its trace id; the server's log lines of those calls carry it.
 client_go() {
   (cd clients/go && go run .) | tee "$LOGS/client-go.out" || return 1
+  watch_images_done "$LOGS/client-go.out" || return 1
   local trace_id
   trace_id=$(sed -n 's/^trace_id=//p' "$LOGS/client-go.out")
   [[ -n "$trace_id" ]] || { echo "the Go client printed no trace_id"; return 1; }
@@ -141,12 +161,12 @@ client_go() {
   echo "the server's log lines are in the Go client's trace $trace_id"
 }
 run client-go client_go
-run client-python "$TOOLS/venv/bin/python" clients/python/client.py
-run client-node node clients/node/client.js
+run client-python client_scenario client-python "$TOOLS/venv/bin/python" clients/python/client.py
+run client-node client_scenario client-node node clients/node/client.js
 # The same scenario over gRPC-Web (Connect-ES, HTTP/1.1) on the same port;
 # Node sends no Origin, so the server needs no --cors-allow-origin.
 run client-web node clients/web/client.js
-run client-java bash -c 'cd clients/java && mvn -q -B compile exec:java'
+run client-java client_scenario client-java bash -c 'cd clients/java && mvn -q -B compile exec:java'
 
 echo "== restarts under the clients (clients/service_config.json)"
 RESTART_ADDR=127.0.0.1:50053

@@ -1,4 +1,5 @@
-//! The human client: `generate` (optionally `--wait`), `watch` and `check`.
+//! The human client: `generate` (optionally `--wait`), `watch` (one job or
+//! several, [`many`]) and `check` (optionally `--wait`, [`check`]).
 //!
 //! Results go to stdout: for people, the mark id then the image URLs (or the
 //! saved files with `--out`); for scripts, with `--json`, one JSON object and
@@ -8,8 +9,10 @@
 //! `watch` and `generate --wait` ride through a server's drain or a lost
 //! connection ([`follow`]) within `--timeout`.
 
+mod check;
 mod download;
 mod follow;
+mod many;
 
 use std::{error::Error as _, path::PathBuf, time::Duration};
 
@@ -22,10 +25,11 @@ use tonic::{
 };
 
 use crate::{
-    config::{ClientArgs, GenerateArgs, JobArgs},
+    config::{ClientArgs, GenerateArgs, WatchArgs},
     pb::{self, JobState, image_service_client::ImageServiceClient},
 };
 
+pub use check::check;
 pub use download::DownloadError;
 
 /// Exit code: the job failed.
@@ -64,6 +68,14 @@ pub enum CliError {
         /// Its final upstream status.
         state: String,
     },
+    /// Some of several watched jobs failed, or were not found.
+    #[error("{}", jobs_summary(.failed, .missing))]
+    Jobs {
+        /// The jobs that failed.
+        failed: Vec<String>,
+        /// The jobs the server did not know (or ended with another error).
+        missing: Vec<String>,
+    },
     /// The stream ended before a terminal state.
     #[error("the watch ended before the job finished")]
     Incomplete,
@@ -73,11 +85,14 @@ pub enum CliError {
 }
 
 impl CliError {
-    /// The process exit code for this failure: 1 the job failed, 2 usage,
-    /// 3 a call or download failed.
+    /// The process exit code for this failure: 1 the job failed (of several
+    /// jobs: one failed, all were found), 2 usage, 3 a call or download
+    /// failed (or one of several jobs was not found).
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::JobFailed { .. } => EXIT_JOB_FAILED,
+            Self::Jobs { missing, .. } if missing.is_empty() => EXIT_JOB_FAILED,
+            Self::Jobs { .. } => EXIT_CALL_FAILED,
             Self::BadToken => EXIT_USAGE,
             Self::Connect { .. } | Self::Status(_) | Self::Incomplete | Self::Download(_) => {
                 EXIT_CALL_FAILED
@@ -103,6 +118,17 @@ impl CliError {
         }
         text
     }
+}
+
+fn jobs_summary(failed: &[String], missing: &[String]) -> String {
+    let mut parts = Vec::new();
+    if !failed.is_empty() {
+        parts.push(format!("failed: {}", failed.join(", ")));
+    }
+    if !missing.is_empty() {
+        parts.push(format!("not found: {}", missing.join(", ")));
+    }
+    format!("not every job succeeded ({})", parts.join("; "))
 }
 
 struct Connection {
@@ -207,38 +233,22 @@ pub async fn generate(args: GenerateArgs) -> Result<(), CliError> {
 }
 
 /// `watch`: follows a job to its end and prints the image URLs (or saves
-/// them with `--out`).
-pub async fn watch(args: JobArgs) -> Result<(), CliError> {
+/// them with `--out`); several jobs share one WatchImages stream
+/// ([`many`]).
+pub async fn watch(mut args: WatchArgs) -> Result<(), CliError> {
+    let mut seen = std::collections::HashSet::new();
+    args.mark_ids.retain(|id| seen.insert(id.clone()));
+    if args.mark_ids.len() > 1 {
+        return many::watch_many(args).await;
+    }
+    let mark_id = args.mark_ids.pop().unwrap_or_default();
     let deadline = Instant::now() + args.client.timeout;
     let mut conn = Connection::open(&args.client).await?;
-    let job = follow::follow(&mut conn, &args.client, &args.mark_id, deadline).await?;
+    let job = follow::follow(&mut conn, &args.client, &mark_id, deadline).await?;
     let output = Output {
         json: args.json,
         out: args.out,
         state_line: false,
-    };
-    finish(job, None, &output).await
-}
-
-/// `check`: prints a job's state once (and with `--out`, saves its images
-/// if it has succeeded).
-pub async fn check(args: JobArgs) -> Result<(), CliError> {
-    let mut conn = Connection::open(&args.client).await?;
-    let mut request = conn.request(pb::CheckImageRequest {
-        mark_id: args.mark_id,
-    });
-    request.set_timeout(args.client.timeout);
-    let job = conn
-        .client
-        .check_image(request)
-        .await?
-        .into_inner()
-        .job
-        .unwrap_or_default();
-    let output = Output {
-        json: args.json,
-        out: args.out,
-        state_line: true,
     };
     finish(job, None, &output).await
 }
@@ -309,6 +319,7 @@ fn job_json(job: &pb::ImageJob, seed: Option<i64>, saved: &[PathBuf]) -> Value {
         "queue_position": job.queue_position,
         "upstream_status": job.upstream_status,
         "prompt_id": job.prompt_id,
+        "etag": job.etag,
         "images": images,
     });
     if let Some(seed) = seed {
@@ -351,6 +362,7 @@ mod tests {
             }],
             upstream_status: "success".into(),
             prompt_id: "p".into(),
+            etag: "e".into(),
             ..Default::default()
         };
         let value = job_json(&job, Some(7), &[PathBuf::from("out/a.png")]);
@@ -362,6 +374,7 @@ mod tests {
                 "queue_position": 0,
                 "upstream_status": "success",
                 "prompt_id": "p",
+                "etag": "e",
                 "images": [{"url": "http://h/a.png", "name": "a.png", "width": 64,
                             "height": 32, "nsfw": true, "path": "out/a.png"}],
                 "seed": 7,
@@ -387,6 +400,17 @@ mod tests {
         assert_eq!(failed.exit_code(), 1);
         assert_eq!(CliError::BadToken.exit_code(), 2);
         assert_eq!(CliError::Incomplete.exit_code(), 3);
+        let jobs = |failed: &[&str], missing: &[&str]| CliError::Jobs {
+            failed: failed.iter().map(|s| (*s).to_owned()).collect(),
+            missing: missing.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        assert_eq!(jobs(&["a"], &[]).exit_code(), 1);
+        assert_eq!(jobs(&["a"], &["b"]).exit_code(), 3);
+        assert_eq!(jobs(&[], &["b"]).exit_code(), 3);
+        assert_eq!(
+            jobs(&["a"], &["b", "c"]).to_string(),
+            "not every job succeeded (failed: a; not found: b, c)"
+        );
         assert_eq!(
             CliError::Status(tonic::Status::unavailable("x")).exit_code(),
             3

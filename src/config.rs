@@ -35,10 +35,12 @@ pub use crate::telemetry::LogFormat;
 /// Exit codes of the client subcommands, shown by `--help`.
 pub const EXIT_CODES_HELP: &str = "\
 Exit codes of generate, watch and check:
-  0  the job succeeded (check: the server answered and the job has not failed)
-  1  the job failed
+  0  the job succeeded (check: the server answered and the job has not failed;
+     watch of several ids: every job succeeded)
+  1  the job failed (watch of several ids: one or more failed, all were found)
   2  usage: a bad flag, argument or server URL
-  3  a call to the server, or an image download, failed";
+  3  a call to the server, or an image download, failed (watch of several
+     ids: or a job was not found; the others were still followed to their end)";
 
 /// gRPC service in front of Piclumen's image-generation API.
 #[derive(Debug, Parser)]
@@ -65,12 +67,12 @@ pub enum Command {
     /// Start a generation (and with --wait, follow it to the images).
     #[command(after_help = EXIT_CODES_HELP)]
     Generate(GenerateArgs),
-    /// Follow a job until it ends, showing progress.
+    /// Follow one or more jobs until they end, showing progress.
     #[command(after_help = EXIT_CODES_HELP)]
-    Watch(JobArgs),
-    /// Show a job's current state once.
+    Watch(WatchArgs),
+    /// Show a job's current state once (with --wait, its next change).
     #[command(after_help = EXIT_CODES_HELP)]
-    Check(JobArgs),
+    Check(CheckArgs),
     /// Show each named caller's images today and this month, and what is
     /// left of its limits, from the fleet's Redis counters.
     Usage(crate::callers::usage::UsageArgs),
@@ -235,16 +237,50 @@ pub struct GenerateArgs {
     pub out: Option<PathBuf>,
 }
 
-/// `watch` / `check` flags.
+/// `watch` flags.
 #[derive(Debug, Args)]
-pub struct JobArgs {
+pub struct WatchArgs {
+    /// Connection.
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The jobs' mark ids: one is followed with WatchImage, several (up to
+    /// the server's --max-watch-ids) share one WatchImages stream.
+    #[arg(value_name = "MARK_ID", required = true, num_args = 1..)]
+    pub mark_ids: Vec<String>,
+    /// Print the result as one JSON object on stdout and nothing else there:
+    /// the final job, or with several ids `{"jobs": [...]}` in the order
+    /// given. Progress still goes to stderr.
+    #[arg(long)]
+    pub json: bool,
+    /// Download every image of the job, once it has succeeded, into this
+    /// directory (created if missing; with several ids, one subdirectory per
+    /// job, named after its mark id), named after the job's images. All or
+    /// nothing: a failed download leaves no file behind. Without --json,
+    /// stdout lists the saved files instead of the URLs.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+}
+
+/// `check` flags.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
     /// Connection.
     #[command(flatten)]
     pub client: ClientArgs,
     /// The job's mark id.
     pub mark_id: String,
-    /// Print the job as one JSON object on stdout and nothing else there
-    /// (watch: the final job; progress still goes to stderr).
+    /// Wait up to this long for the job to change (CheckImage's `wait`):
+    /// answers as soon as its etag differs from --etag, or without --etag
+    /// from the etag of a first, plain check (so: the next change); a
+    /// finished job answers at once. Longer waits than the server's
+    /// --max-check-wait are asked again until this one ends.
+    #[arg(long, value_name = "DURATION", value_parser = positive_duration)]
+    pub wait: Option<Duration>,
+    /// With --wait: the etag the caller last saw (`etag` of a `--json`
+    /// answer); a job whose etag already differs answers at once.
+    #[arg(long, value_name = "ETAG", requires = "wait")]
+    pub etag: Option<String>,
+    /// Print the job as one JSON object on stdout and nothing else there.
     #[arg(long)]
     pub json: bool,
     /// Download every image of the job, once it has succeeded, into this

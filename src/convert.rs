@@ -1,6 +1,7 @@
 //! The gRPC edge's conversions: proto messages to and from domain types (a
-//! GenerateImage message to the [`CreateRequest`] the core takes, a job to
-//! the proto `ImageJob`), and `google.protobuf.Struct` to and from JSON.
+//! GenerateImage message to the [`CreateRequest`] the core takes, a
+//! CheckImage `wait` to a `Duration`, a job to the proto `ImageJob`), and
+//! `google.protobuf.Struct` to and from JSON.
 //! Checks and defaults are the domain's (`upstream::CreateRequest`).
 
 use prost_types::{Struct, value::Kind};
@@ -138,8 +139,31 @@ fn json_to_value(v: &Value) -> prost_types::Value {
     prost_types::Value { kind: Some(kind) }
 }
 
+/// CheckImage's `wait`: `None` when unset; INVALID_ARGUMENT for a
+/// negative or malformed Duration.
+pub fn check_wait(
+    wait: Option<prost_types::Duration>,
+) -> Result<Option<std::time::Duration>, Error> {
+    let Some(wait) = wait else {
+        return Ok(None);
+    };
+    let invalid = |message: &str| Error::InvalidArgument {
+        field: "wait",
+        message: message.into(),
+    };
+    if !(0..1_000_000_000).contains(&wait.nanos) {
+        return Err(invalid(
+            "nanos must be from 0 to 999,999,999 (a Duration's rules for a positive one)",
+        ));
+    }
+    std::time::Duration::try_from(wait)
+        .map(Some)
+        .map_err(|_| invalid("must not be negative"))
+}
+
 /// A domain job as the proto `ImageJob` (taken by value: its strings move).
 pub fn into_proto_job(status: JobStatus) -> pb::ImageJob {
+    let etag = status.etag().to_string();
     pb::ImageJob {
         mark_id: status.mark_id,
         state: to_proto_state(status.state) as i32,
@@ -148,6 +172,7 @@ pub fn into_proto_job(status: JobStatus) -> pb::ImageJob {
         upstream_status: status.upstream_status,
         prompt_id: status.prompt_id,
         observed_at: status.observed_at.map(prost_types::Timestamp::from),
+        etag,
     }
 }
 

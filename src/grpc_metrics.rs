@@ -320,6 +320,7 @@ mod tests {
                 "/piclumen.v1.ImageService/CheckImage",
                 "/piclumen.v1.ImageService/GenerateImage",
                 "/piclumen.v1.ImageService/WatchImage",
+                "/piclumen.v1.ImageService/WatchImages",
             ]
         );
         assert_eq!(rpc_type(false, true), "server_stream");

@@ -2,7 +2,11 @@
 //! Piclumen job's state, its images, the caller's token and the other
 //! secrets of the settings. No proto, no JSON.
 
+mod etag;
+
 use std::{fmt, sync::Arc};
+
+pub use etag::Etag;
 
 /// A Piclumen account token. `Debug` and `Display` redact it, so it cannot
 /// reach a log line or an error message by accident.

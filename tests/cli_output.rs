@@ -152,6 +152,8 @@ fn usage_errors_exit_2_and_help_lists_the_exit_codes() {
         &["generate", "--server", "not a url", "p"],
         &["watch"],
         &["check", "--json"],
+        &["check", "m", "--etag", "e"],
+        &["check", "m", "--wait", "0s"],
     ] {
         let output = process::command(args).output().expect("run");
         assert_eq!(

@@ -206,3 +206,26 @@ async fn a_terminal_shows_a_download_bar_for_out() {
     );
     assert_eq!(std::fs::metadata(&saved).expect("saved").len(), 64 * 1024);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_gets_one_live_line_per_job_of_a_watch_of_several() {
+    let h = Harness::start().await;
+    let server = h.url();
+    let mut client = h.client().await;
+    let a = common::start_job(&mut client, TOKEN, "a harbour").await;
+    let b = common::start_job(&mut client, TOKEN, "a lighthouse").await;
+    let (status, stdout, screen) =
+        on_terminal(&client_args("watch", &server, TOKEN, &[&a, &b]), false).await;
+    assert!(status.success(), "{screen}");
+    // Each job has its own line, redrawn in place.
+    for id in [&a, &b] {
+        assert!(screen.contains(&format!("{id}: ")), "{screen:?}");
+    }
+    assert!(
+        screen.contains("\u{1b}[2K"),
+        "no in-place redraw: {screen:?}"
+    );
+    let stdout = String::from_utf8_lossy(&stdout);
+    assert!(stdout.starts_with(&format!("{a}: succeeded")), "{stdout}");
+    assert!(stdout.contains(&format!("\n{b}: succeeded")), "{stdout}");
+}

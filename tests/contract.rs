@@ -268,7 +268,13 @@ async fn user_agent_origin_and_referer_flags_reach_both_endpoints() {
         .expect("connect");
     let mark_id = start_job(&mut client, TOKEN, "p").await;
     client
-        .check_image(authed(TOKEN, pb::CheckImageRequest { mark_id }))
+        .check_image(authed(
+            TOKEN,
+            pb::CheckImageRequest {
+                mark_id,
+                ..Default::default()
+            },
+        ))
         .await
         .expect("check");
 
@@ -293,7 +299,13 @@ async fn without_the_flags_only_the_default_user_agent_is_sent() {
     let mut client = h.client().await;
     let mark_id = start_job(&mut client, TOKEN, "p").await;
     client
-        .check_image(authed(TOKEN, pb::CheckImageRequest { mark_id }))
+        .check_image(authed(
+            TOKEN,
+            pb::CheckImageRequest {
+                mark_id,
+                ..Default::default()
+            },
+        ))
         .await
         .expect("check");
     let requests = sim_get(&h.sim, "/_sim/requests").await;

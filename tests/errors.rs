@@ -149,6 +149,7 @@ async fn check_all(endpoint: &str) {
                     &token,
                     pb::CheckImageRequest {
                         mark_id: "m1".into(),
+                        ..Default::default()
                     },
                 ))
                 .await
@@ -225,6 +226,7 @@ async fn rate_limit_without_retry_after_carries_no_retry_info() {
             TOKEN,
             pb::CheckImageRequest {
                 mark_id: "m1".into(),
+                ..Default::default()
             },
         ))
         .await
@@ -262,7 +264,15 @@ async fn a_watch_retries_past_a_408() {
 async fn unknown_job_and_empty_data_are_not_found() {
     let h = Harness::start().await;
     let mut client = h.client().await;
-    let check = |id: &str| authed(TOKEN, pb::CheckImageRequest { mark_id: id.into() });
+    let check = |id: &str| {
+        authed(
+            TOKEN,
+            pb::CheckImageRequest {
+                mark_id: id.into(),
+                ..Default::default()
+            },
+        )
+    };
     let status = client
         .check_image(check("no-such-job"))
         .await
@@ -288,6 +298,7 @@ async fn unknown_upstream_state_is_shown_not_hidden() {
             TOKEN,
             pb::CheckImageRequest {
                 mark_id: "m1".into(),
+                ..Default::default()
             },
         ))
         .await
@@ -344,6 +355,7 @@ async fn caller_deadline_bounds_the_upstream_call() {
         TOKEN,
         pb::CheckImageRequest {
             mark_id: "m".into(),
+            ..Default::default()
         },
     );
     request.set_timeout(Duration::from_millis(400));
@@ -387,6 +399,7 @@ async fn a_reply_over_the_size_limit_is_refused_and_its_connection_dropped() {
             TOKEN,
             pb::CheckImageRequest {
                 mark_id: mark_id.into(),
+                ..Default::default()
             },
         )
     };

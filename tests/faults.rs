@@ -178,6 +178,7 @@ async fn success_without_images_and_unknown_states_pass_through() {
             TOKEN,
             pb::CheckImageRequest {
                 mark_id: mark_id.clone(),
+                ..Default::default()
             },
         ))
         .await
@@ -301,7 +302,13 @@ async fn messages_with_non_ascii_and_control_characters_arrive_intact() {
     let mut client = h.client().await;
     let id = "été\u{7}☀\tжук";
     let status = client
-        .check_image(authed(TOKEN, pb::CheckImageRequest { mark_id: id.into() }))
+        .check_image(authed(
+            TOKEN,
+            pb::CheckImageRequest {
+                mark_id: id.into(),
+                ..Default::default()
+            },
+        ))
         .await
         .expect_err("control characters");
     assert_status(&status, Code::InvalidArgument, "INVALID_REQUEST");

@@ -189,6 +189,8 @@ fn serve_with_no_flags_runs_on_the_defaults() {
         heartbeat,
         max_watches,
         max_generates_per_token,
+        max_check_wait,
+        max_watch_ids,
         ..
     } = service;
     let IdempotencyConfig {
@@ -212,6 +214,7 @@ fn serve_with_no_flags_runs_on_the_defaults() {
         (secs(30 * 60), secs(30), secs(600))
     );
     assert_eq!((max_watches, max_generates_per_token), (30_000, 16));
+    assert_eq!((max_check_wait, max_watch_ids), (secs(60), 1000));
     assert_eq!(s.client.base_url, "https://api.piclumen.com");
     assert_eq!(
         (s.client.timeout, s.client.connect_timeout),
@@ -290,6 +293,12 @@ fn every_serve_flag_reaches_its_setting() {
         }),
         row("max-watches", &["--max-watches", "9"], |a| {
             with(a, |s| s.server.service.max_watches == 9)
+        }),
+        row("max-check-wait", &["--max-check-wait", "20s"], |a| {
+            with(a, |s| s.server.service.max_check_wait == secs(20))
+        }),
+        row("max-watch-ids", &["--max-watch-ids", "7"], |a| {
+            with(a, |s| s.server.service.max_watch_ids == 7)
         }),
         row("failure-budget", &["--failure-budget", "11s"], |a| {
             with(a, |s| s.server.hub.failure_budget == secs(11))

@@ -319,6 +319,7 @@ async fn bare_token_and_default_token_are_used() {
     // ...so the same account sees it with the bare token, another does not.
     let mut bare = tonic::Request::new(pb::CheckImageRequest {
         mark_id: mark_id.clone(),
+        ..Default::default()
     });
     bare.metadata_mut()
         .insert("authorization", "server-default".parse().expect("ascii"));
@@ -327,7 +328,13 @@ async fn bare_token_and_default_token_are_used() {
         .await
         .expect("bare token sees its job");
     let status = client
-        .check_image(authed(OTHER_TOKEN, pb::CheckImageRequest { mark_id }))
+        .check_image(authed(
+            OTHER_TOKEN,
+            pb::CheckImageRequest {
+                mark_id,
+                ..Default::default()
+            },
+        ))
         .await
         .expect_err("other account");
     assert_eq!(status.code(), Code::NotFound);

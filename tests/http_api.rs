@@ -254,7 +254,13 @@ async fn check_image_reports_pending_then_running_then_the_first_image() {
     let job = legacy
         .grpc_client()
         .await
-        .check_image(authed(TOKEN, pb::CheckImageRequest { mark_id: id }))
+        .check_image(authed(
+            TOKEN,
+            pb::CheckImageRequest {
+                mark_id: id,
+                ..Default::default()
+            },
+        ))
         .await
         .expect("gRPC CheckImage")
         .into_inner()
@@ -586,7 +592,13 @@ async fn checked_through_an_outage(
     let grpc = legacy
         .grpc_client()
         .await
-        .check_image(authed(TOKEN, pb::CheckImageRequest { mark_id }))
+        .check_image(authed(
+            TOKEN,
+            pb::CheckImageRequest {
+                mark_id,
+                ..Default::default()
+            },
+        ))
         .await
         .map(|answer| answer.into_inner().job.expect("job"));
     (http, grpc)

@@ -178,6 +178,7 @@ async fn streams_per_connection_are_capped() {
             TOKEN,
             pb::CheckImageRequest {
                 mark_id: mark_id.clone(),
+                ..Default::default()
             },
         ))
         .await
@@ -273,6 +274,7 @@ async fn keepalive_pings_close_connections_to_dead_peers() {
             TOKEN,
             pb::CheckImageRequest {
                 mark_id: "x".into(),
+                ..Default::default()
             },
         ))
         .await

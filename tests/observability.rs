@@ -54,7 +54,13 @@ async fn request_id_is_echoed_and_logged() {
 
     // Absent: one is generated.
     let response = client
-        .check_image(authed(TOKEN, pb::CheckImageRequest { mark_id }))
+        .check_image(authed(
+            TOKEN,
+            pb::CheckImageRequest {
+                mark_id,
+                ..Default::default()
+            },
+        ))
         .await
         .expect("check");
     let generated = response
@@ -137,6 +143,7 @@ async fn no_token_reaches_logs_or_errors() {
                 BAD,
                 pb::CheckImageRequest {
                     mark_id: mark_id.clone(),
+                    ..Default::default()
                 },
             ))
             .await
@@ -333,6 +340,7 @@ async fn grpc_metrics_count_calls_by_code_and_time_streams_to_their_end() {
             TOKEN,
             pb::CheckImageRequest {
                 mark_id: "no-such-job".into(),
+                ..Default::default()
             },
         ))
         .await

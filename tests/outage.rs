@@ -36,6 +36,7 @@ async fn an_outage_shorter_than_stale_if_error_fails_no_check_of_an_observed_job
             TOKEN,
             pb::CheckImageRequest {
                 mark_id: id.clone(),
+                ..Default::default()
             },
         )
     };

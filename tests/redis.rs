@@ -162,6 +162,7 @@ async fn a_redis_outage_fails_request_ids_closed_and_heals() {
             TOKEN,
             pb::CheckImageRequest {
                 mark_id: before.mark_id.clone(),
+                ..Default::default()
             },
         ))
         .await

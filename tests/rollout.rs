@@ -308,6 +308,7 @@ async fn connections_age_out_and_clients_reconnect_by_themselves() {
     for n in 0..5 {
         let check = pb::CheckImageRequest {
             mark_id: job.mark_id.clone(),
+            ..Default::default()
         };
         bounded("CheckImage", client.check_image(authed(TOKEN, check)))
             .await

@@ -211,6 +211,7 @@ async fn shutdown_drains_unary_calls_ends_watches_and_flips_health() {
                         TOKEN,
                         pb::CheckImageRequest {
                             mark_id: "x".into(),
+                            ..Default::default()
                         },
                     );
                     let answer = c.check_image(request).await.map(|_| ());
@@ -293,6 +294,7 @@ async fn shutdown_drains_unary_calls_ends_watches_and_flips_health() {
             TOKEN,
             pb::CheckImageRequest {
                 mark_id: "x".into(),
+                ..Default::default()
             },
         ))
         .await;
@@ -349,6 +351,7 @@ async fn a_call_arriving_during_the_drain_gets_shutting_down() {
     // has read the late call's headers: its stream is open.
     let probe = pb::CheckImageRequest {
         mark_id: "probe".into(),
+        ..Default::default()
     };
     let status = ImageServiceClient::new(channel)
         .check_image(authed(TOKEN, probe))
@@ -361,6 +364,7 @@ async fn a_call_arriving_during_the_drain_gets_shutting_down() {
     assert_status(&status, Code::Unavailable, "SHUTTING_DOWN");
     send.send(pb::CheckImageRequest {
         mark_id: "x".into(),
+        ..Default::default()
     })
     .expect("late call still waiting");
     let status = bounded("the late call", late)

@@ -139,6 +139,7 @@ async fn deployments_calling_two_piclumens_on_one_redis_never_answer_each_other(
             TOKEN,
             pb::CheckImageRequest {
                 mark_id: on_y.mark_id.clone(),
+                ..Default::default()
             },
         ))
         .await;

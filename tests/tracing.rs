@@ -420,6 +420,7 @@ async fn generate_check_and_watch_join_the_callers_traces_over_grpc() {
     let check = Caller::new();
     let request = check.request(pb::CheckImageRequest {
         mark_id: mark_id.clone(),
+        ..Default::default()
     });
     bounded("CheckImage", client.check_image(request))
         .await
@@ -593,6 +594,7 @@ async fn http_protobuf_export_and_the_http_api_join_the_callers_trace() {
     let web = Caller::new();
     let message = pb::CheckImageRequest {
         mark_id: mark_id.clone(),
+        ..Default::default()
     }
     .encode_to_vec();
     let mut frame = vec![0u8];

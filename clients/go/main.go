@@ -1,5 +1,6 @@
 // Command client runs the piclumen.v1 scenario from Go: GenerateImage,
-// WatchImage (printing each state), CheckImage, and a rejected token. Every
+// WatchImage (printing each state), CheckImage, WatchImages (three new jobs
+// and an unknown id on one stream), and a rejected token. Every
 // call carries W3C trace context (OpenTelemetry's TraceContext propagator)
 // from one client span, whose trace id it prints, so the server's spans and
 // log lines can be found in the same trace.
@@ -121,6 +122,10 @@ func run() error {
 		fmt.Println("image:", image.GetUrl())
 	}
 
+	if err := watchMany(authed, client); err != nil {
+		return err
+	}
+
 	badCtx := withTraceContext(metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer not-a-valid-token"))
 	_, err = client.GenerateImage(badCtx, &piclumenv1.GenerateImageRequest{Prompt: "x"})
 	st := status.Convert(err)
@@ -137,6 +142,66 @@ func run() error {
 		return fmt.Errorf("bad token: want ErrorInfo reason TOKEN_REJECTED, got %q", reason)
 	}
 	fmt.Printf("bad token: %s reason=%s\n", st.Code(), reason)
+	return nil
+}
+
+// watchMany starts three jobs and watches them on one WatchImages stream,
+// together with an id this token does not own: every job must end
+// SUCCEEDED with exactly one terminal message, the unknown id must get one
+// message with a NOT_FOUND error, and the stream must end OK after the last.
+func watchMany(ctx context.Context, client piclumenv1.ImageServiceClient) error {
+	const unknown = "no-such-job-of-this-token"
+	var ids []string
+	for i := 1; i <= 3; i++ {
+		created, err := client.GenerateImage(ctx, &piclumenv1.GenerateImageRequest{
+			Prompt: fmt.Sprintf("a lighthouse at dawn, take %d", i),
+		})
+		if err != nil {
+			return fmt.Errorf("GenerateImage %d: %w", i, err)
+		}
+		ids = append(ids, created.GetMarkId())
+	}
+	stream, err := client.WatchImages(ctx, &piclumenv1.WatchImagesRequest{MarkIds: append(ids, unknown)})
+	if err != nil {
+		return fmt.Errorf("WatchImages: %w", err)
+	}
+	// Each id's last word: its terminal state, or its error's code.
+	final := map[string]string{}
+	for {
+		update, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return fmt.Errorf("WatchImages stream: %w", err)
+		}
+		if update.GetHeartbeat() {
+			continue
+		}
+		id := update.GetJob().GetMarkId()
+		if last, ended := final[id]; ended {
+			return fmt.Errorf("WatchImages: a message for %s after its last (%s)", id, last)
+		}
+		if e := update.GetError(); e != nil {
+			final[id] = codes.Code(e.GetCode()).String()
+			fmt.Printf("watch_images: %s error=%s %q\n", id, codes.Code(e.GetCode()), e.GetMessage())
+			continue
+		}
+		state := update.GetJob().GetState()
+		fmt.Printf("watch_images: %s state=%s queue=%d\n", id, state, update.GetJob().GetQueuePosition())
+		if state == piclumenv1.JobState_JOB_STATE_SUCCEEDED || state == piclumenv1.JobState_JOB_STATE_FAILED {
+			final[id] = state.String()
+		}
+	}
+	for _, id := range ids {
+		if final[id] != piclumenv1.JobState_JOB_STATE_SUCCEEDED.String() {
+			return fmt.Errorf("WatchImages: %s ended %q, want SUCCEEDED", id, final[id])
+		}
+	}
+	if final[unknown] != codes.NotFound.String() {
+		return fmt.Errorf("WatchImages: the unknown id got %q, want NotFound", final[unknown])
+	}
+	fmt.Printf("watch_images: %d SUCCEEDED, 1 NOT_FOUND, stream ended OK\n", len(ids))
 	return nil
 }
 

@@ -1,5 +1,6 @@
 // The piclumen.v1 scenario from Node.js: GenerateImage, WatchImage (printing
-// each state), CheckImage, and a rejected token with its ErrorInfo reason.
+// each state), CheckImage, WatchImages (three new jobs and an unknown id on
+// one stream), and a rejected token with its ErrorInfo reason.
 //
 // The channel carries the published retry policy, ../service_config.json next
 // to this file (or the file named by PICLUMEN_SERVICE_CONFIG). With
@@ -16,8 +17,10 @@ const protoLoader = require('@grpc/proto-loader');
 const protobuf = require('protobufjs');
 
 const PROTO_ROOT = path.resolve(__dirname, '../../proto');
+// googleapis' google/rpc/status.proto (WatchImagesResponse.error), vendored.
+const VENDOR_ROOT = path.resolve(__dirname, '../../proto-vendor');
 const definition = protoLoader.loadSync('piclumen/v1/image_service.proto', {
-  includeDirs: [PROTO_ROOT],
+  includeDirs: [PROTO_ROOT, VENDOR_ROOT],
   keepCase: true,
   longs: String,
   enums: String,
@@ -81,6 +84,47 @@ function watch(client, request, metadata) {
     stream.on('error', reject);
     stream.on('end', () => resolve(last));
   });
+}
+
+// Starts three jobs and watches them on one WatchImages stream, together with
+// an id this token does not own: every job must end SUCCEEDED with exactly one
+// terminal message, the unknown id must get one message with a NOT_FOUND
+// error, and the stream must end OK after the last.
+async function watchMany(client, metadata) {
+  const unknown = 'no-such-job-of-this-token';
+  const ids = [];
+  for (let i = 1; i <= 3; i++) {
+    const created = await call(client, 'GenerateImage', { prompt: `a lighthouse at dawn, take ${i}` }, metadata);
+    ids.push(created.mark_id);
+  }
+  // Each id's last word: its terminal state or its error's code.
+  const final = new Map();
+  await new Promise((resolve, reject) => {
+    const stream = client.WatchImages({ mark_ids: [...ids, unknown] }, metadata, {
+      deadline: Date.now() + 60_000,
+    });
+    stream.on('data', (update) => {
+      if (update.heartbeat) return;
+      const id = update.job.mark_id;
+      if (final.has(id)) {
+        reject(new Error(`a message for ${id} after its last (${final.get(id)})`));
+        return;
+      }
+      if (update.error) {
+        final.set(id, update.error.code);
+        console.log(`watch_images: ${id} error=${update.error.code} ${JSON.stringify(update.error.message)}`);
+        return;
+      }
+      const { state } = update.job;
+      console.log(`watch_images: ${id} state=${state} queue=${update.job.queue_position}`);
+      if (state === 'JOB_STATE_SUCCEEDED' || state === 'JOB_STATE_FAILED') final.set(id, state);
+    });
+    stream.on('error', reject);
+    stream.on('end', resolve);
+  });
+  for (const id of ids) assert.equal(final.get(id), 'JOB_STATE_SUCCEEDED', id);
+  assert.equal(final.get(unknown), grpc.status.NOT_FOUND, 'the unknown id');
+  console.log(`watch_images: ${ids.length} SUCCEEDED, 1 NOT_FOUND, stream ended OK`);
 }
 
 // A client of PICLUMEN_ADDR whose channel has the published retry policy.
@@ -154,6 +198,8 @@ async function main() {
     assert.ok(image.url);
     console.log(`image: ${image.url}`);
   }
+
+  await watchMany(client, auth);
 
   const bad = new grpc.Metadata();
   bad.set('authorization', 'Bearer not-a-valid-token');

@@ -1,5 +1,6 @@
 """The piclumen.v1 scenario from Python: GenerateImage, WatchImage (printing
-each state), CheckImage, and a rejected token with its ErrorInfo reason.
+each state), CheckImage, WatchImages (three new jobs and an unknown id on one
+stream), and a rejected token with its ErrorInfo reason.
 
 The channel carries the published retry policy, ../service_config.json next to
 this file (or the file named by PICLUMEN_SERVICE_CONFIG). With
@@ -82,6 +83,44 @@ def restart_scenario() -> None:
     print(f"restart scenario: {calls} calls, no error, slowest round {slowest:.3f}s")
 
 
+def watch_many(client: pb_grpc.ImageServiceStub, auth: list) -> None:
+    """Starts three jobs and watches them on one WatchImages stream, together
+    with an id this token does not own: every job must end SUCCEEDED with
+    exactly one terminal message, the unknown id must get one message with a
+    NOT_FOUND error, and the stream must end OK after the last."""
+    unknown = "no-such-job-of-this-token"
+    ids = [
+        client.GenerateImage(
+            pb.GenerateImageRequest(prompt=f"a lighthouse at dawn, take {i}"),
+            metadata=auth,
+            timeout=30,
+        ).mark_id
+        for i in range(1, 4)
+    ]
+    final = {}  # each id's last word: its terminal state or its error's code
+    not_found = grpc.StatusCode.NOT_FOUND.value[0]
+    terminal = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED)
+    for update in client.WatchImages(
+        pb.WatchImagesRequest(mark_ids=[*ids, unknown]), metadata=auth, timeout=60
+    ):
+        if update.heartbeat:
+            continue
+        mark_id = update.job.mark_id
+        check(mark_id not in final, f"a message for {mark_id} after its last")
+        if update.HasField("error"):
+            final[mark_id] = update.error.code
+            print(f"watch_images: {mark_id} error={update.error.code} {update.error.message!r}")
+            continue
+        state = update.job.state
+        print(f"watch_images: {mark_id} state={pb.JobState.Name(state)} queue={update.job.queue_position}")
+        if state in terminal:
+            final[mark_id] = pb.JobState.Name(state)
+    for mark_id in ids:
+        check(final.get(mark_id) == "JOB_STATE_SUCCEEDED", (mark_id, final.get(mark_id)))
+    check(final.get(unknown) == not_found, ("unknown id", final.get(unknown)))
+    print(f"watch_images: {len(ids)} SUCCEEDED, 1 NOT_FOUND, stream ended OK")
+
+
 def main() -> None:
     if os.environ.get("PICLUMEN_SCENARIO") == "restart":
         restart_scenario()
@@ -115,6 +154,8 @@ def main() -> None:
         for image in job.images:
             check(bool(image.url), image)
             print(f"image: {image.url}")
+
+        watch_many(client, auth)
 
         try:
             client.GenerateImage(

@@ -28,6 +28,8 @@ pub enum Rpc {
     Check,
     /// WatchImage.
     Watch,
+    /// WatchImages.
+    WatchMany,
 }
 
 impl Rpc {
@@ -36,6 +38,7 @@ impl Rpc {
             Self::Generate => "GenerateImage",
             Self::Check => "CheckImage",
             Self::Watch => "WatchImage",
+            Self::WatchMany => "WatchImages",
         }
     }
 }
@@ -45,7 +48,7 @@ impl Rpc {
 pub struct Bill {
     name: Arc<str>,
     images: OnceLock<Counter>,
-    calls: [[OnceLock<Counter>; CODE_NAMES.len()]; 3],
+    calls: [[OnceLock<Counter>; CODE_NAMES.len()]; 4],
     refusals: [OnceLock<Counter>; 3],
 }
 

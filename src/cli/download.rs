@@ -247,6 +247,21 @@ fn progress_bar(name: &str, len: Option<u64>) -> ProgressBar {
     bar
 }
 
+/// One directory under `dir` per job of a multi-job `watch --out`, named
+/// after its mark id (sanitised as the file names are, and distinct).
+pub(super) fn job_dirs(dir: &Path, mark_ids: &[String]) -> Vec<PathBuf> {
+    let mut used = HashSet::new();
+    mark_ids
+        .iter()
+        .map(|id| {
+            dir.join(distinct(
+                sanitise(id).unwrap_or_else(|| "job".into()),
+                &mut used,
+            ))
+        })
+        .collect()
+}
+
 /// One safe, distinct file name per image: the image's name (else the last
 /// segment of its URL, else `MARKID-N`), sanitised.
 fn file_names(mark_id: &str, images: &[pb::Image]) -> Vec<String> {
@@ -369,6 +384,17 @@ mod tests {
                 assert!(!name.starts_with('.'), "{raw} -> {name}");
             }
         }
+    }
+
+    #[test]
+    fn job_directories_stay_inside_and_are_distinct() {
+        let ids = ["../up", "a", "a", "..."].map(String::from);
+        let dirs = job_dirs(Path::new("out"), &ids);
+        let names: Vec<_> = dirs
+            .iter()
+            .map(|d| d.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["out/_up", "out/a", "out/a-2", "out/job"]);
     }
 
     #[test]

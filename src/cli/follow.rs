@@ -3,8 +3,9 @@
 //! interrupted, or the connection is lost, the watch is re-issued over a
 //! new connection to the same `--server` (behind a load balancer, any
 //! replica), within the command's overall deadline (`--timeout`), with one
-//! line on stderr each time. The decision is [`resumable`]; the loop only
-//! reconnects and re-issues.
+//! line on stderr each time. The decision is [`resumable`]; the loop
+//! ([`resuming`], shared by WatchImage and WatchImages) only reconnects and
+//! re-issues.
 
 use std::{error::Error as _, time::Duration};
 
@@ -75,15 +76,40 @@ pub(super) async fn follow(
             .unwrap_or_else(|_| ProgressStyle::default_spinner()),
     );
     bar.enable_steady_tick(Duration::from_millis(120));
-    // One line per interruption: a re-issued watch that fails before its
-    // first update (the server was still going away) is retried quietly,
-    // after a pause.
+    let announce = |why: &str| {
+        bar.suspend(|| {
+            eprintln!(
+                "watch of {mark_id} interrupted ({why}): reconnecting to {} and watching again",
+                args.server
+            );
+        });
+    };
+    let result = resuming(conn, args, deadline, announce, async |conn, updates| {
+        watch_once(conn, mark_id, deadline, &bar, updates).await
+    })
+    .await;
+    bar.finish_and_clear();
+    result
+}
+
+/// Runs one watch call (`once`, which counts the updates it received) and
+/// re-issues it as the module docs say until `deadline`, calling `announce`
+/// with the cause once per interruption: a re-issued watch that fails
+/// before its first update (the server was still going away) is retried
+/// quietly, after a pause.
+pub(super) async fn resuming<T>(
+    conn: &mut Connection,
+    args: &ClientArgs,
+    deadline: Instant,
+    announce: impl Fn(&str),
+    mut once: impl AsyncFnMut(&mut Connection, &mut usize) -> Result<T, CliError>,
+) -> Result<T, CliError> {
     let mut announced = false;
     let mut pause = RECONNECT_FIRST;
-    let result = loop {
+    loop {
         let mut updates = 0;
-        let error = match watch_once(conn, mark_id, deadline, &bar, &mut updates).await {
-            Ok(job) => break Ok(job),
+        let error = match once(conn, &mut updates).await {
+            Ok(done) => return Ok(done),
             Err(error) => error,
         };
         if updates > 0 {
@@ -91,27 +117,17 @@ pub(super) async fn follow(
             pause = RECONNECT_FIRST;
         }
         let Some(why) = resumable(&error).filter(|_| Instant::now() + pause < deadline) else {
-            break Err(error);
+            return Err(error);
         };
         if announced {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(RECONNECT_MAX);
         } else {
             announced = true;
-            bar.suspend(|| {
-                eprintln!(
-                    "watch of {mark_id} interrupted ({why}): reconnecting to {} and watching again",
-                    args.server
-                );
-            });
+            announce(&why);
         }
-        match reconnect(args, deadline).await {
-            Ok(fresh) => *conn = fresh,
-            Err(error) => break Err(error),
-        }
-    };
-    bar.finish_and_clear();
-    result
+        *conn = reconnect(args, deadline).await?;
+    }
 }
 
 /// One WatchImage call to its end: the final job, or why it ended early;

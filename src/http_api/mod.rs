@@ -15,11 +15,13 @@
 //! - `lax`: the lenient FastAPI-style decoder and its 422 shapes.
 //! - `status`: error class -> HTTP status, error bodies.
 //! - `openapi`: the OpenAPI document and the success shapes.
+//! - `wait`: `/check-image`'s `Prefer: wait`, `If-None-Match` and `ETag`.
 
 mod body;
 mod lax;
 mod openapi;
 mod status;
+mod wait;
 
 #[cfg(test)]
 mod tests;
@@ -197,15 +199,17 @@ async fn generate_image(
         ("authorization_token" = String, Query, description = "The Piclumen account token that started the job."),
         ("mark_id" = String, Query, description = "The mark id `/generate-image` returned."),
         ("x-api-key" = Option<String>, Header, description = "Caller API key, when the server requires one (`--api-keys-file`)."),
+        ("Prefer" = Option<String>, Header, description = "`wait=N` (RFC 7240): with `If-None-Match`, hold the request up to N seconds (cut to the server's `--max-check-wait`, 60 s by default) until the job's `ETag` differs from the one sent, then answer as usual; the end of the wait answers the current state (same `ETag`), never an error. Without `If-None-Match` the answer comes at once."),
+        ("If-None-Match" = Option<String>, Header, description = "The quoted `ETag` of the last answer, e.g. `\"0123456789abcdef\"`: with `Prefer: wait=N`, the state to wait to change from. A terminal job, or an `ETag` that already differs, answers at once."),
     ),
     responses(
-        (status = 200, description = "Done: the first image's URL.", body = GenerationSucceeded, headers(("Age" = u64, description = "Seconds since Piclumen last confirmed this state."))),
-        (status = 202, description = "Queued or running (or a state this version does not know): `Image still processing. Current status: <Piclumen's status>`. While Piclumen has trouble, a state confirmed within the server's `--stale-if-error` window is answered instead of the error; `Age` says how old it is.", body = StillProcessing, headers(("Age" = u64, description = "Seconds since Piclumen last confirmed this state."))),
+        (status = 200, description = "Done: the first image's URL.", body = GenerationSucceeded, headers(("Age" = u64, description = "Seconds since Piclumen last confirmed this state."), ("ETag" = String, description = "The job's state as an opaque quoted tag (the same on every replica for the same state); send it back in `If-None-Match` with `Prefer: wait=N` to wait for the next change."), ("Preference-Applied" = String, description = "`wait=N` when the request waited (`Prefer: wait` with `If-None-Match`): the wait granted, in seconds, after the server's cap."))),
+        (status = 202, description = "Queued or running (or a state this version does not know): `Image still processing. Current status: <Piclumen's status>`. While Piclumen has trouble, a state confirmed within the server's `--stale-if-error` window is answered instead of the error; `Age` says how old it is.", body = StillProcessing, headers(("Age" = u64, description = "Seconds since Piclumen last confirmed this state."), ("ETag" = String, description = "The job's state as an opaque quoted tag (the same on every replica for the same state); send it back in `If-None-Match` with `Prefer: wait=N` to wait for the next change."), ("Preference-Applied" = String, description = "`wait=N` when the request waited (`Prefer: wait` with `If-None-Match`): the wait granted, in seconds, after the server's cap."))),
         (status = 400, description = "The mark id is empty or malformed, or Piclumen refused the request.", body = ErrorBody),
         (status = 404, description = "This token has no job with this mark id (reason `JOB_NOT_FOUND`).", body = ErrorBody),
         (status = 422, description = "A query parameter is missing.", body = ValidationError),
         (status = 429, description = "Rate limited by Piclumen (with `Retry-After` when known).", body = ErrorBody),
-        (status = 500, description = "The generation failed (`GenerationFailed`, with `mark_id`), or Piclumen answered something unexpected (`ErrorBody`, with `reason`).", body = CheckImageFailure),
+        (status = 500, description = "The generation failed (`GenerationFailed`, with `mark_id`, `ETag` and, after a wait, `Preference-Applied`), or Piclumen answered something unexpected (`ErrorBody`, with `reason`).", body = CheckImageFailure, headers(("ETag" = String, description = "The job's state as an opaque quoted tag (the same on every replica for the same state); send it back in `If-None-Match` with `Prefer: wait=N` to wait for the next change."), ("Preference-Applied" = String, description = "`wait=N` when the request waited (`Prefer: wait` with `If-None-Match`): the wait granted, in seconds, after the server's cap."))),
         SharedFailures,
     )
 )]
@@ -224,8 +228,18 @@ async fn check_image(
         return validation_error(details);
     };
     let credentials = credentials(token, &headers);
-    match core.check(&credentials, mark_id, None).await {
-        Ok(status) => with_age(status.observed_at, job_response(status)),
+    let asked = wait::wait_for(&headers);
+    let answer = match &asked {
+        None => core.check(&credentials, mark_id, None).await,
+        Some(asked) => core.check_wait(&credentials, mark_id, None, asked).await,
+    };
+    match answer {
+        Ok(status) => {
+            let etag = status.etag();
+            let granted = asked.map(|a| a.granted(core.max_check_wait()));
+            let response = with_age(status.observed_at, job_response(status));
+            wait::decorate(response, etag, granted)
+        }
         Err(error) => error_of(error),
     }
 }

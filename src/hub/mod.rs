@@ -19,6 +19,7 @@ mod created;
 pub mod fleet;
 mod poller;
 pub mod schedule;
+mod settle;
 pub mod source;
 mod stale;
 mod state;

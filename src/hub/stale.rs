@@ -49,6 +49,17 @@ impl StaleIfError {
         (age <= self.window || status.state.is_terminal()).then(|| status.clone())
     }
 
+    /// Whether a job's latest state on its watch channel, `age` old, may
+    /// answer a check that waited on that channel without asking again: a
+    /// terminal state always; another while it is younger than the window
+    /// or than two intervals (a watched job is confirmed once an interval,
+    /// plus the call's time), whichever is longer. Older means the token's
+    /// calls have been failing for a while: the check is then answered as
+    /// any other (`answer`, or the trouble).
+    pub(super) fn vouches(&self, status: &JobStatus, age: Duration) -> bool {
+        status.state.is_terminal() || age <= self.window.max(2 * self.interval)
+    }
+
     /// How often kept answers are swept: often enough that none outstays
     /// its time by more than half of it, seldom enough that an idle token
     /// keeping answers for the window costs few wake-ups.
@@ -110,6 +121,18 @@ mod tests {
         assert_eq!(rules(Duration::ZERO).answer(Some(&done), now), None);
         assert!(!rules(Duration::ZERO).keeps(&done.0, 2 * S));
         assert!(rules(Duration::ZERO).keeps(&done.0, S), "one interval");
+    }
+
+    #[test]
+    fn a_watched_state_vouches_for_two_intervals_or_the_window() {
+        let running = status("a", JobState::Running);
+        assert!(rules(30 * S).vouches(&running, 30 * S));
+        assert!(!rules(30 * S).vouches(&running, 31 * S));
+        // Off, or shorter than two intervals: two intervals.
+        assert!(rules(Duration::ZERO).vouches(&running, 4 * S));
+        assert!(!rules(Duration::ZERO).vouches(&running, 5 * S));
+        let done = status("a", JobState::Failed);
+        assert!(rules(Duration::ZERO).vouches(&done, 3600 * S));
     }
 
     #[test]

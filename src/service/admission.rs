@@ -186,7 +186,8 @@ fn caller_deadline_passed() -> Error {
     Error::DeadlineExceeded("the caller's deadline ran out before Piclumen answered".into())
 }
 
-/// The WatchImage streams one server holds at once (`--max-watches`).
+/// The watches one server holds at once (`--max-watches`): WatchImage
+/// streams, WatchImages jobs and waiting checks.
 #[derive(Debug)]
 pub(super) struct WatchSlots {
     limit: usize,
@@ -210,5 +211,21 @@ impl WatchSlots {
                 self.limit
             ))
         })
+    }
+
+    /// `n` slots at once, or none: RESOURCE_EXHAUSTED when fewer are free.
+    pub(super) fn take_many(&self, n: usize) -> Result<OwnedSemaphorePermit, Error> {
+        let exhausted = || {
+            Error::ResourceExhausted(format!(
+                "this server has {} of its {} watches free, fewer than the {n} jobs asked; \
+                 retry later or elsewhere, or with fewer ids",
+                self.slots.available_permits(),
+                self.limit
+            ))
+        };
+        let n = u32::try_from(n).map_err(|_| exhausted())?;
+        Arc::clone(&self.slots)
+            .try_acquire_many_owned(n)
+            .map_err(|_| exhausted())
     }
 }

@@ -17,7 +17,9 @@ use super::{
     ServiceConfig,
     admission::{self, CallToken, Credentials, WatchSlots},
     in_flight::CreateLimit,
+    wait::{self, Wait, WaitFor, Waited},
     watch::{Watch, WatchEvent},
+    watch_many::{Many, ManyEvent},
 };
 use crate::{
     callers::{CallerGate, Rpc, WatchPlace},
@@ -224,6 +226,114 @@ impl Core {
         checked
     }
 
+    /// CheckImage that waits for a change (see `super::wait`): admits the
+    /// caller; when `request` asks for a wait, holds a watch slot and the
+    /// job's channel while it waits, then answers with the state that
+    /// ended it (through `Hub::settle`, so a state the channel kept through
+    /// long trouble is answered as any check would be).
+    pub async fn check_wait(
+        &self,
+        credentials: &Credentials<'_>,
+        mark_id: &str,
+        deadline: Option<Instant>,
+        request: &WaitFor,
+    ) -> Result<JobStatus, Error> {
+        let call = self.admit(credentials)?;
+        let answer = self.wait_for(&call, mark_id, deadline, request).await;
+        bill(&call, Rpc::Check, &answer);
+        answer
+    }
+
+    /// [`Core::check_wait`] once admitted.
+    async fn wait_for(
+        &self,
+        call: &CallToken,
+        mark_id: &str,
+        deadline: Option<Instant>,
+        request: &WaitFor,
+    ) -> Result<JobStatus, Error> {
+        let mark_id = self::mark_id(mark_id)?;
+        let max = self.config.max_check_wait;
+        let Some(wait) = Wait::start(request, max, deadline, Instant::now()) else {
+            return self
+                .hub
+                .check(&call.token, &mark_id, deadline)
+                .await
+                .map_err(|e| call.hub_error(e));
+        };
+        // A waiting check is a watch while it waits: the server's and its
+        // caller's.
+        let places = self.caller_places(call, 1)?;
+        let slot = self.watch_slots.take()?;
+        let subscription = self.hub.subscribe(&call.token, &mark_id);
+        let waited = wait::wait_on(&wait, subscription, &self.draining).await;
+        drop((slot, places));
+        let answer = match waited {
+            Waited::Status(status) => {
+                self.hub
+                    .settle(&call.token, &mark_id, status, deadline)
+                    .await
+            }
+            Waited::Failed(error) => Err(error),
+            Waited::Unknown => self.hub.check(&call.token, &mark_id, deadline).await,
+        };
+        answer.map_err(|e| call.hub_error(e))
+    }
+
+    /// The longest wait a check is granted (`--max-check-wait`).
+    pub fn max_check_wait(&self) -> std::time::Duration {
+        self.config.max_check_wait
+    }
+
+    /// WatchImages: admits the caller, checks the ids (duplicates folded),
+    /// takes a watch slot per job (all or none) and joins every job's
+    /// channel; the stream holds them until it ends.
+    pub fn watch_many(
+        &self,
+        credentials: &Credentials<'_>,
+        mark_ids: &[String],
+        caller_deadline: Option<Instant>,
+    ) -> Result<impl Stream<Item = Result<ManyEvent, Error>> + Send + use<>, Error> {
+        let call = self.admit(credentials)?;
+        let opened = self::mark_ids(mark_ids, self.config.max_watch_ids).and_then(|ids| {
+            let places = self.caller_places(&call, ids.len())?;
+            let slots = self.watch_slots.take_many(ids.len())?;
+            Ok((ids, places, slots))
+        });
+        bill(&call, Rpc::WatchMany, &opened);
+        let (ids, places, slots) = opened?;
+        let subscriptions = ids
+            .iter()
+            .map(|id| self.hub.subscribe(&call.token, id))
+            .collect();
+        let (end_at, end_message) =
+            Watch::end(caller_deadline, self.config.max_watch, "WatchImages");
+        let many = Many {
+            call,
+            ids,
+            subscriptions,
+            slots,
+            end_at,
+            end_message,
+            heartbeat: self.config.heartbeat,
+            draining: self.draining.clone(),
+        };
+        // The caller's watch places are held as long as the stream.
+        Ok(many.stream().map(move |event| {
+            let _ = &places;
+            event
+        }))
+    }
+
+    /// `n` places among the named caller's watches (none for an unnamed
+    /// caller): all or none.
+    fn caller_places(&self, call: &CallToken, n: usize) -> Result<Vec<WatchPlace>, Error> {
+        match &call.caller {
+            Some(caller) => (0..n).map(|_| self.callers.watch(caller)).collect(),
+            None => Ok(Vec::new()),
+        }
+    }
+
     /// WatchImage: admits the caller, takes a watch slot and joins the
     /// job's channel; the stream holds both until it ends.
     pub fn watch(
@@ -237,7 +347,8 @@ impl Core {
         bill(&call, Rpc::Watch, &opened);
         let (mark_id, slot, place) = opened?;
         let subscription = self.hub.subscribe(&call.token, &mark_id);
-        let (end_at, end_message) = Watch::end(caller_deadline, self.config.max_watch);
+        let (end_at, end_message) =
+            Watch::end(caller_deadline, self.config.max_watch, "WatchImage");
         let watch = Watch {
             call,
             subscription,
@@ -279,6 +390,38 @@ fn bill<T>(call: &CallToken, rpc: Rpc, outcome: &Result<T, Error>) {
             .bill
             .call(rpc, outcome.as_ref().err().map(|e| e.classify().0));
     }
+}
+
+/// The mark ids of one WatchImages call: 1 to `max` (after folding
+/// duplicates, first occurrence kept), each as [`mark_id`] checks it.
+pub fn mark_ids(values: &[String], max: usize) -> Result<Vec<String>, Error> {
+    let invalid = |message: String| Error::InvalidArgument {
+        field: "mark_ids",
+        message,
+    };
+    let mut seen = std::collections::HashSet::with_capacity(values.len().min(max));
+    let mut ids = Vec::with_capacity(values.len().min(max));
+    for (i, value) in values.iter().enumerate() {
+        let id = match self::mark_id(value) {
+            Ok(id) => id,
+            Err(Error::InvalidArgument { message, .. }) => {
+                return Err(invalid(format!("mark_ids[{i}] {message}")));
+            }
+            Err(other) => return Err(other),
+        };
+        if seen.insert(id.clone()) {
+            ids.push(id);
+        }
+        if ids.len() > max {
+            return Err(invalid(format!(
+                "more than this server's limit of {max} distinct ids"
+            )));
+        }
+    }
+    if ids.is_empty() {
+        return Err(invalid("must name at least one job".into()));
+    }
+    Ok(ids)
 }
 
 /// A mark id as a caller sends it: trimmed, non-empty, bounded, and free of

@@ -10,7 +10,7 @@ use futures_util::{Stream, StreamExt};
 use tokio::time::Instant;
 use tonic::{Request, Response, Status, metadata::MetadataMap, transport::CertificateDer};
 
-use super::{Core, Credentials, TokenInput};
+use super::{Core, Credentials, ManyEvent, TokenInput, WaitFor};
 use crate::{
     auth::API_KEY_HEADER,
     convert,
@@ -84,6 +84,9 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 /// Boxed stream of WatchImage responses.
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchImageResponse, Status>> + Send>>;
 
+/// Boxed stream of WatchImages responses.
+pub type ManyStream = Pin<Box<dyn Stream<Item = Result<pb::WatchImagesResponse, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl ImageService for ImageServiceImpl {
     async fn generate_image(
@@ -108,14 +111,26 @@ impl ImageService for ImageServiceImpl {
         &self,
         request: Request<pb::CheckImageRequest>,
     ) -> Result<Response<pb::CheckImageResponse>, Status> {
-        let metadata = request.metadata();
-        let mark_id = &request.get_ref().mark_id;
         let peer_certs = request.peer_certs();
-        let credentials = credentials(metadata, peer_certs.as_deref().map(Vec::as_slice));
-        let status = self
-            .core
-            .check(&credentials, mark_id, call_deadline(metadata))
-            .await?;
+        let (metadata, _, message) = request.into_parts();
+        let credentials = credentials(&metadata, peer_certs.as_deref().map(Vec::as_slice));
+        let deadline = call_deadline(&metadata);
+        let wait = convert::check_wait(message.wait)?.map(|wait| WaitFor {
+            wait,
+            etag: message.etag,
+        });
+        let status = match wait {
+            None => {
+                self.core
+                    .check(&credentials, &message.mark_id, deadline)
+                    .await?
+            }
+            Some(wait) => {
+                self.core
+                    .check_wait(&credentials, &message.mark_id, deadline, &wait)
+                    .await?
+            }
+        };
         Ok(Response::new(pb::CheckImageResponse {
             job: Some(convert::into_proto_job(status)),
         }))
@@ -139,6 +154,44 @@ impl ImageService for ImageServiceImpl {
                 .map(|event| pb::WatchImageResponse {
                     job: Some(convert::into_proto_job(event.status)),
                     heartbeat: event.heartbeat,
+                })
+                .map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(InSpan::current(responses))))
+    }
+
+    type WatchImagesStream = ManyStream;
+
+    async fn watch_images(
+        &self,
+        request: Request<pb::WatchImagesRequest>,
+    ) -> Result<Response<Self::WatchImagesStream>, Status> {
+        let metadata = request.metadata();
+        let peer_certs = request.peer_certs();
+        let events = self.core.watch_many(
+            &credentials(metadata, peer_certs.as_deref().map(Vec::as_slice)),
+            &request.get_ref().mark_ids,
+            call_deadline(metadata),
+        )?;
+        let responses = events.map(|event| {
+            event
+                .map(|event| match event {
+                    ManyEvent::Job(status) => pb::WatchImagesResponse {
+                        job: Some(convert::into_proto_job(status)),
+                        ..Default::default()
+                    },
+                    ManyEvent::JobFailed { mark_id, error } => pb::WatchImagesResponse {
+                        job: Some(pb::ImageJob {
+                            mark_id,
+                            ..Default::default()
+                        }),
+                        error: Some(super::status::rpc_status(error)),
+                        ..Default::default()
+                    },
+                    ManyEvent::Heartbeat => pb::WatchImagesResponse {
+                        heartbeat: true,
+                        ..Default::default()
+                    },
                 })
                 .map_err(Status::from)
         });

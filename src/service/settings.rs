@@ -38,12 +38,23 @@ pub struct ServiceConfig {
     /// least 1s).
     #[arg(long, env = "PICLUMEN_HEARTBEAT", default_value = "30s", value_parser = duration_at_least(defaults::MIN_HEARTBEAT))]
     pub heartbeat: Duration,
-    /// Most WatchImage streams open at once (beyond: RESOURCE_EXHAUSTED).
+    /// Most watches open at once (beyond: RESOURCE_EXHAUSTED): a WatchImage
+    /// stream holds one, a WatchImages stream one per job, a CheckImage one
+    /// while it waits.
     // 30,000: what one instance is shown to hold (BENCHMARKS.md: 30,000
     // watches of one token in 161 MiB, every change delivered within an
     // interval). A semaphore holds the places, and it has a ceiling.
     #[arg(long, env = "PICLUMEN_MAX_WATCHES", default_value = "30000", value_parser = up_to(tokio::sync::Semaphore::MAX_PERMITS))]
     pub max_watches: usize,
+    /// Longest a CheckImage waits for its job to change (`wait`, or
+    /// `Prefer: wait` on the HTTP API); longer waits are cut to it. A
+    /// waiting check holds one of `--max-watches` while it waits.
+    #[arg(long, env = "PICLUMEN_MAX_CHECK_WAIT", default_value = "60s", value_parser = positive_duration)]
+    pub max_check_wait: Duration,
+    /// Most mark ids in one WatchImages call (beyond: INVALID_ARGUMENT).
+    /// Each id holds one of `--max-watches` while its stream is open.
+    #[arg(long, env = "PICLUMEN_MAX_WATCH_IDS", default_value = "1000", value_parser = up_to(tokio::sync::Semaphore::MAX_PERMITS))]
+    pub max_watch_ids: usize,
     /// Most GenerateImage calls in flight per token (beyond: RESOURCE_EXHAUSTED).
     #[arg(long, env = "PICLUMEN_MAX_GENERATES_PER_TOKEN", default_value = "16", value_parser = positive::<usize>)]
     pub max_generates_per_token: usize,

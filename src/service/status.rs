@@ -1,7 +1,8 @@
 //! The gRPC edge's one mapping of [`Error`] to `tonic::Status`: the code of
 //! the error's class, its message, and rich details (`ErrorInfo` with the
 //! stable reason, `BadRequest`, `ResourceInfo`, `QuotaFailure`, `RetryInfo`), and gRFC A6's
-//! `grpc-retry-pushback-ms` where Piclumen said when to retry.
+//! `grpc-retry-pushback-ms` where Piclumen said when to retry; the same as
+//! a `google.rpc.Status` for errors carried inside messages.
 
 use std::collections::HashMap;
 
@@ -51,6 +52,19 @@ impl From<Error> for Status {
         }
         status
     }
+}
+
+/// An error as the `google.rpc.Status` a message carries (a WatchImages
+/// job's error): the same code, message and details as the call's status
+/// would have.
+pub(super) fn rpc_status(error: Error) -> tonic_types::Status {
+    use prost::Message;
+    let status = Status::from(error);
+    tonic_types::Status::decode(status.details()).unwrap_or_else(|_| tonic_types::Status {
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+        details: Vec::new(),
+    })
 }
 
 /// The gRPC code of each class: one to one, the classes being its names.

@@ -25,15 +25,17 @@ use crate::{
     upstream::{BoxFuture, CreatePayload, CreateRequest, StatusEntry, Upstream, UpstreamError},
 };
 
-const POLL: Duration = Duration::from_secs(2);
+pub(super) const POLL: Duration = Duration::from_secs(2);
 /// Bound on every wait of a test, in paused (virtual) time.
-const WAIT: Duration = Duration::from_secs(3600);
+pub(super) const WAIT: Duration = Duration::from_secs(3600);
 
 // === the fake ===
 
 #[derive(Debug)]
-struct FakeState {
+pub(super) struct FakeState {
     jobs: HashMap<String, JobState>,
+    /// Status calls answered so far.
+    pub(super) status_calls: usize,
     /// Creates started so far.
     started: watch::Sender<usize>,
 }
@@ -41,7 +43,7 @@ struct FakeState {
 /// Piclumen as a script: jobs in the states the test sets, creates that
 /// finish only when the test releases them.
 #[derive(Debug, Clone)]
-struct Fake {
+pub(super) struct Fake {
     state: Arc<Mutex<FakeState>>,
     /// One permit per create allowed to finish.
     release: Arc<Semaphore>,
@@ -52,17 +54,18 @@ impl Fake {
         Self {
             state: Arc::new(Mutex::new(FakeState {
                 jobs: HashMap::new(),
+                status_calls: 0,
                 started: watch::channel(0).0,
             })),
             release: Arc::new(Semaphore::new(0)),
         }
     }
 
-    fn set(&self, mark_id: &str, state: JobState) {
+    pub(super) fn set(&self, mark_id: &str, state: JobState) {
         self.lock().jobs.insert(mark_id.into(), state);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, FakeState> {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, FakeState> {
         self.state.lock().expect("fake state")
     }
 
@@ -76,7 +79,7 @@ impl Fake {
     }
 }
 
-fn status(mark_id: &str, state: JobState) -> JobStatus {
+pub(super) fn status(mark_id: &str, state: JobState) -> JobStatus {
     let succeeded = state == JobState::Succeeded;
     JobStatus {
         mark_id: mark_id.into(),
@@ -122,7 +125,8 @@ impl Upstream for Fake {
         _token: &Token,
         mark_ids: &[Arc<str>],
     ) -> BoxFuture<Result<Vec<StatusEntry>, UpstreamError>> {
-        let state = self.lock();
+        let mut state = self.lock();
+        state.status_calls += 1;
         let entries: Vec<StatusEntry> = mark_ids
             .iter()
             .filter_map(|id| state.jobs.get(&**id).map(|s| Ok(status(id, *s))))
@@ -137,13 +141,13 @@ impl Upstream for Fake {
 
 // === harness ===
 
-struct Harness {
-    fake: Fake,
-    core: Arc<Core>,
-    draining: CancellationToken,
+pub(super) struct Harness {
+    pub(super) fake: Fake,
+    pub(super) core: Arc<Core>,
+    pub(super) draining: CancellationToken,
 }
 
-fn harness(config: ServiceConfig) -> Harness {
+pub(super) fn harness(config: ServiceConfig) -> Harness {
     let fake = Fake::new();
     let upstream: Arc<dyn Upstream> = Arc::new(fake.clone());
     let hub = Hub::new(
@@ -168,7 +172,7 @@ fn harness(config: ServiceConfig) -> Harness {
     }
 }
 
-fn bare(token: &str) -> Credentials<'_> {
+pub(super) fn bare(token: &str) -> Credentials<'_> {
     Credentials {
         token: TokenInput::Bare(token),
         ..Credentials::default()
@@ -176,7 +180,7 @@ fn bare(token: &str) -> Credentials<'_> {
 }
 
 impl Harness {
-    fn watch(
+    pub(super) fn watch(
         &self,
         mark_id: &str,
     ) -> Result<impl Stream<Item = Result<WatchEvent, Error>> + use<>, Error> {
@@ -206,11 +210,11 @@ fn create_limit(max_generates_per_token: usize) -> Harness {
     })
 }
 
-async fn next<S: Stream + Unpin>(stream: &mut S) -> Option<S::Item> {
+pub(super) async fn next<S: Stream + Unpin>(stream: &mut S) -> Option<S::Item> {
     timeout(WAIT, stream.next()).await.expect("stream answered")
 }
 
-fn watch_config() -> ServiceConfig {
+pub(super) fn watch_config() -> ServiceConfig {
     ServiceConfig {
         heartbeat: Duration::from_secs(5),
         max_watch: Duration::from_secs(600),

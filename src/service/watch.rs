@@ -44,16 +44,20 @@ pub(super) struct Watch {
 }
 
 impl Watch {
-    /// The end of a watch started now: the caller's deadline or the maximum
-    /// watch time, whichever comes first.
-    pub(super) fn end(caller_deadline: Option<Instant>, max_watch: Duration) -> (Instant, String) {
+    /// The end of a watch (by `rpc`) started now: the caller's deadline or
+    /// the maximum watch time, whichever comes first.
+    pub(super) fn end(
+        caller_deadline: Option<Instant>,
+        max_watch: Duration,
+        rpc: &str,
+    ) -> (Instant, String) {
         let max_watch_end = Instant::now() + max_watch;
         match caller_deadline {
             Some(d) if d < max_watch_end => (d, "the caller's deadline was reached".to_owned()),
             _ => (
                 max_watch_end,
                 format!(
-                    "the server's maximum watch time of {} was reached; call WatchImage again",
+                    "the server's maximum watch time of {} was reached; call {rpc} again",
                     humantime::format_duration(max_watch)
                 ),
             ),

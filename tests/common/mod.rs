@@ -425,6 +425,7 @@ pub async fn assert_unary_calls_fail(
     assert_status(&status, code, reason);
     let check = pb::CheckImageRequest {
         mark_id: "m".into(),
+        ..Default::default()
     };
     let status = bounded("CheckImage", client.check_image(authed(TOKEN, check)))
         .await

@@ -19,18 +19,24 @@ import com.piclumen.v1.ImageServiceGrpc;
 import com.piclumen.v1.JobState;
 import com.piclumen.v1.Resolution;
 import com.piclumen.v1.WatchImageRequest;
+import com.piclumen.v1.WatchImagesRequest;
+import com.piclumen.v1.WatchImagesResponse;
 import java.io.IOException;
 import java.io.InputStream;
 import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.Path;
+import java.util.ArrayList;
+import java.util.HashMap;
 import java.util.Iterator;
+import java.util.List;
 import java.util.Map;
 import java.util.concurrent.TimeUnit;
 
 /**
  * The piclumen.v1 scenario from Java: GenerateImage, WatchImage (printing each
- * state), CheckImage, and a rejected token with its ErrorInfo reason.
+ * state), CheckImage, WatchImages (three new jobs and an unknown id on one
+ * stream), and a rejected token with its ErrorInfo reason.
  *
  * <p>The channel carries the published retry policy: ../service_config.json,
  * embedded in the build as a resource (or the file named by
@@ -126,6 +132,50 @@ public final class Client {
     }
   }
 
+  /**
+   * Starts three jobs and watches them on one WatchImages stream, together
+   * with an id this token does not own: every job must end SUCCEEDED with
+   * exactly one terminal message, the unknown id must get one message with a
+   * NOT_FOUND error, and the stream must end OK after the last.
+   */
+  private static void watchMany(ImageServiceGrpc.ImageServiceBlockingStub client) {
+    String unknown = "no-such-job-of-this-token";
+    List<String> ids = new ArrayList<>();
+    for (int i = 1; i <= 3; i++) {
+      ids.add(client.withDeadlineAfter(30, TimeUnit.SECONDS)
+          .generateImage(GenerateImageRequest.newBuilder().setPrompt("a lighthouse at dawn, take " + i).build())
+          .getMarkId());
+    }
+    // Each id's last word: its terminal state or its error's code.
+    Map<String, String> last = new HashMap<>();
+    Iterator<WatchImagesResponse> updates = client.withDeadlineAfter(60, TimeUnit.SECONDS)
+        .watchImages(WatchImagesRequest.newBuilder().addAllMarkIds(ids).addMarkIds(unknown).build());
+    while (updates.hasNext()) {
+      WatchImagesResponse update = updates.next();
+      if (update.getHeartbeat()) {
+        continue;
+      }
+      String id = update.getJob().getMarkId();
+      check(!last.containsKey(id), "a message for " + id + " after its last (" + last.get(id) + ")");
+      if (update.hasError()) {
+        Status.Code code = Status.fromCodeValue(update.getError().getCode()).getCode();
+        last.put(id, code.name());
+        System.out.printf("watch_images: %s error=%s %s%n", id, code, update.getError().getMessage());
+        continue;
+      }
+      JobState state = update.getJob().getState();
+      System.out.printf("watch_images: %s state=%s queue=%d%n", id, state, update.getJob().getQueuePosition());
+      if (state == JobState.JOB_STATE_SUCCEEDED || state == JobState.JOB_STATE_FAILED) {
+        last.put(id, state.name());
+      }
+    }
+    for (String id : ids) {
+      check("JOB_STATE_SUCCEEDED".equals(last.get(id)), id + " ended " + last.get(id) + ", want SUCCEEDED");
+    }
+    check("NOT_FOUND".equals(last.get(unknown)), "the unknown id got " + last.get(unknown) + ", want NOT_FOUND");
+    System.out.printf("watch_images: %d SUCCEEDED, 1 NOT_FOUND, stream ended OK%n", ids.size());
+  }
+
   private static void run(ManagedChannel channel, String token) {
     ImageServiceGrpc.ImageServiceBlockingStub client = stub(channel, token);
     GenerateImageResponse created = client.withDeadlineAfter(30, TimeUnit.SECONDS).generateImage(
@@ -152,6 +202,8 @@ public final class Client {
       check(!image.getUrl().isEmpty(), "image without URL");
       System.out.println("image: " + image.getUrl());
     }
+
+    watchMany(client);
 
     try {
       stub(channel, "not-a-valid-token").withDeadlineAfter(30, TimeUnit.SECONDS)
