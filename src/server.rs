@@ -85,10 +85,11 @@ pub struct ServerConfig {
     #[arg(long, env = "PICLUMEN_MAX_CONNECTION_AGE", default_value = "5m", value_parser = duration_at_least(defaults::MIN_CONNECTION_AGE))]
     pub max_connection_age: Duration,
     /// After --max-connection-age, how long calls still open on the
-    /// connection may go on before it is closed.
-    // 30s: unary calls end well within it; a watch still open is cut and
-    // re-issued by its caller.
-    #[arg(long, env = "PICLUMEN_MAX_CONNECTION_AGE_GRACE", default_value = "30s", value_parser = duration_or_zero)]
+    /// connection may go on before it is closed; gRPC CheckImage waits end
+    /// a second before it.
+    // 70s: a CheckImage waiting the longest default --max-check-wait (60s)
+    // still answers; a watch still open is cut and re-issued by its caller.
+    #[arg(long, env = "PICLUMEN_MAX_CONNECTION_AGE_GRACE", default_value = "70s", value_parser = duration_or_zero)]
     pub max_connection_age_grace: Duration,
 }
 
@@ -210,7 +211,7 @@ fn service(config: &ServerConfig, client: Client, draining: CancellationToken) -
     if let StoreLocation::Redis(url) = &config.idempotency.store {
         core = core.with_callers(config.service.callers.open(Some((url, &namespace))));
     }
-    ImageServiceImpl::new(core)
+    ImageServiceImpl::new(core).with_connection_grace(config.max_connection_age_grace)
 }
 
 /// What runs until shutdown: the gRPC server, the HTTP API when on, and the

@@ -223,3 +223,23 @@ async fn http_prefer_wait_with_if_none_match_answers_on_a_change() {
     assert_eq!(again.status(), 200);
     assert_eq!(header(&again, "etag"), Some(etag));
 }
+
+#[tokio::test]
+async fn a_wait_ends_with_an_answer_before_its_connection_ages_out() {
+    let mut config = server_config();
+    config.max_connection_age = Duration::from_secs(1);
+    config.max_connection_age_grace = Duration::from_secs(3);
+    let h = Harness::with(long_jobs(), config).await;
+    let mut client = h.client().await;
+    let mark_id = start_job(&mut client, TOKEN, "a slow tide").await;
+    let last = now(&mut client, &mark_id).await;
+    // Asked for 30 s on a connection cut 3 s after its GOAWAY (about 1 s
+    // from now): the wait ends a second before the cut, with the same
+    // state, OK, rather than being cut (UNAVAILABLE).
+    let request = waiting(&mark_id, Duration::from_secs(30), &last.etag);
+    let job = check(&mut client, authed(TOKEN, request))
+        .await
+        .expect("OK at the end of the shortened wait");
+    assert_eq!(job.etag, last.etag, "{job:?}");
+    assert_eq!(job.state(), pb::JobState::Pending);
+}

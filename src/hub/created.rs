@@ -166,7 +166,10 @@ mod tests {
         created.record(&token("t"), "a", now);
         let answer = created.stale_answer(&rules(), None, &token("t"), "a", now + 30 * S);
         let answer = answer.expect("within the window");
-        assert_eq!((answer.mark_id.as_str(), answer.state), ("a", JobState::Pending));
+        assert_eq!(
+            (answer.mark_id.as_str(), answer.state),
+            ("a", JobState::Pending)
+        );
         assert!(answer.observed_at.is_some());
         let late = created.stale_answer(&rules(), None, &token("t"), "a", now + 31 * S);
         assert_eq!(late, None);
@@ -177,8 +180,14 @@ mod tests {
         let now = Instant::now();
         let created = Created::new(30 * S);
         created.record(&token("t"), "a", now);
-        assert_eq!(created.stale_answer(&rules(), None, &token("u"), "a", now), None);
-        assert_eq!(created.stale_answer(&rules(), None, &token("t"), "b", now), None);
+        assert_eq!(
+            created.stale_answer(&rules(), None, &token("u"), "a", now),
+            None
+        );
+        assert_eq!(
+            created.stale_answer(&rules(), None, &token("t"), "b", now),
+            None
+        );
     }
 
     #[test]
@@ -220,6 +229,9 @@ mod tests {
         }
         let jobs = lock(&created.jobs);
         assert_eq!(jobs.order.len(), MAX_CREATED);
-        assert!(!jobs.by_token[&token("t")].contains_key("b"), "the oldest went");
+        assert!(
+            !jobs.by_token[&token("t")].contains_key("b"),
+            "the oldest went"
+        );
     }
 }

@@ -22,6 +22,10 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct ImageServiceImpl {
     core: Arc<Core>,
+    /// Longest a CheckImage waits here: a call still open when its
+    /// connection is cut (`--max-connection-age-grace` after the GOAWAY)
+    /// would get UNAVAILABLE instead of its answer.
+    longest_wait: Duration,
 }
 
 impl ImageServiceImpl {
@@ -29,7 +33,16 @@ impl ImageServiceImpl {
     pub fn new(core: Core) -> Self {
         Self {
             core: Arc::new(core),
+            longest_wait: Duration::MAX,
         }
+    }
+
+    /// Waits end a second before a connection's calls are cut, `grace`
+    /// after it ages out: a wait that starts before the GOAWAY (none
+    /// starts after) then answers in time.
+    pub fn with_connection_grace(mut self, grace: Duration) -> Self {
+        self.longest_wait = grace.saturating_sub(Duration::from_secs(1));
+        self
     }
 
     /// The core the RPCs call, shared with other front ends.
@@ -116,7 +129,7 @@ impl ImageService for ImageServiceImpl {
         let credentials = credentials(&metadata, peer_certs.as_deref().map(Vec::as_slice));
         let deadline = call_deadline(&metadata);
         let wait = convert::check_wait(message.wait)?.map(|wait| WaitFor {
-            wait,
+            wait: wait.min(self.longest_wait),
             etag: message.etag,
         });
         let status = match wait {
