@@ -135,9 +135,7 @@ impl Error {
     /// nonetheless: it may have reached Piclumen and no definite answer came.
     pub fn create_outcome_unknown(&self) -> bool {
         match self {
-            Self::Upstream { source, .. } => {
-                source.may_have_reached_upstream() && !source.is_definite_answer()
-            }
+            Self::Upstream { source, .. } => source.create_outcome_unknown(),
             _ => false,
         }
     }

@@ -243,3 +243,29 @@ async fn a_wait_ends_with_an_answer_before_its_connection_ages_out() {
     assert_eq!(job.etag, last.etag, "{job:?}");
     assert_eq!(job.state(), pb::JobState::Pending);
 }
+
+#[tokio::test]
+async fn a_wait_whose_state_grew_old_answers_it_when_piclumen_stops_replying() {
+    let mut config = server_config();
+    config.hub.poll_interval = Duration::from_millis(250);
+    config.hub.stale_if_error = Duration::from_secs(1);
+    let h = Harness::with(long_jobs(), config).await;
+    let mut client = h.client().await;
+    let mark_id = start_job(&mut client, TOKEN, "a still pond").await;
+    let last = now(&mut client, &mark_id).await;
+    // From now on status calls get no reply for 30 s: the channel's state
+    // ages past the 1 s window during a 2 s wait, and asking again at its
+    // end gets no reply before the caller's deadline.
+    h.sim
+        .script(
+            serde_json::json!([{"endpoint": "status", "duration_ms": 30000, "delay_ms": 30000}]),
+        )
+        .await;
+    let mut request = authed(TOKEN, waiting(&mark_id, Duration::from_secs(2), &last.etag));
+    request.set_timeout(Duration::from_secs(5));
+    let job = check(&mut client, request)
+        .await
+        .expect("the end of a wait is an answer, never DEADLINE_EXCEEDED");
+    assert_eq!(job.etag, last.etag, "the state the channel had: {job:?}");
+    assert!(job.observed_at.is_some(), "with its age");
+}

@@ -24,7 +24,10 @@ use super::{
     normalize_subject,
     redis::RedisCounters,
 };
-use crate::{auth::ApiKeys, error::Error, idempotency::StoreNamespace, support::lock};
+use crate::{
+    auth::ApiKeys, error::Error, idempotency::StoreNamespace, support::lock,
+    upstream::UpstreamError,
+};
 
 /// Where the counters live.
 #[derive(Debug)]
@@ -297,10 +300,12 @@ pub struct Taken {
 }
 
 impl Taken {
-    /// The create ended: accepted images go on the bill; a create that
-    /// created nothing is given back; one whose outcome is unknown keeps
-    /// its place (the job may exist).
-    pub fn settle<T>(self, outcome: &Result<T, Error>) {
+    /// The create ended (`outcome`: Piclumen's, before it becomes the
+    /// caller's error, so a caller's deadline cutting a create already
+    /// sent still counts as unknown): accepted images go on the bill; a
+    /// create that created nothing is given back; one whose outcome is
+    /// unknown keeps its place (the job may exist).
+    pub fn settle<T>(self, outcome: &Result<T, UpstreamError>) {
         let error = match outcome {
             Ok(_) => {
                 self.caller.bill.images(self.images);

@@ -120,13 +120,6 @@ fn gate_with(limits: Limits, clock: Clock) -> (CallerGate, Arc<Caller>) {
     (CallerGate::new(directory, None, false, clock), caller)
 }
 
-fn upstream(source: UpstreamError) -> Error {
-    Error::Upstream {
-        source,
-        default_token: true,
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_create_that_created_nothing_is_given_back_an_unknown_one_is_kept() {
     let (gate, caller) = gate_with(limits(Some(2), None), Clock::anchored(LAST_MINUTE_OF_MARCH));
@@ -138,9 +131,9 @@ async fn a_create_that_created_nothing_is_given_back_an_unknown_one_is_kept() {
         .take()
         .await
         .expect("1");
-    taken.settle::<()>(&Err(upstream(UpstreamError::Connect {
+    taken.settle::<()>(&Err(UpstreamError::Connect {
         detail: "refused".into(),
-    })));
+    }));
     assert_eq!(used().await, 0);
     // A definite refusal: nothing was created either.
     let taken = gate
@@ -149,7 +142,7 @@ async fn a_create_that_created_nothing_is_given_back_an_unknown_one_is_kept() {
         .take()
         .await
         .expect("1");
-    taken.settle::<()>(&Err(upstream(UpstreamError::Unauthorized)));
+    taken.settle::<()>(&Err(UpstreamError::Unauthorized));
     assert_eq!(used().await, 0);
     // Timed out after sending: the job may exist, the image stays counted.
     let taken = gate
@@ -158,9 +151,16 @@ async fn a_create_that_created_nothing_is_given_back_an_unknown_one_is_kept() {
         .take()
         .await
         .expect("1");
-    taken.settle::<()>(&Err(upstream(UpstreamError::Timeout(Duration::from_secs(
-        30,
-    )))));
+    taken.settle::<()>(&Err(UpstreamError::Timeout(Duration::from_secs(30))));
+    assert_eq!(used().await, 1);
+    // A deadline that passed before sending: nothing was created.
+    let taken = gate
+        .charge(&caller, 1)
+        .expect("on")
+        .take()
+        .await
+        .expect("2");
+    taken.settle::<()>(&Err(UpstreamError::Timeout(Duration::ZERO)));
     assert_eq!(used().await, 1);
     let taken = gate
         .charge(&caller, 1)

@@ -24,7 +24,7 @@ use super::{
 use crate::{
     callers::{CallerGate, Rpc, WatchPlace},
     error::Error,
-    hub::Hub,
+    hub::{Hub, HubError},
     idempotency::{Created, CreatesInFlight, Fingerprint, IdempotencyStore},
     job::JobStatus,
     upstream::{CreatePayload, CreateRequest, MAX_NAME_CHARS, Upstream},
@@ -190,13 +190,13 @@ impl Core {
                 Some(charge) => Some(charge.take().await?),
                 None => None,
             };
+            let sent = sent.await;
+            if let Some(taken) = taken {
+                taken.settle(&sent);
+            }
             let created = sent
-                .await
                 .map(|mark_id| Created { mark_id, seed })
                 .map_err(|e| admission::create_error(e, default_token, deadline));
-            if let Some(taken) = taken {
-                taken.settle(&created);
-            }
             // The reply is Piclumen's first word on the job: it stands for
             // the job's state if status calls fail before one sees it.
             if let Ok(created) = &created {
@@ -268,14 +268,20 @@ impl Core {
         let subscription = self.hub.subscribe(&call.token, &mark_id);
         let waited = wait::wait_on(&wait, subscription, &self.draining).await;
         drop((slot, places));
+        let ask_until = Some(wait.ask_until(deadline));
         let answer = match waited {
-            Waited::Status(status) => {
-                self.hub
-                    .settle(&call.token, &mark_id, status, deadline)
-                    .await
-            }
+            // Asking ran out of time: the end of a wait is an answer, with
+            // the state the channel had and its own `observed_at`.
+            Waited::Status(status) => match self
+                .hub
+                .settle(&call.token, &mark_id, status.clone(), ask_until)
+                .await
+            {
+                Err(HubError::DeadlineExceeded) => Ok(status),
+                answer => answer,
+            },
             Waited::Failed(error) => Err(error),
-            Waited::Unknown => self.hub.check(&call.token, &mark_id, deadline).await,
+            Waited::Unknown => self.hub.check(&call.token, &mark_id, ask_until).await,
         };
         answer.map_err(|e| call.hub_error(e))
     }

@@ -36,6 +36,7 @@ pub(super) struct FakeState {
     jobs: HashMap<String, JobState>,
     /// Status calls answered so far.
     pub(super) status_calls: usize,
+
     /// Creates started so far.
     started: watch::Sender<usize>,
 }
@@ -127,6 +128,7 @@ impl Upstream for Fake {
     ) -> BoxFuture<Result<Vec<StatusEntry>, UpstreamError>> {
         let mut state = self.lock();
         state.status_calls += 1;
+
         let entries: Vec<StatusEntry> = mark_ids
             .iter()
             .filter_map(|id| state.jobs.get(&**id).map(|s| Ok(status(id, *s))))

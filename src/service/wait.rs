@@ -90,6 +90,13 @@ impl Wait {
         })
     }
 
+    /// Until when the check may still ask Piclumen once the wait is over
+    /// (its channel's state too old to answer): the caller's deadline, or
+    /// without one the time a caller's margin would have kept.
+    pub(super) fn ask_until(&self, deadline: Option<Instant>) -> Instant {
+        deadline.unwrap_or(self.until + MAX_MARGIN)
+    }
+
     /// What `snapshot`, the job's channel now, means.
     pub(super) fn step(&self, snapshot: &Snapshot) -> Step {
         match snapshot {

@@ -103,6 +103,14 @@ impl UpstreamError {
         !matches!(self, Self::Build { .. } | Self::Connect { .. })
     }
 
+    /// True when a create that failed this way may have started a job
+    /// nonetheless: it may have reached Piclumen and no definite answer
+    /// came. A zero timeout is a deadline that passed before sending.
+    pub fn create_outcome_unknown(&self) -> bool {
+        let unsent = matches!(self, Self::Timeout(t) if t.is_zero());
+        self.may_have_reached_upstream() && !self.is_definite_answer() && !unsent
+    }
+
     /// True when Piclumen's own server gave a definite answer: a refusal
     /// (401, 403, 429, other 4xx, a rejected envelope) or a failure it
     /// reports itself (500, 503, ...). False when the request may have been
