@@ -15,7 +15,10 @@ use common::{
     process::command,
     *,
 };
-use piclumen_grpc::{pb::image_service_client::ImageServiceClient, support::hex};
+use piclumen_grpc::{
+    pb::{self, image_service_client::ImageServiceClient},
+    support::hex,
+};
 use redis_server::Redis;
 use tonic::{Code, Request, Status, transport::Channel};
 use tonic_types::StatusExt;
@@ -399,4 +402,58 @@ async fn hash_key_reads_the_key_from_stdin() {
         String::from_utf8_lossy(&output.stdout).trim(),
         sha256(BATCH_KEY)
     );
+}
+
+#[tokio::test]
+async fn a_watch_of_many_jobs_frees_the_callers_place_of_each_job_that_ends() {
+    let sim = Sim::start(long_jobs()).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("callers.toml");
+    let text = format!(
+        "[[caller]]\nname = \"w\"\nkey_sha256 = \"{}\"\nmax_watches = 2\ntoken = \"{WEB_TOKEN}\"\n",
+        sha256(WEB_KEY)
+    );
+    std::fs::write(&file, text).expect("write");
+    let server = Process::serve_against(&sim.url(), &["--callers-file", path_str(&file)], &[]);
+    let mut client = server.client().await;
+    let mark_id = client
+        .generate_image(as_caller(WEB_KEY, generate("a long night")))
+        .await
+        .expect("created")
+        .into_inner()
+        .mark_id;
+    let watch_one = || pb::WatchImageRequest {
+        mark_id: mark_id.clone(),
+    };
+    // Two jobs on one stream take both places; the unknown one ends at once.
+    let ids = vec![mark_id.clone(), "no-such-job".to_owned()];
+    let mut many = client
+        .watch_images(as_caller(WEB_KEY, pb::WatchImagesRequest { mark_ids: ids }))
+        .await
+        .expect("both places")
+        .into_inner();
+    loop {
+        let message = bounded("WatchImages", many.message())
+            .await
+            .expect("stream")
+            .expect("open");
+        if message.error.is_some() {
+            break;
+        }
+    }
+    // Its place is free again: one more watch fits, a second does not.
+    let mut one = client
+        .watch_image(as_caller(WEB_KEY, watch_one()))
+        .await
+        .expect("the ended job's place")
+        .into_inner();
+    bounded("WatchImage", one.message())
+        .await
+        .expect("first state")
+        .expect("open");
+    let refused = client
+        .watch_image(as_caller(WEB_KEY, watch_one()))
+        .await
+        .expect_err("two places taken");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
 }

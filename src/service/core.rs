@@ -319,16 +319,13 @@ impl Core {
             ids,
             subscriptions,
             slots,
+            places,
             end_at,
             end_message,
             heartbeat: self.config.heartbeat,
             draining: self.draining.clone(),
         };
-        // The caller's watch places are held as long as the stream.
-        Ok(many.stream().map(move |event| {
-            let _ = &places;
-            event
-        }))
+        Ok(many.stream())
     }
 
     /// `n` places among the named caller's watches (none for an unnamed

@@ -26,6 +26,7 @@ use tracing::{info, warn};
 
 use super::admission::CallToken;
 use crate::{
+    callers::WatchPlace,
     error::Error,
     hub::{HubError, Snapshot, Subscription},
     job::{Etag, JobStatus},
@@ -171,6 +172,9 @@ pub(super) struct Many {
     pub(super) subscriptions: Vec<Subscription>,
     /// One of `--max-watches` per job not ended yet.
     pub(super) slots: OwnedSemaphorePermit,
+    /// One of the named caller's watches per job not ended yet (none for
+    /// an unnamed caller).
+    pub(super) places: Vec<WatchPlace>,
     pub(super) end_at: Instant,
     pub(super) end_message: String,
     pub(super) heartbeat: Duration,
@@ -201,6 +205,7 @@ impl Many {
             ids,
             subscriptions,
             mut slots,
+            mut places,
             end_at,
             end_message,
             heartbeat,
@@ -235,13 +240,14 @@ impl Many {
                             Step::Nothing => continue,
                             Step::Job { status, ended } => {
                                 if ended {
-                                    // The job's slot is free for others.
-                                    drop(slots.split(1));
+                                    // The job's slot and place are free
+                                    // for others.
+                                    drop((slots.split(1), places.pop()));
                                 }
                                 yield Ok(ManyEvent::Job(status));
                             }
                             Step::JobFailed { mark_id, error } => {
-                                drop(slots.split(1));
+                                drop((slots.split(1), places.pop()));
                                 let error = call.hub_error(error);
                                 yield Ok(ManyEvent::JobFailed { mark_id, error });
                             }
