@@ -18,6 +18,9 @@ use crate::{
     pb::{self, JobState},
 };
 
+/// Shortest wait worth asking again for.
+const MIN_ASK: Duration = Duration::from_secs(1);
+
 /// When `check --wait` asks again, and with what wait.
 #[derive(Debug)]
 pub(super) struct WaitPlan {
@@ -49,7 +52,10 @@ impl WaitPlan {
         let settled = job.etag != self.etag
             || job.etag.is_empty()
             || matches!(job.state(), JobState::Succeeded | JobState::Failed);
-        (!settled && !left.is_zero()).then_some(left)
+        // The server answers a little before the deadline it is given (to
+        // answer within it): less than this left, asking again would only
+        // meet the deadline.
+        (!settled && left >= MIN_ASK).then_some(left)
     }
 
     /// Whether `job` is still what the caller had.
@@ -93,7 +99,8 @@ async fn next_change(
             etag
         }
     };
-    let plan = WaitPlan::new(etag, Instant::now(), wait, deadline);
+    let started = Instant::now();
+    let plan = WaitPlan::new(etag, started, wait, deadline);
     while let Some(left) = plan.next(answer.as_ref(), Instant::now()) {
         let job = call(conn, &args.mark_id, Some((left, &plan.etag)), deadline).await?;
         answer = Some(job);
@@ -103,7 +110,10 @@ async fn next_change(
         eprintln!(
             "{}: no change within {}",
             describe(&job),
-            humantime::format_duration(wait)
+            // Whole seconds: the time waited, which --timeout may cut short.
+            humantime::format_duration(Duration::from_secs(
+                started.elapsed().as_secs_f64().round() as u64
+            ))
         );
     }
     Ok(job)
@@ -185,5 +195,9 @@ mod tests {
         assert_eq!(plan.next(None, start), Some(Duration::from_secs(10)));
         let same = job("e", JobState::Pending);
         assert_eq!(plan.next(Some(&same), deadline), None);
+        // The server kept back a margin before the deadline: not asked
+        // again for what is left of it.
+        let margin = deadline - Duration::from_millis(900);
+        assert_eq!(plan.next(Some(&same), margin), None);
     }
 }
