@@ -73,6 +73,9 @@ pub struct Directory {
     by_key: HashMap<[u8; 32], Arc<Caller>>,
     by_subject: HashMap<String, Arc<Caller>>,
     callers: Vec<Arc<Caller>>,
+    /// SHA-256 of the text this version was read from, so the reloader
+    /// knows which content is in force.
+    source: [u8; 32],
 }
 
 impl fmt::Debug for Directory {
@@ -99,7 +102,10 @@ impl Directory {
             // may hold a token.
             reason: e.message().trim().to_owned(),
         })?;
-        let mut directory = Self::default();
+        let mut directory = Self {
+            source: super::key_hash(text.as_bytes()),
+            ..Self::default()
+        };
         for spanned in model.caller {
             let line = line_of(text, spanned.span().start);
             let invalid = |reason: String| FileError::Invalid { line, reason };
@@ -163,6 +169,11 @@ impl Directory {
         }
         self.callers.push(caller);
         Ok(())
+    }
+
+    /// SHA-256 of the text this version was read from.
+    pub fn source(&self) -> [u8; 32] {
+        self.source
     }
 
     /// The caller whose key hashes to `key_hash`.

@@ -91,6 +91,11 @@ impl CallerGate {
         self.inner.as_ref().map(|i| i.directory.load_full())
     }
 
+    /// SHA-256 of the text of the version in force (none when off).
+    pub(super) fn source(&self) -> Option<[u8; 32]> {
+        Some(self.inner.as_ref()?.directory.load().source())
+    }
+
     /// Puts a new version of the file in force; calls under way keep the
     /// caller they were admitted as.
     pub fn replace(&self, directory: Directory) {

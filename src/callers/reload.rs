@@ -27,7 +27,9 @@ pub(super) fn spawn(gate: &CallerGate, path: PathBuf) {
     let mut hangup = signal(SignalKind::hangup())
         .inspect_err(|e| warn!(error = %e, "cannot listen for SIGHUP: the callers file is re-read on change only"))
         .ok();
-    let mut last = std::fs::read(&path).ok();
+    // The content in force, not the file now: a change landing between
+    // the start's read and this one is applied at the first tick.
+    let mut last = gate.source();
     runtime.spawn(async move {
         let mut tick = tokio::time::interval(POLL_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -47,10 +49,11 @@ pub(super) fn spawn(gate: &CallerGate, path: PathBuf) {
                     continue;
                 }
             };
-            if !forced && last.as_ref() == Some(&content) {
+            let digest = super::key_hash(&content);
+            if !forced && last == Some(digest) {
                 continue;
             }
-            last = Some(content.clone());
+            last = Some(digest);
             let parsed = std::str::from_utf8(&content)
                 .map_err(|_| "the file is not UTF-8 text".to_owned())
                 .and_then(|text| Directory::parse(text).map_err(|e| e.to_string()));
@@ -73,5 +76,47 @@ async fn recv(hangup: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
     match hangup {
         Some(signal) => signal.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::callers::Clock;
+
+    fn file(name: &str) -> String {
+        format!(
+            "[[caller]]\nname = \"{name}\"\nkey_sha256 = \"{}\"\n",
+            "ab".repeat(32)
+        )
+    }
+
+    #[tokio::test]
+    async fn a_change_made_before_the_reloader_started_is_applied() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("callers.toml");
+        // In force: the file as read at start; on disk: a newer version
+        // written before the reloader's first look.
+        let started = Directory::parse(&file("old")).expect("parse");
+        std::fs::write(&path, file("new")).expect("write");
+        let gate = CallerGate::new(Arc::new(started), None, false, Clock::System);
+        spawn(&gate, path);
+        let names = || {
+            let directory = gate.directory().expect("on");
+            directory
+                .callers()
+                .iter()
+                .map(|c| c.name.to_string())
+                .collect::<Vec<_>>()
+        };
+        for _ in 0..50 {
+            if names() == ["new"] {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("still {:?}", names());
     }
 }
