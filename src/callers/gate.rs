@@ -267,9 +267,12 @@ impl Charge {
                     .await
                 {
                     Ok(taken) => taken,
-                    Err(_) if inner.fail_open => {
+                    // No budget to hold for a caller without create
+                    // limits: only `usage` misses the create.
+                    Err(_) if inner.fail_open || !caller.limits.limits_creates() => {
                         warn!(
-                            "callers' counters unreachable: create let through uncounted (--callers-fail-open)"
+                            caller = %caller.name,
+                            "callers' counters unreachable: create let through uncounted (--callers-fail-open, or no create limit)"
                         );
                         return Ok(Taken {
                             inner,

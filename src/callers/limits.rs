@@ -35,6 +35,13 @@ pub struct Limits {
     pub max_watches: Option<u64>,
 }
 
+impl Limits {
+    /// Whether any limit counts creates (the budget Redis holds).
+    pub fn limits_creates(&self) -> bool {
+        self.images_per_day.is_some() || self.creates_per_minute.is_some()
+    }
+}
+
 /// Which limit refused a call, by its name in the callers file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LimitKind {

@@ -253,3 +253,26 @@ fn a_client_certificate_finds_its_caller_by_subject() {
         Ok(None)
     ));
 }
+
+#[tokio::test]
+async fn with_redis_unreachable_only_callers_with_a_create_limit_are_refused() {
+    let text = format!(
+        "[[caller]]\nname = \"budgeted\"\nkey_sha256 = \"{}\"\nimages_per_day = 5\n\n\
+         [[caller]]\nname = \"free\"\nkey_sha256 = \"{}\"\nmax_watches = 3\n",
+        crate::support::hex(&crate::callers::key_hash(b"a")),
+        crate::support::hex(&crate::callers::key_hash(b"b")),
+    );
+    let directory = Arc::new(Directory::parse(&text).expect("file"));
+    let [budgeted, free] = [0, 1].map(|i| Arc::clone(&directory.callers()[i]));
+    let namespace = "test".parse().expect("namespace");
+    // Nothing listens on port 1: every command fails at once.
+    let redis = Some(("redis://127.0.0.1:1", &namespace));
+    let gate = CallerGate::new(directory, redis, false, Clock::System);
+    let refused = gate.charge(&budgeted, 1).expect("on").take().await;
+    assert!(
+        matches!(refused, Err(Error::CallerQuotaUnavailable)),
+        "fail closed: {refused:?}"
+    );
+    let free = gate.charge(&free, 1).expect("on").take().await;
+    assert!(free.is_ok(), "no budget to hold: {free:?}");
+}
