@@ -363,6 +363,25 @@ async fn a_file_that_does_not_parse_is_refused_at_start_and_on_reload() {
             .expect("body")
             .contains("CALLER_QUOTA_EXCEEDED")
     );
+    // A named caller need not hold a Piclumen token over HTTP either: its
+    // own pays. Without a key the token stays required, as it was.
+    let http_generate = |key: Option<&str>| {
+        let request = reqwest::Client::new()
+            .post(format!("http://{http}/generate-image"))
+            .header("content-type", "application/json")
+            .body(r#"{"prompt": "no token"}"#);
+        match key {
+            Some(key) => request.header("x-api-key", key),
+            None => request,
+        }
+        .send()
+    };
+    let reply = http_generate(Some(WEB_KEY)).await.expect("http");
+    assert_eq!(reply.status().as_u16(), 200, "{:?}", reply.text().await);
+    let creates = creates_per_token(&sim).await;
+    assert_eq!(creates.get(&sha256(WEB_TOKEN)), Some(&1), "{creates:?}");
+    let reply = http_generate(None).await.expect("http");
+    assert_eq!(reply.status().as_u16(), 422);
     // Unknown keys: UNAUTHENTICATED, as before callers.
     let status = client
         .generate_image(as_caller("nobody", generate("three")))

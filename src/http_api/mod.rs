@@ -118,7 +118,7 @@ pub async fn serve(
     path = "/generate-image",
     tag = "images",
     params(
-        ("authorization_token" = String, Query, description = "The Piclumen account token."),
+        ("authorization_token" = Option<String>, Query, description = "The Piclumen account token. Required unless the call sends an `x-api-key`: a named caller's own token, or the server's default, then stands in."),
         ("x-api-key" = Option<String>, Header, description = "Caller API key, when the server requires one (`--api-keys-file`)."),
         ("Idempotency-Key" = Option<String>, Header, description = "Optional idempotency key (at most 128 characters): a retry with the same token and key returns the first call's mark id without starting a second generation. GenerateImage's `request_id`."),
     ),
@@ -152,7 +152,7 @@ async fn generate_image(
         Err(rejection) => return error_response(rejection.status(), rejection.body_text(), None),
     };
     let mut details = Vec::new();
-    let token = required(&params, "authorization_token", &mut details);
+    let token = token_param(&params, &headers, &mut details);
     let body = match GenerateImageBody::parse(&body) {
         Ok(body) => Some(body),
         Err(mut errors) => {
@@ -196,7 +196,7 @@ async fn generate_image(
     path = "/check-image",
     tag = "images",
     params(
-        ("authorization_token" = String, Query, description = "The Piclumen account token that started the job."),
+        ("authorization_token" = Option<String>, Query, description = "The Piclumen account token that started the job. Required unless the call sends an `x-api-key`: a named caller's own token, or the server's default, then stands in."),
         ("mark_id" = String, Query, description = "The mark id `/generate-image` returned."),
         ("x-api-key" = Option<String>, Header, description = "Caller API key, when the server requires one (`--api-keys-file`)."),
         ("Prefer" = Option<String>, Header, description = "`wait=N` (RFC 7240): with `If-None-Match`, hold the request up to N seconds (cut to the server's `--max-check-wait`, 60 s by default) until the job's `ETag` differs from the one sent, then answer as usual; the end of the wait answers the current state (same `ETag`), never an error. Without `If-None-Match` the answer comes at once."),
@@ -222,7 +222,7 @@ async fn check_image(
         return bad_query();
     };
     let mut details = Vec::new();
-    let token = required(&params, "authorization_token", &mut details);
+    let token = token_param(&params, &headers, &mut details);
     let mark_id = required(&params, "mark_id", &mut details);
     let (Some(token), Some(mark_id)) = (token, mark_id) else {
         return validation_error(details);
@@ -246,9 +246,9 @@ async fn check_image(
 
 /// The caller's credentials: the query's token (bare) and, when sent, its
 /// `x-api-key`, so the core admits HTTP and gRPC callers alike.
-fn credentials<'a>(token: &'a str, headers: &'a HeaderMap) -> Credentials<'a> {
+fn credentials<'a>(token: Option<&'a str>, headers: &'a HeaderMap) -> Credentials<'a> {
     Credentials {
-        token: TokenInput::Bare(token),
+        token: token.map_or(TokenInput::Absent, TokenInput::Bare),
         api_key: headers.get(API_KEY_HEADER).map(HeaderValue::as_bytes),
         ..Credentials::default()
     }
@@ -310,6 +310,20 @@ fn job_response(job: JobStatus) -> Response {
 }
 
 /// A required query parameter, or a `missing` entry in `details`.
+/// `authorization_token`: required, as in the first version, unless the
+/// call carries an API key (`Some(None)`: a named caller's own token, or
+/// the server's default, stands in); `None` when missing.
+fn token_param<'a>(
+    params: &'a HashMap<String, String>,
+    headers: &HeaderMap,
+    details: &mut Vec<ValidationDetail>,
+) -> Option<Option<&'a str>> {
+    if headers.contains_key(API_KEY_HEADER) {
+        return Some(params.get("authorization_token").map(String::as_str));
+    }
+    required(params, "authorization_token", details).map(Some)
+}
+
 fn required<'a>(
     params: &'a HashMap<String, String>,
     name: &str,
