@@ -438,3 +438,55 @@ async fn generate_wait_rides_through_a_lost_connection() {
     let job = cli_rides_through(&["generate", "a lighthouse", "--wait"], true).await;
     assert!(job["seed"].is_i64(), "{job}");
 }
+
+/// `check --wait` on replica A, A drains (answering the wait at once, then
+/// refusing calls) and B takes over A's address: the CLI asks again on a
+/// new connection and ends with the job's next change, exit 0.
+#[tokio::test]
+async fn check_wait_rides_through_a_drain() {
+    let sim = Sim::start(piclumen_grpc::sim::SimConfig {
+        job_duration: Duration::from_secs(6),
+        ..sim_config()
+    })
+    .await;
+    let upstream = sim.url();
+    let a = Process::serve_against(&upstream, &[], &[]);
+    let mut client = a.client().await;
+    let mark_id = start_job(&mut client, TOKEN, "a lighthouse").await;
+    let plain = pb::CheckImageRequest {
+        mark_id: mark_id.clone(),
+        ..Default::default()
+    };
+    let first = bounded("CheckImage", client.check_image(authed(TOKEN, plain)))
+        .await
+        .expect("check")
+        .into_inner()
+        .job
+        .expect("job");
+    let server = format!("http://{}", a.addr);
+    let cli = CliRun::start(&[
+        "check",
+        &mark_id,
+        "--wait",
+        "60s",
+        "--etag",
+        &first.etag,
+        "--server",
+        &server,
+        "--token",
+        TOKEN,
+        "--json",
+    ]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut a = a;
+    sigterm(&a);
+    assert!(exit_status(&mut a).await.success(), "A drained");
+    let _b = Process::serve(&["--listen", &a.addr, "--upstream-url", &upstream], &[]);
+    let (status, stdout, stderr) = cli.finish().await;
+    assert!(status.success(), "{status:?} {stderr:?}");
+    let job: serde_json::Value =
+        serde_json::from_str(stdout.trim()).expect("stdout is one JSON object");
+    assert_ne!(job["etag"], first.etag.as_str(), "the next change: {job}");
+    let reconnects = stderr.iter().filter(|l| l.contains("reconnecting")).count();
+    assert_eq!(reconnects, 1, "one line for the new connection: {stderr:?}");
+}

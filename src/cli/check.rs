@@ -6,13 +6,15 @@
 //! an earlier `check --json`); without it, a first plain check supplies it,
 //! so the command answers at the job's next change. A wait longer than the
 //! server's `--max-check-wait` is asked again with the time left, until `D`
-//! (and `--timeout`) runs out; the decision is [`WaitPlan`].
+//! (and `--timeout`) runs out; the decision is [`WaitPlan`]. A server
+//! that drains (or a lost connection) is left for a new connection, as
+//! `watch` does.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{CliError, Connection, Output, describe, finish};
+use super::{CliError, Connection, Output, describe, finish, follow::resuming};
 use crate::{
     config::CheckArgs,
     pb::{self, JobState},
@@ -101,8 +103,20 @@ async fn next_change(
     };
     let started = Instant::now();
     let plan = WaitPlan::new(etag, started, wait, deadline);
-    while let Some(left) = plan.next(answer.as_ref(), Instant::now()) {
-        let job = call(conn, &args.mark_id, Some((left, &plan.etag)), deadline).await?;
+    let announce = |why: &str| {
+        eprintln!(
+            "check of {} interrupted ({why}): reconnecting to {} and waiting again",
+            args.mark_id, args.client.server
+        );
+    };
+    while plan.next(answer.as_ref(), Instant::now()).is_some() {
+        // A drained server answers a wait at once and refuses the next
+        // call: asked again on a new connection, for the time left then.
+        let job = resuming(conn, &args.client, deadline, announce, async |conn, _| {
+            let left = plan.until.saturating_duration_since(Instant::now());
+            call(conn, &args.mark_id, Some((left, &plan.etag)), deadline).await
+        })
+        .await?;
         answer = Some(job);
     }
     let job = answer.unwrap_or_default();
