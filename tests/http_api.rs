@@ -6,17 +6,20 @@ mod common;
 
 use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
-use common::{OTHER_TOKEN, Sim, TOKEN, authed, client_config, server_config, sim_config};
+use common::{
+    OTHER_TOKEN, Sim, TOKEN, authed,
+    http::{WithHttp, with_http},
+    server_config, sim_config,
+};
 use piclumen_grpc::{
     auth::ApiKeys,
     pb::{self, image_service_client::ImageServiceClient},
-    server::{self, ServerConfig, ServerError},
+    server::{ServerConfig, ServerError},
     sim::SimConfig,
-    upstream::Client,
 };
 use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
 
 /// The first version's example body, verbatim from its documentation (the
@@ -47,22 +50,13 @@ impl Legacy {
     }
 
     async fn with(sim: SimConfig, config: ServerConfig) -> Self {
-        let sim = Sim::start(sim).await;
-        let client = Client::new(&client_config(sim.url())).expect("client");
-        let grpc_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
-        let http_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
-        let grpc = grpc_listener.local_addr().expect("grpc addr");
-        let http = http_listener.local_addr().expect("http addr");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::run_with_http(
-            config,
-            client,
-            grpc_listener,
-            Some(http_listener),
-            async {
-                let _ = stopped.await;
-            },
-        ));
+        let WithHttp {
+            sim,
+            grpc,
+            http,
+            stop,
+            task,
+        } = with_http(sim, config).await;
         Self {
             sim,
             grpc,

@@ -8,14 +8,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::*;
+use common::{http::with_http, *};
 use piclumen_grpc::{
     pb::{self, image_service_client::ImageServiceClient},
-    server::{self, ServerConfig},
     sim::SimConfig,
-    upstream::Client,
 };
-use tokio::{net::TcpListener, sync::oneshot};
 use tonic::{Code, transport::Channel};
 
 fn waiting(mark_id: &str, wait: Duration, etag: &str) -> pb::CheckImageRequest {
@@ -119,39 +116,6 @@ async fn the_end_of_the_wait_is_an_ok_answer_within_the_callers_deadline() {
         .await
         .expect_err("not this token's");
     assert_eq!(other.code(), Code::NotFound);
-}
-
-/// A simulator and one server serving gRPC and the HTTP API.
-struct WithHttp {
-    sim: Sim,
-    grpc: std::net::SocketAddr,
-    http: std::net::SocketAddr,
-    _stop: oneshot::Sender<()>,
-}
-
-async fn with_http(sim: SimConfig, config: ServerConfig) -> WithHttp {
-    let sim = Sim::start(sim).await;
-    let client = Client::new(&client_config(sim.url())).expect("client");
-    let grpc_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind grpc");
-    let http_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind http");
-    let grpc = grpc_listener.local_addr().expect("grpc addr");
-    let http = http_listener.local_addr().expect("http addr");
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(server::run_with_http(
-        config,
-        client,
-        grpc_listener,
-        Some(http_listener),
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    WithHttp {
-        sim,
-        grpc,
-        http,
-        _stop: stop,
-    }
 }
 
 #[tokio::test]

@@ -124,52 +124,28 @@ fn gate_with(limits: Limits, clock: Clock) -> (CallerGate, Arc<Caller>) {
 async fn a_create_that_created_nothing_is_given_back_an_unknown_one_is_kept() {
     let (gate, caller) = gate_with(limits(Some(2), None), Clock::anchored(LAST_MINUTE_OF_MARCH));
     let used = || async { gate.used(&["batch"]).await.expect("used").1[0][0] };
-    // Could not connect: nothing reached Piclumen.
-    let taken = gate
-        .charge(&caller, 1)
-        .expect("on")
-        .take()
-        .await
-        .expect("1");
-    taken.settle::<()>(&Err(UpstreamError::Connect {
-        detail: "refused".into(),
-    }));
-    assert_eq!(used().await, 0);
-    // A definite refusal: nothing was created either.
-    let taken = gate
-        .charge(&caller, 1)
-        .expect("on")
-        .take()
-        .await
-        .expect("1");
-    taken.settle::<()>(&Err(UpstreamError::Unauthorized));
-    assert_eq!(used().await, 0);
-    // Timed out after sending: the job may exist, the image stays counted.
-    let taken = gate
-        .charge(&caller, 1)
-        .expect("on")
-        .take()
-        .await
-        .expect("1");
-    taken.settle::<()>(&Err(UpstreamError::Timeout(Duration::from_secs(30))));
-    assert_eq!(used().await, 1);
-    // A deadline that passed before sending: nothing was created.
-    let taken = gate
-        .charge(&caller, 1)
-        .expect("on")
-        .take()
-        .await
-        .expect("2");
-    taken.settle::<()>(&Err(UpstreamError::Timeout(Duration::ZERO)));
-    assert_eq!(used().await, 1);
-    let taken = gate
-        .charge(&caller, 1)
-        .expect("on")
-        .take()
-        .await
-        .expect("2");
-    taken.settle(&Ok(()));
-    assert_eq!(used().await, 2);
+    // Each outcome, and what the caller has used after it.
+    let outcomes: [(Result<(), UpstreamError>, u64); 5] = [
+        // Could not connect: nothing reached Piclumen.
+        (
+            Err(UpstreamError::Connect {
+                detail: "refused".into(),
+            }),
+            0,
+        ),
+        // A definite refusal: nothing was created either.
+        (Err(UpstreamError::Unauthorized), 0),
+        // Timed out after sending: the job may exist, the image stays.
+        (Err(UpstreamError::Timeout(Duration::from_secs(30))), 1),
+        // A deadline that passed before sending: nothing was created.
+        (Err(UpstreamError::Timeout(Duration::ZERO)), 1),
+        (Ok(()), 2),
+    ];
+    for (outcome, after) in outcomes {
+        let taken = gate.charge(&caller, 1).expect("on").take().await;
+        taken.expect("within the limit").settle(&outcome);
+        assert_eq!(used().await, after, "after {outcome:?}");
+    }
     match gate.charge(&caller, 1).expect("on").take().await {
         Err(Error::CallerQuotaExceeded {
             caller,

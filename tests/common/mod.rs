@@ -5,6 +5,7 @@
 
 pub mod args;
 pub mod client;
+pub mod http;
 pub mod process;
 
 use std::{net::SocketAddr, time::Duration};
