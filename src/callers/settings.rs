@@ -21,9 +21,10 @@ pub struct CallersConfig {
         env = "PICLUMEN_CALLERS_FILE"
     )]
     pub file: Option<PathBuf>,
-    /// With a Redis store: when Redis cannot be reached, let creates
-    /// through uncounted instead of refusing them with UNAVAILABLE (the
-    /// default: a budget that cannot be checked is not spent).
+    /// With a Redis store: when Redis cannot be reached, let creates of
+    /// callers with a create limit through uncounted instead of refusing
+    /// them with UNAVAILABLE (the default: a budget that cannot be checked
+    /// is not spent); callers without one always go through.
     #[arg(long = "callers-fail-open", env = "PICLUMEN_CALLERS_FAIL_OPEN")]
     pub fail_open: bool,
     /// The file as read at start (by `config`).
