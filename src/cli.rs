@@ -325,6 +325,14 @@ fn job_json(job: &pb::ImageJob, seed: Option<i64>, saved: &[PathBuf]) -> Value {
     if let Some(seed) = seed {
         value["seed"] = json!(seed);
     }
+    // When Piclumen confirmed this state (RFC 3339), so a script sees a
+    // stale-if-error answer's age.
+    if let Some(at) = job
+        .observed_at
+        .and_then(|t| std::time::SystemTime::try_from(t).ok())
+    {
+        value["observed_at"] = json!(humantime::format_rfc3339_millis(at).to_string());
+    }
     value
 }
 
@@ -389,6 +397,16 @@ mod tests {
         assert_eq!(value["state"], "PENDING");
         assert_eq!(value["queue_position"], 2);
         assert!(value.get("seed").is_none());
+        assert!(value.get("observed_at").is_none(), "none confirmed");
+        let observed = pb::ImageJob {
+            observed_at: Some(prost_types::Timestamp {
+                seconds: 1_796_000_000,
+                nanos: 250_000_000,
+            }),
+            ..pending
+        };
+        let value = job_json(&observed, None, &[]);
+        assert_eq!(value["observed_at"], "2026-11-30T00:53:20.250Z");
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! A total outage of Piclumen's status calls, shorter than
 //! `--stale-if-error`, end to end over sockets: every check of a job whose
 //! state was observed before it keeps answering, every watch ends SUCCEEDED
-//! exactly once, and no create is sent twice.
+//! exactly once, and no create is sent twice; and a job created through
+//! the server and never seen by a status call answers from its create's
+//! reply when its first status call is rate limited, counted in
+//! `piclumen_checks_stale_total`.
 
 mod common;
 
@@ -81,4 +84,40 @@ async fn an_outage_shorter_than_stale_if_error_fails_no_check_of_an_observed_job
         assert_eq!(succeeded, 1, "{:?}", states(&messages));
     }
     assert_eq!(h.sim.stat("create_calls").await, 5, "no create sent twice");
+}
+
+#[tokio::test]
+async fn a_new_job_answers_from_its_create_when_its_first_status_call_is_rate_limited() {
+    let sim = Sim::start(long_jobs()).await;
+    let metrics = unused_addr().to_string();
+    let server = Process::serve_against(&sim.url(), &["--metrics-listen", &metrics], &[]);
+    let mut client = server.client().await;
+    let mark_id = start_job(&mut client, TOKEN, "a first light").await;
+    sim.script(
+        json!([{"endpoint": "status", "http_status": 429, "headers": {"Retry-After": "100"}}]),
+    )
+    .await;
+    let check = pb::CheckImageRequest {
+        mark_id: mark_id.clone(),
+        ..Default::default()
+    };
+    let job = bounded("CheckImage", client.check_image(authed(TOKEN, check)))
+        .await
+        .expect("the create's reply answers, not the 429")
+        .into_inner()
+        .job
+        .expect("job");
+    assert_eq!(job.state(), pb::JobState::Pending, "{job:?}");
+    assert!(job.observed_at.is_some(), "as of the create's reply");
+    assert_eq!(sim.stat("status_calls").await, 1, "the 429 was met");
+    let text = reqwest::get(format!("http://{metrics}/metrics"))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("body");
+    assert!(
+        text.lines().any(|l| l == "piclumen_checks_stale_total 1"),
+        "{text}"
+    );
 }

@@ -1,4 +1,5 @@
-//! Jobs this replica created, remembered for stale-if-error: a create's
+//! Jobs this replica created, remembered for stale-if-error (and the one
+//! place every stale-if-error answer passes, so it counts them): a create's
 //! reply is Piclumen confirming the job exists and is queued, so while the
 //! token's status calls are in trouble a check of a job no status call has
 //! seen yet answers PENDING as of that reply, rather than the trouble. It
@@ -90,12 +91,17 @@ impl Created {
         mark_id: &str,
         now: Instant,
     ) -> Option<JobStatus> {
-        if known.is_some() {
-            return rules.answer(known, now);
+        let answer = if known.is_some() {
+            rules.answer(known, now)
+        } else {
+            let reply = *lock(&self.jobs).by_token.get(token)?.get(mark_id)?;
+            let created = (queued(mark_id, reply.wall), reply.at);
+            rules.answer(Some(&created), now)
+        };
+        if answer.is_some() {
+            stale_answers().increment(1);
         }
-        let reply = *lock(&self.jobs).by_token.get(token)?.get(mark_id)?;
-        let created = (queued(mark_id, reply.wall), reply.at);
-        rules.answer(Some(&created), now)
+        answer
     }
 }
 
@@ -125,6 +131,13 @@ impl Jobs {
             }
         }
     }
+}
+
+/// Checks answered with a stale-if-error state instead of the trouble;
+/// resolved once (a registry lookup per answer would cost more).
+fn stale_answers() -> &'static metrics::Counter {
+    static C: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
+    C.get_or_init(|| metrics::counter!("piclumen_checks_stale_total"))
 }
 
 /// A just-created job as the create's reply shows it: queued, nothing else
