@@ -268,13 +268,7 @@ async fn user_agent_origin_and_referer_flags_reach_both_endpoints() {
         .expect("connect");
     let mark_id = start_job(&mut client, TOKEN, "p").await;
     client
-        .check_image(authed(
-            TOKEN,
-            pb::CheckImageRequest {
-                mark_id,
-                ..Default::default()
-            },
-        ))
+        .check_image(authed(TOKEN, check_request(mark_id)))
         .await
         .expect("check");
 
@@ -299,13 +293,7 @@ async fn without_the_flags_only_the_default_user_agent_is_sent() {
     let mut client = h.client().await;
     let mark_id = start_job(&mut client, TOKEN, "p").await;
     client
-        .check_image(authed(
-            TOKEN,
-            pb::CheckImageRequest {
-                mark_id,
-                ..Default::default()
-            },
-        ))
+        .check_image(authed(TOKEN, check_request(mark_id)))
         .await
         .expect("check");
     let requests = sim_get(&h.sim, "/_sim/requests").await;

@@ -145,13 +145,7 @@ async fn check_all(endpoint: &str) {
                 .expect_err("fault")
         } else {
             client
-                .check_image(authed(
-                    &token,
-                    pb::CheckImageRequest {
-                        mark_id: "m1".into(),
-                        ..Default::default()
-                    },
-                ))
+                .check_image(authed(&token, check_request("m1")))
                 .await
                 .expect_err("fault")
         };
@@ -222,13 +216,7 @@ async fn rate_limit_without_retry_after_carries_no_retry_info() {
         .await
         .expect_err("429");
     let check = client
-        .check_image(authed(
-            TOKEN,
-            pb::CheckImageRequest {
-                mark_id: "m1".into(),
-                ..Default::default()
-            },
-        ))
+        .check_image(authed(TOKEN, check_request("m1")))
         .await
         .expect_err("429");
     for status in [generate, check] {
@@ -264,15 +252,7 @@ async fn a_watch_retries_past_a_408() {
 async fn unknown_job_and_empty_data_are_not_found() {
     let h = Harness::start().await;
     let mut client = h.client().await;
-    let check = |id: &str| {
-        authed(
-            TOKEN,
-            pb::CheckImageRequest {
-                mark_id: id.into(),
-                ..Default::default()
-            },
-        )
-    };
+    let check = |id: &str| authed(TOKEN, check_request(id));
     let status = client
         .check_image(check("no-such-job"))
         .await
@@ -294,13 +274,7 @@ async fn unknown_upstream_state_is_shown_not_hidden() {
         "body": "{\"status\":0,\"data\":[{\"markId\":\"m1\",\"status\":\"exploded\"}]}"}]))
         .await;
     let job = client
-        .check_image(authed(
-            TOKEN,
-            pb::CheckImageRequest {
-                mark_id: "m1".into(),
-                ..Default::default()
-            },
-        ))
+        .check_image(authed(TOKEN, check_request("m1")))
         .await
         .expect("check")
         .into_inner()
@@ -351,13 +325,7 @@ async fn caller_deadline_bounds_the_upstream_call() {
         "answered at the deadline, not after the upstream"
     );
 
-    let mut request = authed(
-        TOKEN,
-        pb::CheckImageRequest {
-            mark_id: "m".into(),
-            ..Default::default()
-        },
-    );
+    let mut request = authed(TOKEN, check_request("m"));
     request.set_timeout(Duration::from_millis(400));
     let status = client.check_image(request).await.expect_err("deadline");
     assert_status(&status, Code::DeadlineExceeded, "DEADLINE_EXCEEDED");
@@ -394,15 +362,7 @@ async fn rejected_default_token_is_internal_for_the_caller() {
 async fn a_reply_over_the_size_limit_is_refused_and_its_connection_dropped() {
     let h = Harness::start().await;
     let mut client = h.client().await;
-    let check = |mark_id: &str| {
-        authed(
-            TOKEN,
-            pb::CheckImageRequest {
-                mark_id: mark_id.into(),
-                ..Default::default()
-            },
-        )
-    };
+    let check = |mark_id: &str| authed(TOKEN, check_request(mark_id));
     // A first call opens the one connection the rest would reuse.
     let _ = client.check_image(check("m0")).await;
     let opened = h.sim.stat("connections").await;

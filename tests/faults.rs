@@ -174,13 +174,7 @@ async fn success_without_images_and_unknown_states_pass_through() {
         "an empty image list is reported as such"
     );
     let checked = client
-        .check_image(authed(
-            TOKEN,
-            pb::CheckImageRequest {
-                mark_id: mark_id.clone(),
-                ..Default::default()
-            },
-        ))
+        .check_image(authed(TOKEN, check_request(mark_id.clone())))
         .await
         .expect("check")
         .into_inner()
@@ -302,13 +296,7 @@ async fn messages_with_non_ascii_and_control_characters_arrive_intact() {
     let mut client = h.client().await;
     let id = "été\u{7}☀\tжук";
     let status = client
-        .check_image(authed(
-            TOKEN,
-            pb::CheckImageRequest {
-                mark_id: id.into(),
-                ..Default::default()
-            },
-        ))
+        .check_image(authed(TOKEN, check_request(id)))
         .await
         .expect_err("control characters");
     assert_status(&status, Code::InvalidArgument, "INVALID_REQUEST");

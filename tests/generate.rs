@@ -317,10 +317,7 @@ async fn bare_token_and_default_token_are_used() {
         .into_inner()
         .mark_id;
     // ...so the same account sees it with the bare token, another does not.
-    let mut bare = tonic::Request::new(pb::CheckImageRequest {
-        mark_id: mark_id.clone(),
-        ..Default::default()
-    });
+    let mut bare = tonic::Request::new(check_request(mark_id.clone()));
     bare.metadata_mut()
         .insert("authorization", "server-default".parse().expect("ascii"));
     client
@@ -328,13 +325,7 @@ async fn bare_token_and_default_token_are_used() {
         .await
         .expect("bare token sees its job");
     let status = client
-        .check_image(authed(
-            OTHER_TOKEN,
-            pb::CheckImageRequest {
-                mark_id,
-                ..Default::default()
-            },
-        ))
+        .check_image(authed(OTHER_TOKEN, check_request(mark_id)))
         .await
         .expect_err("other account");
     assert_eq!(status.code(), Code::NotFound);

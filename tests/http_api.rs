@@ -7,7 +7,7 @@ mod common;
 use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
 use common::{
-    OTHER_TOKEN, Sim, TOKEN, authed,
+    OTHER_TOKEN, Sim, TOKEN, authed, check_request,
     http::{WithHttp, with_http},
     server_config, sim_config,
 };
@@ -248,13 +248,7 @@ async fn check_image_reports_pending_then_running_then_the_first_image() {
     let job = legacy
         .grpc_client()
         .await
-        .check_image(authed(
-            TOKEN,
-            pb::CheckImageRequest {
-                mark_id: id,
-                ..Default::default()
-            },
-        ))
+        .check_image(authed(TOKEN, check_request(id)))
         .await
         .expect("gRPC CheckImage")
         .into_inner()
@@ -586,13 +580,7 @@ async fn checked_through_an_outage(
     let grpc = legacy
         .grpc_client()
         .await
-        .check_image(authed(
-            TOKEN,
-            pb::CheckImageRequest {
-                mark_id,
-                ..Default::default()
-            },
-        ))
+        .check_image(authed(TOKEN, check_request(mark_id)))
         .await
         .map(|answer| answer.into_inner().job.expect("job"));
     (http, grpc)

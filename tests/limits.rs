@@ -174,13 +174,7 @@ async fn streams_per_connection_are_capped() {
     // ...while another connection is served at once.
     let mut fresh = h.client().await;
     fresh
-        .check_image(authed(
-            TOKEN,
-            pb::CheckImageRequest {
-                mark_id: mark_id.clone(),
-                ..Default::default()
-            },
-        ))
+        .check_image(authed(TOKEN, check_request(mark_id.clone())))
         .await
         .expect("other connection");
     drop((first, second));
@@ -270,13 +264,7 @@ async fn keepalive_pings_close_connections_to_dead_peers() {
         .expect("the server closed the dead connection")
         .expect("closed");
     direct
-        .check_image(authed(
-            TOKEN,
-            pb::CheckImageRequest {
-                mark_id: "x".into(),
-                ..Default::default()
-            },
-        ))
+        .check_image(authed(TOKEN, check_request("x")))
         .await
         .expect_err("the server still answers (NOT_FOUND)");
 }

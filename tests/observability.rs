@@ -54,13 +54,7 @@ async fn request_id_is_echoed_and_logged() {
 
     // Absent: one is generated.
     let response = client
-        .check_image(authed(
-            TOKEN,
-            pb::CheckImageRequest {
-                mark_id,
-                ..Default::default()
-            },
-        ))
+        .check_image(authed(TOKEN, check_request(mark_id)))
         .await
         .expect("check");
     let generated = response
@@ -139,13 +133,7 @@ async fn no_token_reaches_logs_or_errors() {
     );
     errors.push(
         client
-            .check_image(authed(
-                BAD,
-                pb::CheckImageRequest {
-                    mark_id: mark_id.clone(),
-                    ..Default::default()
-                },
-            ))
+            .check_image(authed(BAD, check_request(mark_id.clone())))
             .await
             .expect_err("bad token check"),
     );
@@ -336,13 +324,7 @@ async fn grpc_metrics_count_calls_by_code_and_time_streams_to_their_end() {
         .expect_err("empty prompt");
     assert_eq!(invalid.code(), Code::InvalidArgument);
     let missing = client
-        .check_image(authed(
-            TOKEN,
-            pb::CheckImageRequest {
-                mark_id: "no-such-job".into(),
-                ..Default::default()
-            },
-        ))
+        .check_image(authed(TOKEN, check_request("no-such-job")))
         .await
         .expect_err("unknown job");
     assert_eq!(missing.code(), Code::NotFound);

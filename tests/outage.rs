@@ -34,15 +34,7 @@ async fn an_outage_shorter_than_stale_if_error_fails_no_check_of_an_observed_job
             tokio::spawn(async move { collect_watch(&mut client, TOKEN, &id).await })
         })
         .collect();
-    let check = |id: &String| {
-        authed(
-            TOKEN,
-            pb::CheckImageRequest {
-                mark_id: id.clone(),
-                ..Default::default()
-            },
-        )
-    };
+    let check = |id: &String| authed(TOKEN, check_request(id.clone()));
     for id in &ids {
         client
             .check_image(check(id))
@@ -97,10 +89,7 @@ async fn a_new_job_answers_from_its_create_when_its_first_status_call_is_rate_li
         json!([{"endpoint": "status", "http_status": 429, "headers": {"Retry-After": "100"}}]),
     )
     .await;
-    let check = pb::CheckImageRequest {
-        mark_id: mark_id.clone(),
-        ..Default::default()
-    };
+    let check = check_request(mark_id.clone());
     let job = bounded("CheckImage", client.check_image(authed(TOKEN, check)))
         .await
         .expect("the create's reply answers, not the 429")

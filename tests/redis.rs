@@ -158,13 +158,7 @@ async fn a_redis_outage_fails_request_ids_closed_and_heals() {
         .into_inner();
     assert_eq!(sim.stat("create_calls").await, 2);
     client
-        .check_image(authed(
-            TOKEN,
-            pb::CheckImageRequest {
-                mark_id: before.mark_id.clone(),
-                ..Default::default()
-            },
-        ))
+        .check_image(authed(TOKEN, check_request(before.mark_id.clone())))
         .await
         .expect("CheckImage works");
     let (_, end) = collect_watch(&mut client, TOKEN, &plain.mark_id).await;

@@ -306,10 +306,7 @@ async fn connections_age_out_and_clients_reconnect_by_themselves() {
     // The client reconnects by itself: every call succeeds, over a new
     // connection.
     for n in 0..5 {
-        let check = pb::CheckImageRequest {
-            mark_id: job.mark_id.clone(),
-            ..Default::default()
-        };
+        let check = check_request(job.mark_id.clone());
         bounded("CheckImage", client.check_image(authed(TOKEN, check)))
             .await
             .unwrap_or_else(|e| panic!("call {n} after the connection aged out: {e:?}"));
@@ -453,10 +450,7 @@ async fn check_wait_rides_through_a_drain() {
     let a = Process::serve_against(&upstream, &[], &[]);
     let mut client = a.client().await;
     let mark_id = start_job(&mut client, TOKEN, "a lighthouse").await;
-    let plain = pb::CheckImageRequest {
-        mark_id: mark_id.clone(),
-        ..Default::default()
-    };
+    let plain = check_request(mark_id.clone());
     let first = bounded("CheckImage", client.check_image(authed(TOKEN, plain)))
         .await
         .expect("check")

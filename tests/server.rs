@@ -207,13 +207,7 @@ async fn shutdown_drains_unary_calls_ends_watches_and_flips_health() {
             tokio::spawn(async move {
                 let mut answers = Vec::new();
                 for _ in 0..200 {
-                    let request = authed(
-                        TOKEN,
-                        pb::CheckImageRequest {
-                            mark_id: "x".into(),
-                            ..Default::default()
-                        },
-                    );
+                    let request = authed(TOKEN, check_request("x"));
                     let answer = c.check_image(request).await.map(|_| ());
                     let refused = matches!(&answer, Err(s) if s.code() == Code::Unavailable);
                     answers.push(answer);
@@ -289,15 +283,7 @@ async fn shutdown_drains_unary_calls_ends_watches_and_flips_health() {
     assert!(!created.into_inner().mark_id.is_empty());
 
     // New calls are refused, on the old connection or a new one.
-    let refused = client
-        .check_image(authed(
-            TOKEN,
-            pb::CheckImageRequest {
-                mark_id: "x".into(),
-                ..Default::default()
-            },
-        ))
-        .await;
+    let refused = client.check_image(authed(TOKEN, check_request("x"))).await;
     assert_refused_for_shutdown(&refused.expect_err("new calls are refused while draining"));
 
     // Every stream has ended: the drain completes on its own, long before
@@ -349,10 +335,7 @@ async fn a_call_arriving_during_the_drain_gets_shutting_down() {
         .expect("opened");
     // A call answered on the same connection after it proves the server
     // has read the late call's headers: its stream is open.
-    let probe = pb::CheckImageRequest {
-        mark_id: "probe".into(),
-        ..Default::default()
-    };
+    let probe = check_request("probe");
     let status = ImageServiceClient::new(channel)
         .check_image(authed(TOKEN, probe))
         .await
@@ -362,11 +345,8 @@ async fn a_call_arriving_during_the_drain_gets_shutting_down() {
     h.server.shutdown();
     let status = final_status(&mut watch).await.expect("the watch ends");
     assert_status(&status, Code::Unavailable, "SHUTTING_DOWN");
-    send.send(pb::CheckImageRequest {
-        mark_id: "x".into(),
-        ..Default::default()
-    })
-    .expect("late call still waiting");
+    send.send(check_request("x"))
+        .expect("late call still waiting");
     let status = bounded("the late call", late)
         .await
         .expect("join")

@@ -135,13 +135,7 @@ async fn deployments_calling_two_piclumens_on_one_redis_never_answer_each_other(
     let checked = y[1]
         .client()
         .await
-        .check_image(authed(
-            TOKEN,
-            pb::CheckImageRequest {
-                mark_id: on_y.mark_id.clone(),
-                ..Default::default()
-            },
-        ))
+        .check_image(authed(TOKEN, check_request(on_y.mark_id.clone())))
         .await;
     assert!(checked.is_ok(), "{checked:?}");
 

@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Process, Sim, bounded, sim_config, unused_addr};
+use common::{Process, Sim, bounded, check_request, sim_config, unused_addr};
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{
         ExportTraceServiceRequest, ExportTraceServiceResponse,
@@ -418,10 +418,7 @@ async fn generate_check_and_watch_join_the_callers_traces_over_grpc() {
     let mark_id = generate.generate(&mut client, request).await;
 
     let check = Caller::new();
-    let request = check.request(pb::CheckImageRequest {
-        mark_id: mark_id.clone(),
-        ..Default::default()
-    });
+    let request = check.request(check_request(mark_id.clone()));
     bounded("CheckImage", client.check_image(request))
         .await
         .expect("check");
@@ -592,11 +589,7 @@ async fn http_protobuf_export_and_the_http_api_join_the_callers_trace() {
     assert!(status.is_success(), "{status:?}");
     // gRPC-Web over HTTP/1.1, as a browser sends it.
     let web = Caller::new();
-    let message = pb::CheckImageRequest {
-        mark_id: mark_id.clone(),
-        ..Default::default()
-    }
-    .encode_to_vec();
+    let message = check_request(mark_id.clone()).encode_to_vec();
     let mut frame = vec![0u8];
     frame.extend((message.len() as u32).to_be_bytes());
     frame.extend(message);

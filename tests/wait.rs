@@ -34,10 +34,7 @@ async fn check(
 
 /// The job's state now, from a CheckImage without waiting.
 async fn now(client: &mut ImageServiceClient<Channel>, mark_id: &str) -> pb::ImageJob {
-    let plain = pb::CheckImageRequest {
-        mark_id: mark_id.into(),
-        ..Default::default()
-    };
+    let plain = check_request(mark_id);
     check(client, authed(TOKEN, plain)).await.expect("check")
 }
 

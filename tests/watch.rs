@@ -98,15 +98,7 @@ async fn check_image_follows_the_job() {
     let h = Harness::start().await;
     let mut client = h.client().await;
     let mark_id = start_job(&mut client, TOKEN, "p").await;
-    let check = |id: &str| {
-        authed(
-            TOKEN,
-            pb::CheckImageRequest {
-                mark_id: id.into(),
-                ..Default::default()
-            },
-        )
-    };
+    let check = |id: &str| authed(TOKEN, check_request(id));
     let job = client
         .check_image(check(&mark_id))
         .await

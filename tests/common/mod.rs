@@ -308,6 +308,14 @@ pub fn generate(prompt: &str) -> pb::GenerateImageRequest {
     }
 }
 
+/// A plain CheckImage of `mark_id` (no wait).
+pub fn check_request(mark_id: impl Into<String>) -> pb::CheckImageRequest {
+    pb::CheckImageRequest {
+        mark_id: mark_id.into(),
+        ..Default::default()
+    }
+}
+
 /// Starts one job and returns its mark id.
 pub async fn start_job(
     client: &mut ImageServiceClient<Channel>,
